@@ -1,0 +1,267 @@
+"""``measure``: one TaskReport per task, from a ``with`` block, a decorator or
+explicit ``start``/``finish`` calls (what a framework integration uses)."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import ParamSpec, TypeVar
+
+from taskmeter.measure.report import (
+    STATES,
+    PhaseStats,
+    ProcessStats,
+    SamplerInfo,
+    State,
+    TaskReport,
+    ToolTotals,
+    WorkerInfo,
+)
+from taskmeter.measure.sampler import SAMPLER
+from taskmeter.measure.span import Span, SpanStats, children_cpu
+from taskmeter.measure.tools import REAPED, ToolWatch
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_current: contextvars.ContextVar[Measurement | None] = contextvars.ContextVar(
+    "taskmeter_current", default=None
+)
+_HOSTNAME = socket.gethostname()
+
+
+def current() -> Measurement | None:
+    """The innermost measurement open in this thread (or context), if any."""
+    return _current.get()
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="microseconds")
+
+
+class Measurement(Span):
+    """One task being measured. Use through :func:`measure`."""
+
+    def __init__(
+        self,
+        name: str,
+        task_id: str | None = None,
+        *,
+        on_report: Callable[[TaskReport], None] | None = None,
+        pool: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not name:
+            raise ValueError("measure() needs a task name")
+        self.name, self.task_id, self.pool = name, task_id, pool
+        self.on_report = on_report
+        self.state: State | None = None
+        self.parent: Measurement | None = None
+        self._token: contextvars.Token[Measurement | None] | None = None
+        self._watches: list[ToolWatch] = []
+        self._tools_lock = threading.Lock()
+        self._phases: list[tuple[str, SpanStats]] = []
+        self._footprint = 0
+        self._report: TaskReport | None = None
+        self._started = False
+        self._epoch0 = 0.0
+        self._children0 = self._reaped0 = 0.0
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> Measurement:
+        if self._started:
+            raise RuntimeError(f"measurement {self.name!r} was already started")
+        self._started = True
+        self.parent = _current.get()
+        self._token = _current.set(self)
+        self._epoch0 = time.time()
+        self._children0, self._reaped0 = children_cpu(), REAPED.total_s
+        self.begin()
+        self._footprint = self.rss.peak
+        return self
+
+    def finish(self, state: State | None = None, exc: BaseException | None = None) -> TaskReport:
+        """End the measurement and build its report. ``state`` defaults to "failure"
+        when ``exc`` is given, else "success"."""
+        if self._report is not None:
+            return self._report
+        if not self._started:
+            raise RuntimeError(f"measurement {self.name!r} was never started")
+        stats = self.end()
+        epoch1 = time.time()
+        children = children_cpu() - self._children0
+        reaped = REAPED.total_s - self._reaped0
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # finished from another context (e.g. a signal handler)
+                _current.set(self.parent)
+            self._token = None
+        state = state or self.state or ("failure" if exc is not None else "success")
+        if state not in STATES:
+            raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+        self._report = self._build(stats, state, epoch1, max(children - reaped, 0.0))
+        if self.on_report is not None:
+            self.on_report(self._report)
+        return self._report
+
+    def set_state(self, state: State) -> None:
+        """Record the state to report at the end (e.g. "retry" from an integration)."""
+        if state not in STATES:
+            raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+        self.state = state
+
+    @property
+    def report(self) -> TaskReport:
+        if self._report is None:
+            raise RuntimeError(f"measurement {self.name!r} has not finished yet")
+        return self._report
+
+    def __enter__(self) -> Measurement:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish(exc=exc)
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Use as a decorator: each call is measured as its own task."""
+        if self._started:
+            raise RuntimeError("a started measurement cannot decorate a function")
+        name, on_report, pool = self.name, self.on_report, self.pool
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with Measurement(name, on_report=on_report, pool=pool):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    # -- phases and tools ---------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A named sub-span ("download", "query") with its own wall, CPU and memory."""
+        span = Span()
+        span.begin()
+        try:
+            yield
+        finally:
+            self._phases.append((name, span.end()))
+
+    def lineage(self) -> list[Measurement]:
+        """This measurement and the ones it is nested in: a tool belongs to all."""
+        out: list[Measurement] = []
+        m: Measurement | None = self
+        while m is not None:
+            out.append(m)
+            m = m.parent
+        return out
+
+    def _tool_started(self, watch: ToolWatch) -> None:
+        with self._tools_lock:
+            self._watches.append(watch)
+
+    def _tool_finished(self, watch: ToolWatch, self_rss: int) -> None:
+        # The tool's peak (from its high-water mark, perhaps between two samples) was
+        # held while the worker sat at about its current RSS and the other tools at
+        # their latest: the best estimate of the footprint at that moment.
+        peak, _ = watch.peak()
+        with self._tools_lock:
+            others = sum(w.last_rss for w in self._watches if not w.done and w is not watch)
+            self._footprint = max(self._footprint, self_rss + peak + others)
+
+    def sample(self, now: float, self_rss: int) -> None:
+        super().sample(now, self_rss)
+        with self._tools_lock:
+            tools = sum(w.last_rss for w in self._watches if not w.done)
+            self._footprint = max(self._footprint, self_rss + tools)
+
+    # -- the record ---------------------------------------------------------------
+    def _build(
+        self, stats: SpanStats, state: State, epoch1: float, unattributed: float
+    ) -> TaskReport:
+        end = self.t0 + stats.wall_s
+        with self._tools_lock:
+            tools = tuple(w.to_run(self.t0, end) for w in self._watches)
+        totals = ToolTotals.of(tools)
+        overhead = ProcessStats(
+            wall_s=max(stats.wall_s - totals.wall_s, 0.0),
+            cpu_s=stats.cpu_s,
+            user_s=stats.user_s,
+            sys_s=stats.sys_s,
+            rss_avg_bytes=stats.rss_avg_bytes,
+            rss_peak_bytes=stats.rss_peak_bytes,
+            peak_method=stats.peak_method,
+            cpu_method=stats.cpu_method,
+        )
+        return TaskReport(
+            task=self.name,
+            task_id=self.task_id,
+            state=state,
+            started_at=_iso(self._epoch0),
+            ended_at=_iso(epoch1),
+            wall_s=stats.wall_s,
+            cpu_s=overhead.cpu_s + totals.cpu_s,
+            overhead=overhead,
+            tools=tools,
+            tool_totals=totals,
+            footprint_peak_bytes=max(self._footprint, stats.rss_peak_bytes),
+            phases=_merge_phases(self._phases),
+            unattributed_child_cpu_s=unattributed,
+            worker=WorkerInfo(hostname=_HOSTNAME, pid=os.getpid(), pool=self.pool),
+            sampler=SamplerInfo(interval_s=SAMPLER.interval_s),
+        )
+
+
+def _merge_phases(phases: list[tuple[str, SpanStats]]) -> tuple[PhaseStats, ...]:
+    """One entry per phase name, in order of first completion: a task that downloads
+    five files in a loop has one "download" phase, its wall and CPU summed."""
+    merged: dict[str, list[SpanStats]] = {}
+    for name, stats in phases:
+        merged.setdefault(name, []).append(stats)
+    out = []
+    for name, parts in merged.items():
+        wall = sum(p.wall_s for p in parts)
+        avg = (
+            sum(p.rss_avg_bytes * p.wall_s for p in parts) / wall
+            if wall > 0
+            else parts[-1].rss_avg_bytes
+        )
+        out.append(
+            PhaseStats(
+                name=name,
+                wall_s=wall,
+                cpu_s=sum(p.cpu_s for p in parts),
+                rss_avg_bytes=round(avg),
+                rss_peak_bytes=max(p.rss_peak_bytes for p in parts),
+            )
+        )
+    return tuple(out)
+
+
+def measure(
+    name: str,
+    task_id: str | None = None,
+    *,
+    on_report: Callable[[TaskReport], None] | None = None,
+    pool: str | None = None,
+) -> Measurement:
+    """Measure a block (``with measure("t") as m:``) or a function (``@measure("t")``).
+
+    On exit ``m.report`` holds the :class:`TaskReport`; when the block raises, the
+    report says "failure" and the exception propagates. ``on_report`` is called with
+    every finished report (each call, when decorating).
+    """
+    return Measurement(name, task_id, on_report=on_report, pool=pool)

@@ -1,0 +1,210 @@
+"""The per-task record: one immutable :class:`TaskReport` per measured task.
+
+Everything downstream (Prometheus, the ledger, sizing, reports) consumes this record
+and nothing else. Its JSON form (``to_dict``) is the contract written down in
+DESIGN.md under the schema name ``taskmeter.task/1``; ``from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+SCHEMA = "taskmeter.task/1"
+
+State = Literal["success", "failure", "retry", "revoked", "killed"]
+STATES: tuple[State, ...] = ("success", "failure", "retry", "revoked", "killed")
+
+# How a peak was obtained, so nobody mistakes an estimate for a measurement:
+#   hwm      the kernel's high-water mark (VmHWM, or wait4's ru_maxrss when provably the
+#            tool's own), exact
+#   sampled  the largest of periodic RSS samples, a lower bound
+#   none     the process was never observed alive (it exited before the first sample)
+PeakMethod = Literal["hwm", "sampled", "none"]
+
+# How the worker's CPU was attributed to a task:
+#   process  the whole process's CPU over the task (one task at a time in the process)
+#   thread   the CPU of the thread that ran the task (tasks overlapped in one process)
+CpuMethod = Literal["process", "thread"]
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """The worker process's own share of a task or phase: the seed's "overhead"."""
+
+    wall_s: float
+    cpu_s: float
+    user_s: float
+    sys_s: float
+    rss_avg_bytes: int
+    rss_peak_bytes: int
+    peak_method: PeakMethod
+    cpu_method: CpuMethod = "process"
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """One external tool subprocess started through taskmeter (with its descendants)."""
+
+    argv: tuple[str, ...]
+    exe: str
+    pid: int
+    exit_code: int | None
+    signal: int | None
+    start_s: float
+    end_s: float
+    wall_s: float
+    cpu_s: float
+    user_s: float
+    sys_s: float
+    rss_avg_bytes: int
+    rss_peak_bytes: int
+    peak_method: PeakMethod
+    samples: int
+    read_bytes: int
+    write_bytes: int
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``error`` (non-zero exit), ``signal`` (killed) or ``running``."""
+        if self.signal is not None:
+            return "signal"
+        if self.exit_code is None:
+            return "running"
+        return "ok" if self.exit_code == 0 else "error"
+
+
+@dataclass(frozen=True)
+class ToolTotals:
+    runs: int
+    wall_s: float
+    cpu_s: float
+    rss_peak_bytes: int
+
+    @classmethod
+    def of(cls, tools: Iterable[ToolRun]) -> ToolTotals:
+        runs = list(tools)
+        return cls(
+            runs=len(runs),
+            wall_s=union_length((t.start_s, t.end_s) for t in runs),
+            cpu_s=sum(t.cpu_s for t in runs),
+            rss_peak_bytes=max((t.rss_peak_bytes for t in runs), default=0),
+        )
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    name: str
+    wall_s: float
+    cpu_s: float
+    rss_avg_bytes: int
+    rss_peak_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    hostname: str
+    pid: int
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    interval_s: float
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    task: str
+    task_id: str | None
+    state: State
+    started_at: str
+    ended_at: str
+    wall_s: float
+    cpu_s: float
+    overhead: ProcessStats
+    tools: tuple[ToolRun, ...]
+    tool_totals: ToolTotals
+    footprint_peak_bytes: int
+    phases: tuple[PhaseStats, ...]
+    unattributed_child_cpu_s: float
+    worker: WorkerInfo
+    sampler: SamplerInfo
+    schema: str = field(default=SCHEMA)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for tool in d["tools"]:
+            tool["argv"] = list(tool["argv"])
+        d["tools"] = list(d["tools"])
+        d["phases"] = list(d["phases"])
+        schema = d.pop("schema")
+        return {"schema": schema, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TaskReport:
+        """Read a record back; raises ValueError naming the problem on bad input."""
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} record (schema={d.get('schema')!r})")
+        try:
+            if d["state"] not in STATES:
+                raise ValueError(f"unknown state {d['state']!r}; expected one of {STATES}")
+            tools = tuple(_build(ToolRun, {**t, "argv": tuple(t["argv"])}) for t in d["tools"])
+            return cls(
+                task=str(d["task"]),
+                task_id=d.get("task_id"),
+                state=d["state"],
+                started_at=d["started_at"],
+                ended_at=d["ended_at"],
+                wall_s=float(d["wall_s"]),
+                cpu_s=float(d["cpu_s"]),
+                overhead=_build(ProcessStats, d["overhead"]),
+                tools=tools,
+                tool_totals=_build(ToolTotals, d["tool_totals"]),
+                footprint_peak_bytes=int(d["footprint_peak_bytes"]),
+                phases=tuple(_build(PhaseStats, p) for p in d["phases"]),
+                unattributed_child_cpu_s=float(d["unattributed_child_cpu_s"]),
+                worker=_build(WorkerInfo, d["worker"]),
+                sampler=_build(SamplerInfo, d["sampler"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed {SCHEMA} record: {exc!r}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskReport:
+        return cls.from_dict(json.loads(text))
+
+
+def _build(cls: Any, d: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+    if missing:
+        raise KeyError(f"{cls.__name__} lacks {', '.join(missing)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping ``(start, end)`` intervals.
+
+    Overhead wall time subtracts the *union* of tool runs: two tools running side by
+    side for 10 s took 10 s of the task's wall time, not 20 s. For tools run one after
+    another this equals the seed's plain sum.
+    """
+    total = 0.0
+    cur_start: float | None = None
+    cur_end = 0.0
+    for start, end in sorted(intervals):
+        if cur_start is None or start > cur_end:
+            if cur_start is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_start is not None:
+        total += cur_end - cur_start
+    return total

@@ -1,0 +1,186 @@
+"""One sampler thread per process, serving every live measurement and tool.
+
+The thread exists only while something is measured: it starts with the first client
+and exits when the last one leaves, so an idle worker carries no taskmeter thread.
+Peaks do not depend on it where the kernel keeps a high-water mark; it feeds the
+time-weighted RSS averages, the footprint, and the peaks of processes whose
+high-water mark can only be read while they live.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Protocol
+
+from taskmeter.measure.proc import READER
+
+log = logging.getLogger("taskmeter.sampler")
+
+ENV_INTERVAL = "TASKMETER_SAMPLE_INTERVAL"
+# 100 ms: peaks come from the kernel's high-water marks, so the interval only sets
+# the resolution of averages and footprints. At 100 ms a tracked process costs about
+# 0.03 % of a core (docs/benchmarks.md), and a task of one second still gets ten
+# points for its average.
+DEFAULT_INTERVAL_S = 0.1
+
+
+def interval_from_env(environ: dict[str, str] | None = None) -> float:
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_INTERVAL, "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.001 <= value <= 60:
+        raise ValueError(
+            f"{ENV_INTERVAL}={raw!r}: expected seconds between 0.001 and 60 "
+            f"(default {DEFAULT_INTERVAL_S})"
+        )
+    return value
+
+
+class RssSeries:
+    """Streaming time-weighted mean and maximum of an RSS series (trapezoid rule).
+
+    Keeps no samples, so a two-hour task costs the same memory as a 1 ms one.
+    """
+
+    __slots__ = ("_lock", "closed", "integral", "n", "peak", "rss_last", "t0", "t_last")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.t0 = self.t_last = 0.0
+        self.rss_last = self.peak = self.n = 0
+        self.integral = 0.0
+        self.closed = False
+
+    def add(self, t: float, rss: int) -> None:
+        with self._lock:
+            if self.closed or (self.n and t < self.t_last):
+                return  # a late sample from the sampler thread after the final one
+            if self.n:
+                self.integral += (t - self.t_last) * (rss + self.rss_last) / 2
+            else:
+                self.t0 = t
+            self.t_last, self.rss_last = t, rss
+            self.peak = max(self.peak, rss)
+            self.n += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
+    @property
+    def avg(self) -> int:
+        span = self.t_last - self.t0
+        return round(self.integral / span) if span > 0 else self.rss_last
+
+
+class Client(Protocol):
+    next_due: float
+
+    def sample(self, now: float, self_rss: int) -> None: ...
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._interval_s: float | None = None
+        self._reset()
+
+    @property
+    def interval_s(self) -> float:
+        # Read on first use, so a bad TASKMETER_SAMPLE_INTERVAL is reported as a clear
+        # error where measuring starts, not as an import failure.
+        if self._interval_s is None:
+            self._interval_s = interval_from_env()
+        return self._interval_s
+
+    @interval_s.setter
+    def interval_s(self, value: float) -> None:
+        self._interval_s = value
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._clients: list[Client] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, client: Client) -> None:
+        with self._cond:
+            self._clients.append(client)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="taskmeter-sampler", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def remove(self, client: Client) -> None:
+        with self._cond:
+            try:
+                self._clients.remove(client)
+            except ValueError:
+                return
+            if not self._clients:
+                self._cond.notify()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._clients:
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                due = min(c.next_due for c in self._clients)
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                clients = list(self._clients)
+            try:
+                self._tick(clients)
+            except Exception:  # never let a sampling bug kill measurement silently
+                log.exception("taskmeter sampler tick failed")
+                time.sleep(self.interval_s)
+
+    def _tick(self, clients: list[Client]) -> None:
+        now = time.monotonic()
+        rss = READER.self_rss()
+        # Tools first: a measurement's footprint adds its tools' freshest RSS.
+        for c in sorted(clients, key=lambda c: not getattr(c, "is_tool", False)):
+            if c.next_due <= now:
+                c.sample(now, rss)
+
+
+SAMPLER = Sampler()
+
+
+def configure(*, interval_s: float | None = None) -> None:
+    """Set the process-wide sampling interval (seconds, 0.001 to 60)."""
+    if interval_s is not None:
+        if not 0.001 <= interval_s <= 60:
+            raise ValueError(f"interval_s={interval_s}: expected seconds between 0.001 and 60")
+        SAMPLER.interval_s = interval_s
+
+
+def wait_idle(timeout_s: float = 2.0) -> bool:
+    """Wait until the sampler thread has exited; True if it has. For tests and shutdown."""
+    thread = SAMPLER.thread
+    if thread is not None:
+        thread.join(timeout_s)
+        return not thread.is_alive()
+    return True
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child (a prefork pool worker) has no sampler thread and must not inherit
+    # its parent's clients or a lock held mid-tick.
+    os.register_at_fork(after_in_child=SAMPLER._reset)

@@ -1,0 +1,172 @@
+"""The worker process's own wall, CPU and memory over a span (a task or a phase).
+
+Process-wide bookkeeping lives in :data:`BOOK`: which spans are open in which thread
+(tasks overlapping in one process switch to per-thread CPU), and the kernel's peak-RSS
+counter, which is shared by the whole process and so must be reset and read in one
+place.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from taskmeter.measure.proc import READER
+from taskmeter.measure.report import CpuMethod, PeakMethod
+from taskmeter.measure.sampler import SAMPLER, RssSeries
+
+T = TypeVar("T")
+
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
+
+
+def thread_cpu() -> tuple[float, float]:
+    """(user, sys) seconds of the calling thread."""
+    if _RUSAGE_THREAD is not None:
+        ru = resource.getrusage(_RUSAGE_THREAD)
+        return ru.ru_utime, ru.ru_stime
+    return time.thread_time(), 0.0  # no split outside Linux: all counted as user
+
+
+def process_cpu() -> tuple[float, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+@dataclass(frozen=True)
+class SpanStats:
+    wall_s: float
+    user_s: float
+    sys_s: float
+    rss_avg_bytes: int
+    rss_peak_bytes: int
+    peak_method: PeakMethod
+    cpu_method: CpuMethod
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
+
+
+class Span:
+    """Open with :meth:`begin`, close with :meth:`end`; sampled in between."""
+
+    is_tool = False
+
+    def __init__(self) -> None:
+        self.thread_id = threading.get_ident()
+        self.shared = False  # another thread had a span open at the same time
+        self.rss = RssSeries()
+        self.hwm_peak = 0
+        self.hwm_ok = False
+        self.next_due = 0.0
+        self.t0 = 0.0
+        self._cpu0 = self._tcpu0 = (0.0, 0.0)
+
+    def begin(self) -> None:
+        BOOK.open(self)
+        rss = READER.self_rss()
+        self.next_due = time.monotonic() + SAMPLER.interval_s
+        SAMPLER.add(self)
+        # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
+        self._tcpu0 = thread_cpu()
+        self._cpu0 = process_cpu()
+        self.t0 = time.monotonic()
+        self.rss.add(self.t0, rss)
+
+    def sample(self, now: float, self_rss: int) -> None:
+        self.rss.add(now, self_rss)
+        self.next_due = now + SAMPLER.interval_s
+
+    def end(self) -> SpanStats:
+        t1 = time.monotonic()
+        cpu1 = process_cpu()
+        tcpu1 = thread_cpu()
+        self.rss.add(t1, READER.self_rss())
+        self.rss.close()
+        SAMPLER.remove(self)
+        BOOK.close(self)
+        if self.shared:
+            user, sys_ = tcpu1[0] - self._tcpu0[0], tcpu1[1] - self._tcpu0[1]
+            method: CpuMethod = "thread"
+        else:
+            user, sys_ = cpu1[0] - self._cpu0[0], cpu1[1] - self._cpu0[1]
+            method = "process"
+        if self.hwm_ok:
+            peak, peak_method = max(self.hwm_peak, self.rss.peak), "hwm"
+        else:
+            peak, peak_method = self.rss.peak, "sampled"
+        return SpanStats(
+            wall_s=t1 - self.t0,
+            user_s=max(user, 0.0),
+            sys_s=max(sys_, 0.0),
+            rss_avg_bytes=self.rss.avg,
+            rss_peak_bytes=peak,
+            peak_method=peak_method,  # type: ignore[arg-type]
+            cpu_method=method,
+        )
+
+
+class Book:
+    """Process-wide register of open spans and owner of the peak-RSS counter."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[Span] = []
+        self._reset_works: bool | None = None
+
+    def open(self, span: Span) -> None:
+        with self._lock:
+            if any(s.thread_id != span.thread_id for s in self._open):
+                span.shared = True
+                for s in self._open:
+                    s.shared = True
+            # The counter is per process. Before resetting it for the new span, fold
+            # its value into every open span, so each still gets the exact peak of its
+            # own time: max(values read at resets during it, value read at its end).
+            if self._reset_works is not False:
+                hwm = READER.self_hwm()
+                if hwm is not None:
+                    for s in self._open:
+                        s.hwm_peak = max(s.hwm_peak, hwm)
+                self._reset_works = hwm is not None and READER.reset_self_hwm()
+            span.hwm_ok = bool(self._reset_works)
+            self._open.append(span)
+
+    def close(self, span: Span) -> None:
+        with self._lock:
+            if span.hwm_ok:
+                hwm = READER.self_hwm()
+                if hwm is not None:
+                    span.hwm_peak = max(span.hwm_peak, hwm)
+            self._open.remove(span)
+
+    def spawn(self, start: Callable[[], T]) -> tuple[T, int | None]:
+        """Run ``start`` (which forks a tool) and read this process's peak right after.
+
+        A child's wait4 ``ru_maxrss`` is at least this value (the kernel carries the
+        parent's high-water mark across fork and exec); only a larger figure is the
+        tool's own. Holding the lock keeps a reset from landing between the two.
+        """
+        with self._lock:
+            result = start()
+            return result, READER.self_hwm()
+
+
+BOOK = Book()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=BOOK._reset)

@@ -1,0 +1,272 @@
+"""Tool subprocesses: drop-in ``Popen`` and ``run`` that attach each run to the task.
+
+CPU comes from the kernel at reap time (``wait4``), exact and including descendants
+the tool reaped. Peak memory comes from each process's own ``VmHWM`` read while it
+lives, and from ``ru_maxrss`` only when it provably is the tool's own (see
+:meth:`Book.spawn`). Outside a measurement both behave exactly like ``subprocess``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskmeter.measure.proc import READER
+from taskmeter.measure.report import PeakMethod, ToolRun
+from taskmeter.measure.sampler import SAMPLER, RssSeries
+from taskmeter.measure.span import BOOK
+
+if TYPE_CHECKING:
+    from taskmeter.measure.core import Measurement
+
+# ru_maxrss is in KiB on Linux and in bytes on macOS.
+_MAXRSS_UNIT = 1 if os.uname().sysname == "Darwin" else 1024
+_FIRST_SAMPLE_S = 0.001
+
+
+class ReapedCpu:
+    """CPU of every tool this process reaped through taskmeter, so a task can tell the
+    RUSAGE_CHILDREN CPU that did *not* come through taskmeter (unattributed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total_s = 0.0
+
+    def add(self, cpu_s: float) -> None:
+        with self._lock:
+            self.total_s += cpu_s
+
+
+REAPED = ReapedCpu()
+
+
+def _argv_of(args: Any) -> tuple[str, ...]:
+    if isinstance(args, (str, bytes, os.PathLike)):
+        return (os.fsdecode(args),)
+    return tuple(os.fsdecode(a) for a in args)
+
+
+class ToolWatch:
+    """What is known of one tool run, fed by the sampler while it lives."""
+
+    is_tool = True
+
+    def __init__(self, argv: tuple[str, ...], exe: str, owners: list[Measurement]) -> None:
+        self.argv, self.exe, self.owners = argv, exe, owners
+        self.pid = 0
+        self.t_start = time.monotonic()
+        self.t_end: float | None = None
+        self.rss = RssSeries()
+        self.hwm_max = 0
+        self.last_rss = 0
+        self.next_due = self.t_start + _FIRST_SAMPLE_S
+        self.parent_hwm: int | None = None
+        self.status: int | None = None
+        self.rusage: Any = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    # -- sampler side -----------------------------------------------------------
+    def sample(self, now: float, self_rss: int = 0) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            procs = READER.tree(self.pid)
+            age = now - self.t_start
+            # Young processes are sampled densely (1 ms, then half their age) so a short
+            # tool is still observed; then every interval.
+            self.next_due = now + min(SAMPLER.interval_s, max(_FIRST_SAMPLE_S, age / 2))
+            if not procs:
+                return
+            total = sum(p.rss_bytes for p in procs)
+            self.rss.add(now, total)
+            self.last_rss = total
+            for p in procs:
+                if p.hwm_bytes is not None and p.hwm_bytes > self.hwm_max:
+                    self.hwm_max = p.hwm_bytes
+
+    def stop_sampling(self) -> None:
+        """Called once the tool has exited and before it is reaped: after the reap its
+        pid may be reused, so no sample may be taken from then on."""
+        with self._lock:
+            self._stopped = True
+        SAMPLER.remove(self)
+
+    # -- owner side -------------------------------------------------------------
+    def started(self, pid: int, parent_hwm: int | None) -> None:
+        self.pid, self.parent_hwm = pid, parent_hwm
+        self.sample(time.monotonic())
+        SAMPLER.add(self)
+        for m in self.owners:
+            m._tool_started(self)
+
+    def finished(self, status: int | None, rusage: Any) -> None:
+        self.t_end = time.monotonic()
+        self.status, self.rusage = status, rusage
+        self.rss.close()
+        if rusage is not None:
+            REAPED.add(rusage.ru_utime + rusage.ru_stime)
+        self_rss = READER.self_rss()
+        for m in self.owners:
+            m._tool_finished(self, self_rss)
+
+    @property
+    def done(self) -> bool:
+        return self.t_end is not None
+
+    def peak(self) -> tuple[int, PeakMethod]:
+        own_maxrss = 0
+        if self.rusage is not None and self.parent_hwm is not None:
+            maxrss = self.rusage.ru_maxrss * _MAXRSS_UNIT
+            if maxrss > self.parent_hwm:
+                own_maxrss = maxrss  # above the inherited floor: the tool's own peak
+        hwm = max(self.hwm_max, own_maxrss)
+        if hwm and hwm >= self.rss.peak:
+            return hwm, "hwm"
+        if self.rss.n:
+            return self.rss.peak, "sampled"
+        return 0, "none"
+
+    def to_run(self, origin: float, now: float) -> ToolRun:
+        end = self.t_end if self.t_end is not None else now
+        ru = self.rusage
+        user = ru.ru_utime if ru is not None else 0.0
+        sys_ = ru.ru_stime if ru is not None else 0.0
+        exit_code = sig = None
+        if self.status is not None:
+            code = os.waitstatus_to_exitcode(self.status)
+            if code < 0:
+                sig = -code
+            else:
+                exit_code = code
+        peak, method = self.peak()
+        return ToolRun(
+            argv=self.argv,
+            exe=self.exe,
+            pid=self.pid,
+            exit_code=exit_code,
+            signal=sig,
+            start_s=max(self.t_start - origin, 0.0),
+            end_s=max(end - origin, 0.0),
+            wall_s=end - self.t_start,
+            cpu_s=user + sys_,
+            user_s=user,
+            sys_s=sys_,
+            rss_avg_bytes=self.rss.avg,
+            rss_peak_bytes=peak,
+            peak_method=method,
+            samples=self.rss.n,
+            read_bytes=ru.ru_inblock * 512 if ru is not None else 0,
+            write_bytes=ru.ru_oublock * 512 if ru is not None else 0,
+        )
+
+
+class Popen(subprocess.Popen):  # type: ignore[type-arg]
+    """``subprocess.Popen`` that, inside a measurement, records the run as a tool.
+
+    Same arguments, attributes and exceptions as ``subprocess.Popen``. The process is
+    reaped with ``wait4`` (exact CPU) whether it is ended by ``wait``, ``communicate``,
+    ``poll`` or ``with``.
+    """
+
+    def __init__(self, args: Any, *posargs: Any, **kwargs: Any) -> None:
+        from taskmeter.measure.core import current
+
+        m = current()
+        self._taskmeter_watch: ToolWatch | None = None
+        if m is None:
+            super().__init__(args, *posargs, **kwargs)
+            return
+        argv = _argv_of(args)
+        exe = kwargs.get("executable") or (argv[0] if argv else "")
+        if kwargs.get("shell"):
+            exe = "sh"
+        watch = ToolWatch(argv, os.path.basename(os.fsdecode(exe)), m.lineage())
+
+        def spawn() -> None:
+            super(Popen, self).__init__(args, *posargs, **kwargs)
+
+        _, parent_hwm = BOOK.spawn(spawn)
+        watch.started(self.pid, parent_hwm)
+        self._taskmeter_watch = watch
+
+    def _try_wait(self, wait_flags: int) -> tuple[int, int]:
+        watch = self._taskmeter_watch
+        if watch is None or watch.done:
+            return super()._try_wait(wait_flags)  # type: ignore[misc,no-any-return]
+        try:
+            if hasattr(os, "waitid"):
+                # Wait for the exit without reaping, so sampling can stop while the pid
+                # still cannot be reused.
+                flags = os.WEXITED | os.WNOWAIT | (wait_flags & os.WNOHANG)
+                if os.waitid(os.P_PID, self.pid, flags) is None:
+                    return 0, 0  # WNOHANG and still running
+            watch.stop_sampling()
+            pid, status, rusage = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:
+            # Reaped by someone else (SIGCHLD ignored, or a stray waitpid(-1)): no CPU.
+            watch.stop_sampling()
+            watch.finished(None, None)
+            return self.pid, 0
+        if pid == self.pid:
+            watch.finished(status, rusage)
+        return pid, status
+
+    def _internal_poll(self, _deadstate: Any = None, **kwargs: Any) -> int | None:
+        # The stdlib's poll() reaps with waitpid, which would lose the rusage.
+        watch = self._taskmeter_watch
+        if watch is None or watch.done or self.returncode is not None:
+            return super()._internal_poll(_deadstate, **kwargs)  # type: ignore[misc,no-any-return]
+        if not self._waitpid_lock.acquire(False):  # type: ignore[attr-defined]
+            return None  # another thread is waiting for it
+        try:
+            if self.returncode is None:
+                pid, status = self._try_wait(os.WNOHANG)
+                if pid == self.pid:
+                    self._handle_exitstatus(status)  # type: ignore[attr-defined]
+        finally:
+            self._waitpid_lock.release()  # type: ignore[attr-defined]
+        return self.returncode
+
+
+def run(
+    args: Any,
+    *popenargs: Any,
+    input: Any = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` with the process recorded as a tool of the current task.
+
+    Same arguments, return value and exceptions (``CalledProcessError``,
+    ``TimeoutExpired``). Output pipes are drained by ``communicate``, so a tool that
+    writes megabytes to stderr never blocks.
+    """
+    if input is not None:
+        if kwargs.get("stdin") is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
+        kwargs["stdin"] = subprocess.PIPE
+    if capture_output:
+        if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        kwargs["stdout"] = subprocess.PIPE
+        kwargs["stderr"] = subprocess.PIPE
+    with Popen(args, *popenargs, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            process.kill()
+            exc.stdout, exc.stderr = process.communicate()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        retcode = process.poll()
+        if check and retcode:
+            raise subprocess.CalledProcessError(retcode, process.args, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

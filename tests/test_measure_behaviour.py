@@ -1,0 +1,219 @@
+"""Behaviour of measure / run / Popen: failures, kills, pipes, threads, nesting."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import taskmeter
+from helpers import burn_child, burn_cpu, child, rss_now
+from taskmeter.measure import wait_idle
+from taskmeter.measure.report import TaskReport, union_length
+
+
+def sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "taskmeter-sampler"]
+
+
+def test_a_raising_block_is_reported_as_failure_and_the_exception_propagates():
+    m = taskmeter.measure("boom", task_id="id-1")
+    with pytest.raises(KeyError, match="missing"), m:
+        burn_cpu(0.05)
+        raise KeyError("missing")
+    assert m.report.state == "failure"
+    assert m.report.task_id == "id-1"
+    assert m.report.overhead.cpu_s >= 0.04
+    assert taskmeter.current() is None
+
+
+def test_a_tool_killed_by_sigkill_is_recorded_with_its_signal():
+    with taskmeter.measure("killed-tool") as m:
+        proc = taskmeter.Popen(["sleep", "30"])
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+    tool = m.report.tools[0]
+    assert (tool.exit_code, tool.signal, tool.outcome) == (None, signal.SIGKILL, "signal")
+    assert 0.1 <= tool.wall_s < 5
+    assert tool.samples >= 1
+
+
+def test_a_tool_writing_one_mib_to_stderr_through_a_pipe_does_not_block():
+    one_mib = 1024 * 1024
+    with taskmeter.measure("chatty") as m:
+        out = taskmeter.run(
+            child(f"import sys; sys.stderr.write('e' * {one_mib}); sys.stdout.write('ok')"),
+            capture_output=True,
+            timeout=30,
+        )
+    assert len(out.stderr) == one_mib and out.stdout == b"ok"
+    tool = m.report.tools[0]
+    assert tool.exit_code == 0 and tool.cpu_s > 0
+
+
+def test_run_keeps_subprocess_semantics():
+    with taskmeter.measure("semantics") as m:
+        with pytest.raises(subprocess.CalledProcessError) as err:
+            taskmeter.run(["sh", "-c", "echo no >&2; exit 3"], capture_output=True, check=True)
+        assert err.value.returncode == 3 and err.value.stderr == b"no\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            taskmeter.run(["sleep", "30"], timeout=0.2)
+        done = taskmeter.run(["cat"], input="hi", capture_output=True, text=True)
+        assert done.stdout == "hi" and done.returncode == 0
+        with pytest.raises(FileNotFoundError):
+            taskmeter.run(["/nonexistent/tool"])
+    outcomes = [(t.exe, t.outcome) for t in m.report.tools]
+    assert outcomes == [("sh", "error"), ("sleep", "signal"), ("cat", "ok")]
+    # Outside a measurement it is plain subprocess.
+    assert taskmeter.run(["true"]).returncode == 0
+
+
+def test_popen_poll_loop_reaps_with_exact_cpu():
+    with taskmeter.measure("poller") as m:
+        proc = taskmeter.Popen(burn_child(0.1))
+        while proc.poll() is None:
+            time.sleep(0.01)
+    assert proc.returncode == 0
+    assert m.report.tools[0].cpu_s >= 0.1
+
+
+def test_no_thread_outlives_the_measurements_and_memory_stays_flat():
+    assert wait_idle(2.0)
+    assert sampler_threads() == []
+    for _ in range(200):  # warm up allocator pools and caches
+        with taskmeter.measure("loop") as m, m.phase("p"):
+            pass
+    assert wait_idle(2.0)
+    before = rss_now()
+    for _ in range(1000):
+        with taskmeter.measure("loop") as m, m.phase("p"):
+            pass
+    assert wait_idle(2.0)
+    assert sampler_threads() == []
+    assert rss_now() - before < 1024 * 1024, "1000 measurements must not grow memory"
+
+
+def test_one_sampler_thread_serves_many_concurrent_measurements():
+    barrier = threading.Barrier(5)
+    seen: list[int] = []
+
+    def task() -> None:
+        with taskmeter.measure("concurrent"):
+            barrier.wait()
+            seen.append(len(sampler_threads()))
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=task) for _ in range(4)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    assert seen == [1, 1, 1, 1]
+    assert wait_idle(2.0)
+
+
+def test_overlapping_tasks_in_threads_get_their_own_thread_cpu():
+    reports: dict[float, TaskReport] = {}
+    barrier = threading.Barrier(2)
+
+    def task(cpu_s: float) -> None:
+        with taskmeter.measure(f"t{cpu_s}") as m:
+            barrier.wait()
+            burn_cpu(cpu_s)
+        reports[cpu_s] = m.report
+
+    threads = [threading.Thread(target=task, args=(s,)) for s in (0.2, 0.5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for cpu_s, report in reports.items():
+        assert report.overhead.cpu_method == "thread"
+        assert report.overhead.cpu_s == pytest.approx(cpu_s, rel=0.10)
+
+
+def test_nested_measurements_both_see_the_inner_tool():
+    with taskmeter.measure("outer") as outer:
+        with taskmeter.measure("inner") as inner:
+            assert taskmeter.current() is inner
+            taskmeter.run(burn_child(0.05))
+        assert taskmeter.current() is outer
+    assert len(inner.report.tools) == len(outer.report.tools) == 1
+    assert inner.report.tools[0].cpu_s == outer.report.tools[0].cpu_s
+
+
+def test_phases_are_merged_by_name_with_their_own_figures():
+    with taskmeter.measure("phased") as m:
+        for _ in range(3):
+            with m.phase("download"):
+                time.sleep(0.05)
+        with m.phase("check"):
+            burn_cpu(0.1)
+    phases = {p.name: p for p in m.report.phases}
+    assert list(phases) == ["download", "check"]
+    assert phases["download"].wall_s == pytest.approx(0.15, abs=0.03)
+    assert phases["download"].cpu_s < 0.02
+    assert phases["check"].cpu_s == pytest.approx(0.1, rel=0.2)
+    assert phases["check"].rss_peak_bytes > 0
+
+
+def test_decorator_measures_each_call():
+    reports: list[TaskReport] = []
+
+    @taskmeter.measure("decorated", on_report=reports.append)
+    def work(n: int) -> int:
+        taskmeter.run(["true"])
+        return n * 2
+
+    assert work(2) == 4 and work(3) == 6
+    assert [r.task for r in reports] == ["decorated", "decorated"]
+    assert all(r.tool_totals.runs == 1 for r in reports)
+
+
+def test_overhead_wall_subtracts_the_union_of_tool_runs():
+    with taskmeter.measure("parallel-tools") as m:
+        procs = [taskmeter.Popen(["sleep", "0.3"]) for _ in range(2)]
+        for p in procs:
+            p.wait()
+        time.sleep(0.1)
+    r = m.report
+    assert r.tool_totals.wall_s == pytest.approx(0.3, abs=0.05)  # union, not 0.6
+    assert r.overhead.wall_s == pytest.approx(r.wall_s - r.tool_totals.wall_s)
+    assert r.overhead.wall_s >= 0.1
+
+
+def test_union_length():
+    assert union_length([]) == 0
+    assert union_length([(0, 1), (2, 3)]) == 2
+    assert union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert union_length([(0, 10), (1, 2)]) == 10
+
+
+def test_report_round_trips_through_json_and_rejects_malformed_records():
+    with taskmeter.measure("json", task_id="abc") as m, m.phase("x"):
+        taskmeter.run(["true"])
+    d = json.loads(m.report.to_json())
+    assert d["schema"] == "taskmeter.task/1"
+    assert set(d["overhead"]) >= {
+        "wall_s",
+        "cpu_s",
+        "user_s",
+        "sys_s",
+        "rss_avg_bytes",
+        "rss_peak_bytes",
+        "peak_method",
+    }
+    assert TaskReport.from_dict(d) == m.report
+    with pytest.raises(ValueError, match="schema"):
+        TaskReport.from_dict({**d, "schema": "other/9"})
+    with pytest.raises(ValueError, match="state"):
+        TaskReport.from_dict({**d, "state": "exploded"})
+    broken = {**d, "overhead": {"wall_s": 1}}
+    with pytest.raises(ValueError, match="ProcessStats"):
+        TaskReport.from_dict(broken)
