@@ -24,7 +24,16 @@ if TYPE_CHECKING:
 
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if os.uname().sysname == "Darwin" else 1024
+# Since Linux 6.2 RSS counters are per-CPU and read approximately: a live reading may
+# lag the exact figure by up to one batch (>= 32 pages) per CPU. An ru_maxrss must beat
+# the floor read after the spawn by more than that to be taken as the tool's own.
+_COUNTER_SLACK = max(1 << 20, (os.cpu_count() or 1) * 64 * 4096)
 _FIRST_SAMPLE_S = 0.001
+# Tools are sampled at least this often, whatever the interval: their peak is read
+# from VmHWM, which vanishes at exit, so it is exact when reached at least this long
+# before the tool exits (bcftools sort, say, peaks while writing its output in its
+# last ~30 ms). One /proc read is ~25 µs: 0.1 % of a core per running tool.
+TOOL_INTERVAL_MAX_S = 0.02
 
 
 class ReapedCpu:
@@ -77,8 +86,9 @@ class ToolWatch:
             procs = READER.tree(self.pid)
             age = now - self.t_start
             # Young processes are sampled densely (1 ms, then half their age) so a short
-            # tool is still observed; then every interval.
-            self.next_due = now + min(SAMPLER.interval_s, max(_FIRST_SAMPLE_S, age / 2))
+            # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
+            period = min(SAMPLER.interval_s, TOOL_INTERVAL_MAX_S)
+            self.next_due = now + min(period, max(_FIRST_SAMPLE_S, age / 2))
             if not procs:
                 return
             total = sum(p.rss_bytes for p in procs)
@@ -121,7 +131,7 @@ class ToolWatch:
         own_maxrss = 0
         if self.rusage is not None and self.parent_hwm is not None:
             maxrss = self.rusage.ru_maxrss * _MAXRSS_UNIT
-            if maxrss > self.parent_hwm:
+            if maxrss > self.parent_hwm + _COUNTER_SLACK:
                 own_maxrss = maxrss  # above the inherited floor: the tool's own peak
         hwm = max(self.hwm_max, own_maxrss)
         if hwm and hwm >= self.rss.peak:

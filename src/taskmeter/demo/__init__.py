@@ -1,0 +1,1 @@
+"""Demo helpers: synthetic but realistic inputs for the demo, tests and benchmarks."""
