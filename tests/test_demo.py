@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from helpers import require
-
 from taskmeter.measure.report import TaskReport
 
 
