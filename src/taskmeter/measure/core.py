@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
@@ -24,6 +23,7 @@ from taskmeter.measure.report import (
     TaskReport,
     ToolTotals,
     WorkerInfo,
+    iso_utc,
 )
 from taskmeter.measure.sampler import SAMPLER
 from taskmeter.measure.span import Span, SpanStats, children_cpu
@@ -41,10 +41,6 @@ _HOSTNAME = socket.gethostname()
 def current() -> Measurement | None:
     """The innermost measurement open in this thread (or context), if any."""
     return _current.get()
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="microseconds")
 
 
 class Measurement(Span):
@@ -210,8 +206,8 @@ class Measurement(Span):
             task=self.name,
             task_id=self.task_id,
             state=state,
-            started_at=_iso(self._epoch0),
-            ended_at=_iso(epoch1),
+            started_at=iso_utc(self._epoch0),
+            ended_at=iso_utc(epoch1),
             wall_s=stats.wall_s,
             cpu_s=overhead.cpu_s + totals.cpu_s,
             overhead=overhead,

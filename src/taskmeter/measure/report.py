@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 SCHEMA = "taskmeter.task/1"
@@ -208,3 +209,8 @@ def union_length(intervals: Iterable[tuple[float, float]]) -> float:
     if cur_start is not None:
         total += cur_end - cur_start
     return total
+
+
+def iso_utc(epoch_s: float) -> str:
+    """The record's timestamp format: ISO 8601, UTC, microseconds."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="microseconds")

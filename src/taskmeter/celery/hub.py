@@ -1,0 +1,305 @@
+"""The worker's one collection point (main worker process).
+
+Every pool process reports task starts and finished TaskReports here; the hub decides
+each run's final state, keeps the live view, and hands every finished report to the
+sinks (the Prometheus collector, the ledger). It knows nothing of sockets or Celery
+signals: the transport and the integration call it.
+
+Final states. A run's report from the process that ran it is final unless Celery
+ended the task from outside (state unknown to the child). Then the main process's
+verdict decides: a hard time limit or a lost child is "killed", a terminate-revoke is
+"revoked". A child that died mid-task (SIGKILL, OOM killer) sends nothing; the hub
+finalises that run from what it observed of the child while it lived (its RSS, its
+own high-water mark since the task started, its CPU), so killed tasks, the ones that
+decide memory limits, are never lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from taskmeter.export.metrics import InflightTask
+from taskmeter.measure.proc import READER
+from taskmeter.measure.report import (
+    ProcessStats,
+    SamplerInfo,
+    State,
+    TaskReport,
+    ToolTotals,
+    WorkerInfo,
+    iso_utc,
+)
+from taskmeter.measure.sampler import RssSeries
+
+log = logging.getLogger("taskmeter.hub")
+
+# WorkerLostError reaches the main process about a second after the child died.
+VERDICT_GRACE_S = 3.0
+_REMEMBER = 10_000  # finished run and task ids kept to drop late or duplicate events
+
+
+@dataclass
+class Run:
+    run_id: str
+    task: str
+    task_id: str | None
+    pid: int
+    started_epoch: float
+    started_mono: float
+    cpu0_s: float | None = None
+    rss: RssSeries = field(default_factory=RssSeries)
+    hwm: int = 0
+    tools_rss: int = 0
+    worker_rss: int = 0
+    footprint: int = 0
+    cpu_s: float | None = None
+    verdict: tuple[State, float] | None = None
+    partial: tuple[TaskReport, float] | None = None
+    child_gone_at: float | None = None
+
+
+class Hub:
+    def __init__(
+        self,
+        sinks: list[Callable[[TaskReport], None]],
+        *,
+        hostname: str,
+        pool: str,
+        interval_s: float,
+        count_run: Callable[[str, str], None] | None = None,
+        is_revoked: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._sinks = sinks
+        self._count_run = count_run
+        self._is_revoked = is_revoked or (lambda _task_id: False)
+        self.hostname, self.pool, self.interval_s = hostname, pool, interval_s
+        self._lock = threading.Lock()
+        self._runs: dict[str, Run] = {}
+        self._done_runs: OrderedDict[str, None] = OrderedDict()
+        self._done_tasks: OrderedDict[str, State] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._main_pid = os.getpid()
+
+    # -- events -----------------------------------------------------------------
+    def started(
+        self,
+        run_id: str,
+        task: str,
+        task_id: str | None,
+        pid: int,
+        started_epoch: float,
+        cpu0_s: float | None = None,
+    ) -> None:
+        with self._lock:
+            if run_id in self._done_runs:
+                return
+            self._runs[run_id] = Run(
+                run_id, task, task_id, pid, started_epoch, time.monotonic(), cpu0_s
+            )
+
+    def ended(self, run_id: str, report: TaskReport, final: bool) -> None:
+        """A run's report from the process that ran it. ``final`` is False when Celery
+        ended the task from outside and the main process's verdict decides its state."""
+        with self._lock:
+            if run_id in self._done_runs:
+                return
+            run = self._runs.get(run_id)
+            if final or run is None:
+                self._runs.pop(run_id, None)
+                finished = [self._finish_locked(run_id, report)]
+            elif run.verdict is not None:
+                del self._runs[run_id]
+                state = run.verdict[0]
+                finished = [self._finish_locked(run_id, dataclasses.replace(report, state=state))]
+            else:
+                run.partial = (report, time.monotonic())
+                finished = []
+        self._emit(finished)
+
+    def verdict(self, task_id: str, task: str, state: State) -> None:
+        """The main process's word on how a task ended (killed, revoked)."""
+        with self._lock:
+            if task_id in self._done_tasks:
+                return  # e.g. Celery 5.7 sends task_failure twice on a hard time limit
+            runs = [r for r in self._runs.values() if r.task_id == task_id]
+            if not runs:
+                # Never started here (revoked while queued): a run with no measurement.
+                self._remember_task(task_id, state)
+                count = self._count_run
+            else:
+                count = None
+                for run in runs:
+                    run.verdict = (state, time.monotonic())
+        if count is not None:
+            count(task, state)
+        self.tick()
+
+    def process_gone(self, pid: int) -> None:
+        """A pool process exited or closed its channel."""
+        now = time.monotonic()
+        with self._lock:
+            for run in self._runs.values():
+                if run.pid == pid and run.child_gone_at is None:
+                    run.child_gone_at = now
+
+    # -- periodic work ----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="taskmeter-hub", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.tick(final=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("taskmeter hub tick failed")
+
+    def tick(self, final: bool = False) -> None:
+        """Observe in-flight pool processes, and finalise runs whose end is known."""
+        now = time.monotonic()
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            if run.pid != self._main_pid and run.child_gone_at is None:
+                self._observe(run, now)
+        finished = []
+        with self._lock:
+            for run in list(self._runs.values()):
+                report = self._decide_locked(run, now, final)
+                if report is not None:
+                    del self._runs[run.run_id]
+                    finished.append(self._finish_locked(run.run_id, report))
+        self._emit(finished)
+
+    def _observe(self, run: Run, now: float) -> None:
+        procs = READER.tree(run.pid)
+        if not procs:
+            run.child_gone_at = run.child_gone_at or now
+            return
+        worker = next((p for p in procs if p.pid == run.pid), None)
+        if worker is None:
+            return
+        tools = sum(p.rss_bytes for p in procs if p.pid != run.pid)
+        run.worker_rss, run.tools_rss = worker.rss_bytes, tools
+        run.rss.add(now, worker.rss_bytes)
+        # The child reset its high-water mark when the task started: this is the
+        # task's exact peak up to now.
+        run.hwm = max(run.hwm, worker.hwm_bytes or 0, worker.rss_bytes)
+        run.footprint = max(run.footprint, worker.rss_bytes + tools)
+        try:
+            t = psutil.Process(run.pid).cpu_times()
+            run.cpu_s = t.user + t.system
+        except psutil.Error:
+            pass
+
+    def _decide_locked(self, run: Run, now: float, final: bool) -> TaskReport | None:
+        if run.verdict is not None:
+            state, at = run.verdict
+            if run.partial is not None:
+                return dataclasses.replace(run.partial[0], state=state)
+            waited = now - at
+            if final or waited > VERDICT_GRACE_S or (run.child_gone_at and waited > 0.2):
+                return self._observed_report(run, state)
+            return None
+        if run.partial is not None and (final or now - run.partial[1] > VERDICT_GRACE_S):
+            revoked = run.task_id is not None and self._is_revoked(run.task_id)
+            return dataclasses.replace(run.partial[0], state="revoked" if revoked else "killed")
+        if run.child_gone_at is not None and (final or now - run.child_gone_at > VERDICT_GRACE_S):
+            return self._observed_report(run, "killed")
+        return None
+
+    def _observed_report(self, run: Run, state: State) -> TaskReport:
+        """A report for a run whose process died before it could send one."""
+        wall = time.monotonic() - run.started_mono
+        cpu = 0.0
+        if run.cpu_s is not None and run.cpu0_s is not None:
+            cpu = max(run.cpu_s - run.cpu0_s, 0.0)
+        peak = max(run.hwm, run.rss.peak)
+        overhead = ProcessStats(
+            wall_s=wall,
+            cpu_s=cpu,
+            user_s=cpu,  # /proc CPU of a dead process: no user/sys split was kept
+            sys_s=0.0,
+            rss_avg_bytes=run.rss.avg,
+            rss_peak_bytes=peak,
+            peak_method="sampled",  # the high-water mark as last read, not at death
+        )
+        return TaskReport(
+            task=run.task,
+            task_id=run.task_id,
+            state=state,
+            started_at=iso_utc(run.started_epoch),
+            ended_at=iso_utc(time.time()),
+            wall_s=wall,
+            cpu_s=cpu,
+            overhead=overhead,
+            tools=(),
+            tool_totals=ToolTotals(runs=0, wall_s=0.0, cpu_s=0.0, rss_peak_bytes=0),
+            footprint_peak_bytes=max(run.footprint, peak),
+            phases=(),
+            unattributed_child_cpu_s=0.0,
+            worker=WorkerInfo(hostname=self.hostname, pid=run.pid, pool=self.pool),
+            sampler=SamplerInfo(interval_s=self.interval_s),
+        )
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _finish_locked(self, run_id: str, report: TaskReport) -> TaskReport:
+        self._done_runs[run_id] = None
+        while len(self._done_runs) > _REMEMBER:
+            self._done_runs.popitem(last=False)
+        if report.task_id is not None and report.state != "retry":
+            self._remember_task(report.task_id, report.state)
+        return report
+
+    def _remember_task(self, task_id: str, state: State) -> None:
+        self._done_tasks[task_id] = state
+        while len(self._done_tasks) > _REMEMBER:
+            self._done_tasks.popitem(last=False)
+
+    def _emit(self, reports: list[TaskReport]) -> None:
+        for report in reports:
+            for sink in self._sinks:
+                try:
+                    sink(report)
+                except Exception:
+                    log.exception("taskmeter sink %r failed for %s", sink, report.task)
+
+    def inflight(self) -> list[InflightTask]:
+        with self._lock:
+            runs = list(self._runs.values())
+        if any(r.pid == self._main_pid for r in runs):
+            # solo/threads: tasks share this process, observe it now.
+            procs = READER.tree(self._main_pid)
+            me = sum(p.rss_bytes for p in procs if p.pid == self._main_pid)
+            tools = sum(p.rss_bytes for p in procs if p.pid != self._main_pid)
+            for r in runs:
+                if r.pid == self._main_pid:
+                    r.worker_rss, r.tools_rss = me, tools
+        return [
+            InflightTask(
+                task=r.task,
+                task_id=r.task_id,
+                pid=r.pid,
+                started_at=r.started_epoch,
+                worker_rss_bytes=r.worker_rss,
+                tools_rss_bytes=r.tools_rss,
+            )
+            for r in runs
+            if r.partial is None
+        ]

@@ -1,0 +1,377 @@
+"""Wiring Celery to taskmeter: a worker bootstep and task signals, nothing else.
+
+- ``instrument(app)`` adds the bootstep (and ``celery worker --metrics-port``); it is
+  cheap and safe to call in every process that imports the app (web servers too).
+- In the worker, the bootstep reads the settings. Disabled: it connects nothing and
+  starts nothing. Enabled: in the main process it starts the hub, the metrics
+  endpoint and (prefork) the channel from pool processes, and connects the task
+  signals. ``task_prerun``/``task_postrun`` run in the thread that runs the task body
+  (every pool), so the measurement, its contextvar and its thread CPU are the task's.
+- The main process turns Celery's own verdicts (a lost child, a hard time limit, a
+  terminate-revoke) into the states of the runs it could not see end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps, signals
+
+from taskmeter.celery.hub import Hub
+from taskmeter.celery.transport import Listener, Message, Sender
+from taskmeter.config import ConfigError, Settings, load_settings
+from taskmeter.export.ledger import Ledger
+from taskmeter.export.metrics import TaskMetrics
+from taskmeter.export.server import MetricsServer, ServerConfig, start_server
+from taskmeter.measure.core import Measurement
+from taskmeter.measure.report import State, TaskReport
+from taskmeter.measure.sampler import configure
+from taskmeter.measure.span import process_cpu
+
+log = logging.getLogger("taskmeter.celery")
+
+# Celery's task_postrun states -> TaskReport states. None: ended from outside (a
+# terminate-revoke or a hard time limit); the main process's verdict decides.
+_STATES: dict[str, State] = {
+    "SUCCESS": "success",
+    "FAILURE": "failure",
+    "RETRY": "retry",
+    "REVOKED": "revoked",
+    "IGNORED": "success",
+    "REJECTED": "failure",
+}
+
+
+class _Worker:
+    """The taskmeter state of one worker (main process and, after fork, its children)."""
+
+    def __init__(self, settings: Settings, pool: str) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.settings, self.pool = settings, pool
+        self.main_pid = os.getpid()
+        self.hostname = socket.gethostname()
+        self.hub: Hub | None = None
+        self.server: MetricsServer | None = None
+        self.listener: Listener | None = None
+        self.sender: Sender | None = None
+        self.ledger: Ledger | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.metrics = TaskMetrics(inflight=lambda: self.hub.inflight() if self.hub else [])
+        self.registry.register(self.metrics)
+        self.runs: dict[tuple[str | None, int], tuple[str, Measurement]] = {}
+        self.seq = itertools.count(1)
+        self.lock = threading.Lock()
+
+    # -- main process ---------------------------------------------------------------
+    def open(self) -> None:
+        s = self.settings
+        configure(interval_s=s.sample_interval_s)
+        sinks: list[Callable[[TaskReport], None]] = [self.metrics.observe]
+        if s.ledger:
+            self.ledger = Ledger(s.ledger, max_bytes=s.ledger_max_bytes)
+            sinks.append(self.ledger.write)
+        self.hub = Hub(
+            sinks,
+            hostname=self.hostname,
+            pool=self.pool,
+            interval_s=s.sample_interval_s,
+            count_run=self.metrics.count_run,
+            is_revoked=_is_revoked,
+        )
+        if self.pool == "prefork":
+            self.listener = Listener(self._on_message, self.hub.process_gone)
+        self.server = start_server(
+            self.registry,
+            ServerConfig(
+                port=s.port,
+                addr=s.addr,
+                certfile=s.tls_cert,
+                keyfile=s.tls_key,
+                basic_auth=s.basic_auth,
+            ),
+            extra_routes={"/inflight": self._inflight_json},
+        )
+        log.info("taskmeter: serving worker metrics on %s/metrics", self.server.url)
+
+    def start_threads(self) -> None:
+        if self.hub is not None:
+            self.hub.start()
+        if self.listener is not None:
+            self.listener.start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.hub is not None:
+            self.hub.stop()
+        if self.server is not None:
+            self.server.close()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    def _inflight_json(self) -> list[dict[str, Any]]:
+        rows = self.hub.inflight() if self.hub else []
+        now = time.time()
+        return [
+            {
+                "task": r.task,
+                "task_id": r.task_id,
+                "pid": r.pid,
+                "running_s": round(now - r.started_at, 3),
+                "worker_rss_bytes": r.worker_rss_bytes,
+                "tools_rss_bytes": r.tools_rss_bytes,
+            }
+            for r in rows
+        ]
+
+    def _on_message(self, msg: Message, pid: int | None) -> None:
+        assert self.hub is not None
+        if msg.get("type") == "start":
+            self.hub.started(
+                msg["run"], msg["task"], msg.get("task_id"), int(msg["pid"]),
+                float(msg["epoch"]), msg.get("cpu0_s"),
+            )  # fmt: skip
+        elif msg.get("type") == "end":
+            self.hub.ended(msg["run"], TaskReport.from_dict(msg["report"]), bool(msg["final"]))
+
+    # -- pool process (after fork) ---------------------------------------------------
+    def after_fork_in_child(self) -> None:
+        """A prefork child: drop the main process's sockets, talk through a channel."""
+        if self.server is not None:
+            self.server.close()  # in a forked child this only drops its copy of the socket
+        if self.listener is not None:
+            for fd in self.listener.fileno_set():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.sender = Sender(self.listener.address)
+        self.hub = self.server = self.listener = self.ledger = None
+        self.runs = {}
+        self.lock = threading.Lock()
+
+    # -- every process: task signals -------------------------------------------------
+    def task_started(self, task_name: str, task_id: str | None) -> None:
+        pid = os.getpid()
+        run_id = f"{pid}:{next(self.seq)}"
+        m = Measurement(task_name, task_id, pool=self.pool)
+        cpu0 = sum(process_cpu())
+        m.start()
+        with self.lock:
+            self.runs[(task_id, threading.get_ident())] = (run_id, m)
+        self._deliver(
+            {
+                "type": "start",
+                "run": run_id,
+                "task": task_name,
+                "task_id": task_id,
+                "pid": pid,
+                "epoch": time.time(),
+                "cpu0_s": cpu0,
+            }
+        )
+
+    def task_ended(self, task_id: str | None, celery_state: str | None) -> None:
+        with self.lock:
+            entry = self.runs.pop((task_id, threading.get_ident()), None)
+        if entry is None:
+            return
+        run_id, m = entry
+        state = _STATES.get(celery_state or "")
+        report = m.finish(state=state or "killed")
+        self._deliver(
+            {"type": "end", "run": run_id, "report": report.to_dict(), "final": state is not None}
+        )
+
+    def _deliver(self, msg: Message) -> None:
+        if os.getpid() == self.main_pid:
+            self._on_message(msg, None)  # solo and threads pools: no channel needed
+        elif self.sender is not None:
+            self.sender.send(msg)
+
+
+def _is_revoked(task_id: str) -> bool:
+    from celery.worker import state as worker_state
+
+    return task_id in worker_state.revoked
+
+
+_WORKER: _Worker | None = None
+
+
+# -- signal handlers (connected only while a worker has taskmeter enabled) ---------------
+def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if _WORKER is not None:
+        _WORKER.task_started(getattr(task, "name", None) or str(sender), task_id)
+
+
+def _on_postrun(
+    sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any
+) -> None:
+    if _WORKER is not None:
+        _WORKER.task_ended(task_id, state)
+
+
+def _on_process_init(**_: Any) -> None:
+    if _WORKER is not None and os.getpid() != _WORKER.main_pid:
+        _WORKER.after_fork_in_child()
+
+
+def _on_task_failure(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    **_: Any,
+) -> None:  # fmt: skip
+    # In the main process only: a child lost mid-task or killed by a hard time limit.
+    if _WORKER is None or os.getpid() != _WORKER.main_pid or _WORKER.hub is None:
+        return
+    from billiard.exceptions import (  # type: ignore[import-untyped]
+        TimeLimitExceeded,
+        WorkerLostError,
+    )
+
+    if isinstance(exception, (WorkerLostError, TimeLimitExceeded)) and task_id:
+        _WORKER.hub.verdict(task_id, getattr(sender, "name", str(sender)), "killed")
+
+
+def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if _WORKER is None or os.getpid() != _WORKER.main_pid or _WORKER.hub is None:
+        return
+    task_id = getattr(request, "id", None)
+    name = getattr(sender, "name", None) or getattr(request, "task", None) or "unknown"
+    if task_id:
+        _WORKER.hub.verdict(task_id, name, "revoked")
+
+
+_HANDLERS: list[tuple[Any, Any]] = [
+    (signals.task_prerun, _on_prerun),
+    (signals.task_postrun, _on_postrun),
+    (signals.worker_process_init, _on_process_init),
+    (signals.task_failure, _on_task_failure),
+    (signals.task_revoked, _on_task_revoked),
+]
+
+
+def _connect() -> None:
+    for sig, handler in _HANDLERS:
+        sig.connect(handler, weak=False)
+
+
+def _disconnect() -> None:
+    for sig, handler in _HANDLERS:
+        sig.disconnect(handler)
+
+
+def _pool_name(worker: Any) -> str:
+    pool_cls = getattr(worker, "pool_cls", None)
+    module = getattr(pool_cls, "__module__", "") or ""
+    name = module.rsplit(".", 1)[-1]
+    return name or "prefork"
+
+
+class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: measures every task of this worker and serves the metrics."""
+
+    label = "taskmeter"
+    requires = ("celery.worker.components:Pool",)
+    enabled_default = True
+
+    def __init__(self, parent: Any, metrics_port: int | None = None, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        env = dict(os.environ)
+        if metrics_port is not None:
+            env["TASKMETER_PORT"] = str(metrics_port)
+            env.setdefault("ENABLE_WORKER_METRICS", "1")
+        try:
+            settings = load_settings(parent.app.conf, env, enabled_default=self.enabled_default)
+        except ConfigError as exc:
+            raise SystemExit(f"taskmeter: {exc}") from exc
+        self.settings = settings
+        self.worker: _Worker | None = None
+        if not settings.enabled:
+            log.info("taskmeter: worker metrics disabled (ENABLE_WORKER_METRICS)")
+            return
+        global _WORKER
+        self.worker = _Worker(settings, _pool_name(parent))
+        # Bound before the pool forks, so every child knows where to report.
+        try:
+            self.worker.open()
+        except Exception as exc:
+            self.worker.close()
+            self.worker = None
+            raise SystemExit(f"taskmeter: {exc}") from exc
+        _WORKER = self.worker
+        _connect()
+
+    def start(self, parent: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_threads()
+
+    def stop(self, parent: Any) -> None:
+        self._close()
+
+    def shutdown(self, parent: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        global _WORKER
+        if self.worker is not None:
+            _disconnect()
+            self.worker.close()
+            if _WORKER is self.worker:
+                _WORKER = None
+            self.worker = None
+
+
+class AutoTaskmeterStep(TaskmeterStep):
+    """The step the plugin adds with no code change: off unless ENABLE_WORKER_METRICS
+    is set true (or --metrics-port given)."""
+
+    enabled_default = False
+
+
+def _add_option(app: Any) -> None:
+    import click
+    from celery.bin.worker import worker
+
+    options = app.user_options["worker"]
+    if not any("--metrics-port" in getattr(o, "opts", ()) for o in [*options, *worker.params]):
+        options.add(
+            click.Option(
+                ["--metrics-port"],
+                type=int,
+                default=None,
+                help="taskmeter: serve worker metrics on this port (enables them).",
+            )
+        )
+
+
+def instrument(app: Any) -> None:
+    """Measure every task of ``app``'s workers and serve the metrics from each worker.
+
+    One line in the Celery module; reversible with :func:`uninstrument`. The worker
+    decides at start-up from ENABLE_WORKER_METRICS (on unless set false) and the other
+    TASKMETER_* settings (environment first, then ``app.conf``).
+    """
+    steps = app.steps["worker"]
+    if not any(issubclass(s, TaskmeterStep) for s in steps):
+        steps.add(TaskmeterStep)
+    _add_option(app)
+
+
+def uninstrument(app: Any) -> None:
+    """Undo :func:`instrument`: no step, no option, no signal handlers."""
+    steps = app.steps["worker"]
+    for step in [s for s in steps if isinstance(s, type) and issubclass(s, TaskmeterStep)]:
+        steps.discard(step)
+    options = app.user_options["worker"]
+    for opt in [o for o in options if "--metrics-port" in getattr(o, "opts", ())]:
+        options.discard(opt)
+    if _WORKER is not None:
+        _disconnect()

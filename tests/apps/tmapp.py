@@ -1,0 +1,76 @@
+"""The Celery app the integration tests run in a real `celery worker` process.
+
+Broker and result backend come from TM_BROKER (a real Redis or RabbitMQ). VCF paths are
+passed as task arguments; tasks call the real bcftools through taskmeter.run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+
+import taskmeter
+import taskmeter.celery
+
+app = Celery("tmapp", broker=os.environ["TM_BROKER"], backend=os.environ.get("TM_BACKEND"))
+app.conf.update(
+    task_acks_late=False,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    task_default_queue=os.environ.get("TM_QUEUE", "taskmeter-tests"),
+)
+if os.environ.get("TM_INSTRUMENT", "1") == "1":
+    taskmeter.celery.instrument(app)
+
+
+@app.task(name="vcf.query")
+def vcf_query(vcf: str) -> int:
+    m = taskmeter.current()
+    assert m is not None, "the task must run inside a taskmeter measurement"
+    with m.phase("check"):
+        header = taskmeter.run(["bcftools", "view", "-h", vcf], capture_output=True, check=True)
+        assert b"##fileformat=VCF" in header.stdout
+    out = taskmeter.run(
+        ["bcftools", "query", "-f", r"%POS[\t%GT]\n", vcf], capture_output=True, check=True
+    )
+    return out.stdout.count(b"\n")
+
+
+@app.task(name="vcf.view_fail")
+def vcf_view_fail(vcf: str) -> None:
+    # A missing input: bcftools exits 255, check=True raises, the task fails.
+    taskmeter.run(["bcftools", "view", "-h", vcf + ".missing"], capture_output=True, check=True)
+
+
+@app.task(name="cpu.burn")
+def cpu_burn(seconds: float) -> float:
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+    return time.process_time() - t0
+
+
+@app.task(name="noop")
+def noop() -> None:
+    return None
+
+
+@app.task(name="sleep")
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@app.task(name="hog")
+def hog(mib: int, seconds: float) -> None:
+    blob = b"x" * (mib * 1024 * 1024)
+    time.sleep(seconds)
+    del blob
+
+
+@app.task(name="retrier", bind=True, max_retries=1, default_retry_delay=0)
+def retrier(self) -> None:  # type: ignore[no-untyped-def]
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)

@@ -1,0 +1,256 @@
+"""The ledger: one JSON line per report, shared by processes, rotated by size."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import taskmeter
+from helpers import child
+from taskmeter.export.ledger import Ledger, LedgerProblem, ledger_paths, read_ledgers
+from taskmeter.measure.report import TaskReport
+
+
+@pytest.fixture(scope="module")
+def report() -> TaskReport:
+    """A real measured report with a tool run and a phase."""
+    with taskmeter.measure("tm.ledger", "id-0") as m:
+        with m.phase("prepare"):
+            sum(range(50_000))
+        taskmeter.run(child("b = b'x' * (8 << 20)"), check=True)
+        taskmeter.run(["sh", "-c", "exit 3"])
+    return m.report
+
+
+def numbered(report: TaskReport, i: int, prefix: str = "") -> TaskReport:
+    """The same report under a fixed-width task id, so every line has the same size."""
+    return dataclasses.replace(report, task_id=f"{prefix}{i:05d}")
+
+
+def lines_of(path: Path) -> list[str]:
+    text = path.read_text()
+    assert text.endswith("\n")
+    return text.splitlines()
+
+
+def test_one_line_per_report_and_round_trip(tmp_path: Path, report: TaskReport) -> None:
+    path = tmp_path / "tasks.jsonl"
+    written = [numbered(report, i) for i in range(5)]
+    failed = dataclasses.replace(report, state="failure", task_id=None)
+    with Ledger(path) as ledger:
+        for r in written:
+            ledger.write(r)
+        ledger.write(failed)
+    lines = lines_of(path)
+    assert len(lines) == 6
+    assert lines[0] == written[0].to_json()
+    assert json.loads(lines[0])["schema"] == "taskmeter.task/1"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    got, problems = read_ledgers([path])
+    assert problems == []
+    assert got == [*written, failed]
+    assert got[0].tools == report.tools and got[0].phases == report.phases
+
+
+def test_four_processes_rotating_lose_and_mangle_nothing(
+    tmp_path: Path, report: TaskReport
+) -> None:
+    path = tmp_path / "tasks.jsonl"
+    report_file = tmp_path / "report.json"
+    report_file.write_text(report.to_json())
+    go = tmp_path / "go"
+    writers, per_writer = 4, 200
+    line_len = len(numbered(report, 0, "w0-").to_json()) + 1
+    max_bytes = 24 * line_len + line_len // 2  # 24 lines per file: 33+ rotations
+    script = """
+import dataclasses, os, sys, time
+from taskmeter.export.ledger import Ledger
+from taskmeter.measure.report import TaskReport
+path, k, n, max_bytes, report_file, go = sys.argv[1:]
+report = TaskReport.from_json(open(report_file).read())
+ledger = Ledger(path, max_bytes=int(max_bytes), backups=1000)
+open(f"{go}.ready{k}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+for i in range(int(n)):
+    ledger.write(dataclasses.replace(report, task_id=f"w{k}-{i:05d}"))
+ledger.close()
+"""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(path),
+                str(k),
+                str(per_writer),
+                str(max_bytes),
+                str(report_file),
+                str(go),
+            ]
+        )
+        for k in range(writers)
+    ]
+    deadline = time.monotonic() + 30
+    while not all(Path(f"{go}.ready{k}").exists() for k in range(writers)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.005)
+    go.touch()
+    assert [p.wait(timeout=60) for p in procs] == [0] * writers
+
+    files = ledger_paths(path)
+    assert files[-1] == path and files[0] == Path(f"{path}.{len(files) - 1}")
+    assert len(files) >= 30  # many rotations happened, none dropped
+    seen: dict[str, list[int]] = {f"w{k}": [] for k in range(writers)}
+    total = 0
+    for f in files:
+        assert f.stat().st_size <= max_bytes
+        for line in lines_of(f):
+            record = json.loads(line)  # every line whole and valid
+            assert record["schema"] == "taskmeter.task/1"
+            writer, seq = record["task_id"].split("-")
+            seen[writer].append(int(seq))
+            total += 1
+    assert total == writers * per_writer
+    # Oldest file first: every writer's lines come back complete and in order.
+    assert all(seqs == list(range(per_writer)) for seqs in seen.values())
+
+    got, problems = read_ledgers(files)
+    assert problems == [] and len(got) == writers * per_writer
+
+
+def test_rotation_drops_the_oldest_beyond_backups(tmp_path: Path, report: TaskReport) -> None:
+    path = tmp_path / "tasks.jsonl"
+    line_len = len(numbered(report, 0).to_json()) + 1
+    with Ledger(path, max_bytes=3 * line_len, backups=2) as ledger:
+        for i in range(20):
+            ledger.write(numbered(report, i))
+    assert ledger_paths(path) == [Path(f"{path}.2"), Path(f"{path}.1"), path]
+    assert not Path(f"{path}.3").exists()
+
+    def ids(p: Path) -> list[int]:
+        return [int(json.loads(line)["task_id"]) for line in lines_of(p)]
+
+    assert ids(Path(f"{path}.2")) == [12, 13, 14]
+    assert ids(Path(f"{path}.1")) == [15, 16, 17]
+    assert ids(path) == [18, 19]
+
+
+def test_without_backups_the_full_file_is_dropped(tmp_path: Path, report: TaskReport) -> None:
+    path = tmp_path / "tasks.jsonl"
+    line_len = len(numbered(report, 0).to_json()) + 1
+    with Ledger(path, max_bytes=2 * line_len, backups=0) as ledger:
+        for i in range(5):
+            ledger.write(numbered(report, i))
+    assert ledger_paths(path) == [path]
+    assert [json.loads(line)["task_id"] for line in lines_of(path)] == ["00004"]
+
+
+def test_a_writer_follows_a_rotation_done_by_another(tmp_path: Path, report: TaskReport) -> None:
+    path = tmp_path / "tasks.jsonl"
+    line_len = len(numbered(report, 0, "a").to_json()) + 1
+    a = Ledger(path, max_bytes=3 * line_len, backups=5)
+    b = Ledger(path, max_bytes=3 * line_len, backups=5)
+    for i in range(3):
+        a.write(numbered(report, i, "a"))
+    b.write(numbered(report, 0, "b"))  # b finds the file full and rotates it
+    a.write(numbered(report, 3, "a"))  # a's descriptor now is path.1: it must reopen
+    a.close()
+    b.close()
+    ids = [json.loads(line)["task_id"] for line in lines_of(Path(f"{path}.1"))]
+    assert ids == ["a00000", "a00001", "a00002"]
+    assert [json.loads(line)["task_id"] for line in lines_of(path)] == ["b00000", "a00003"]
+
+
+def test_a_ledger_opened_before_fork_works_in_both(tmp_path: Path, report: TaskReport) -> None:
+    path = tmp_path / "tasks.jsonl"
+    line_len = len(numbered(report, 0, "c").to_json()) + 1
+    ledger = Ledger(path, max_bytes=10 * line_len, backups=100)
+    pid = os.fork()
+    if pid == 0:  # child: write and leave without running pytest's teardown
+        code = 0
+        try:
+            for i in range(100):
+                ledger.write(numbered(report, i, "c"))
+        except BaseException:
+            code = 1
+        os._exit(code)
+    for i in range(100):
+        ledger.write(numbered(report, i, "p"))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ledger.close()
+    got, problems = read_ledgers(ledger_paths(path))
+    assert problems == []
+    ids = [r.task_id or "" for r in got]
+    assert len(ids) == 200
+    for who in "cp":
+        assert [i for i in ids if i.startswith(who)] == [f"{who}{i:05d}" for i in range(100)]
+
+
+def test_malformed_lines_are_reported_and_the_rest_is_used(
+    tmp_path: Path, report: TaskReport
+) -> None:
+    path = tmp_path / "tasks.jsonl"
+    with Ledger(path) as ledger:
+        ledger.write(numbered(report, 1))
+        ledger.write(numbered(report, 2))
+    bad_state = json.loads(numbered(report, 99).to_json())
+    bad_state["state"] = "exploded"
+    with path.open("ab") as f:
+        f.write(b"\n")  # line 3: blank, skipped silently
+        f.write(b"{not json\n")  # 4
+        f.write(b"[1, 2]\n")  # 5
+        f.write(b'{"schema": "other/1"}\n')  # 6
+        f.write(json.dumps(bad_state).encode() + b"\n")  # 7
+        f.write(b"\xff\xfe\n")  # 8
+        f.write(b"   \n")  # 9: blank
+        f.write(numbered(report, 3).to_json().encode() + b"\n")  # 10
+        f.write(numbered(report, 4).to_json().encode()[:100])  # 11: cut short, no newline
+    missing = tmp_path / "nope.jsonl"
+
+    got, problems = read_ledgers([path, missing])
+    assert [r.task_id for r in got] == ["00001", "00002", "00003"]
+    assert [(p.path, p.line) for p in problems] == [
+        (path, 4),
+        (path, 5),
+        (path, 6),
+        (path, 7),
+        (path, 8),
+        (path, 11),
+        (missing, 0),
+    ]
+    messages = {p.line: p.message for p in problems}
+    assert "not JSON" in messages[4]
+    assert "list" in messages[5]
+    assert "taskmeter.task/1" in messages[6]
+    assert "exploded" in messages[7]
+    assert "UTF-8" in messages[8]
+    assert str(problems[0]).startswith(f"{path}:4: ")
+    assert isinstance(problems[-1], LedgerProblem) and "no such file" in problems[-1].message
+
+
+def test_a_missing_directory_is_an_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "tasks.jsonl"
+    with pytest.raises(OSError, match="no-such-dir") as err:
+        Ledger(path)
+    assert str(path) in str(err.value)
+    assert not path.parent.exists()
+
+
+def test_writing_to_a_closed_ledger_is_an_error(tmp_path: Path, report: TaskReport) -> None:
+    ledger = Ledger(tmp_path / "tasks.jsonl")
+    ledger.close()
+    ledger.close()
+    with pytest.raises(ValueError, match="closed"):
+        ledger.write(report)
