@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import taskmeter
-from helpers import require
 from taskmeter.demo.vcfgen import generate_vcf, sample_names
+
+from helpers import require
 
 GNU_TIME = "/usr/bin/time"
 
@@ -51,7 +52,8 @@ def measure_both(argv: list[str], runs: int = 3) -> tuple[list[float], ...]:
         with taskmeter.measure("bcftools") as m:
             taskmeter.run(argv, stdout=subprocess.DEVNULL, check=True)
         (tool,) = m.report.tools
-        assert tool.exit_code == 0 and tool.peak_method == "hwm"
+        # bcftools is smaller than this worker: its peak is its own VmHWM read live.
+        assert tool.exit_code == 0 and tool.peak_method == "sampled"
         ours_cpu.append(tool.cpu_s)
         ours_peak.append(float(tool.rss_peak_bytes))
         cpu, peak = gnu_time(argv)

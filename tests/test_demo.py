@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import require
 from taskmeter.measure.report import TaskReport
+
+from helpers import require
 
 
 def test_quick_demo_measures_real_bcftools_tasks(tmp_path: Path):

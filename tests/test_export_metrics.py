@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import taskmeter
-from helpers import child
 from taskmeter.export.metrics import (
     MEMORY_BUCKETS,
     TIME_BUCKETS,
@@ -23,6 +22,8 @@ from taskmeter.export.metrics import (
     TaskMetrics,
 )
 from taskmeter.measure.report import STATES, TaskReport
+
+from helpers import child
 
 SECRET_ID = "secret-task-id-8d1c"
 SECRET_ARG = "secret-arg-77f0"

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import taskmeter
-from helpers import child
 from taskmeter.export.ledger import Ledger, LedgerProblem, ledger_paths, read_ledgers
 from taskmeter.measure.report import TaskReport
+
+from helpers import child
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import time
 import pytest
 
 import taskmeter
-from helpers import burn_child, burn_cpu, child, rss_now
 from taskmeter.measure import wait_idle
 from taskmeter.measure.report import TaskReport, union_length
+
+from helpers import burn_child, burn_cpu, child, rss_now
 
 
 def sampler_threads() -> list[threading.Thread]:

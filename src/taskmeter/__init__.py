@@ -22,6 +22,7 @@ from taskmeter.measure import (
     current,
     measure,
     run,
+    wait_idle,
 )
 
 __version__ = "0.1.0"
@@ -40,4 +41,5 @@ __all__ = [
     "current",
     "measure",
     "run",
+    "wait_idle",
 ]

@@ -74,3 +74,11 @@ def hog(mib: int, seconds: float) -> None:
 def retrier(self) -> None:  # type: ignore[no-untyped-def]
     if self.request.retries == 0:
         raise self.retry(countdown=0)
+
+
+@app.task(name="threads")
+def threads() -> list[str]:
+    """Names of the Python threads of the process running the task (solo: the worker)."""
+    import threading
+
+    return sorted(t.name for t in threading.enumerate())

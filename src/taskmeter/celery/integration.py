@@ -152,7 +152,7 @@ class _Worker:
             for fd in self.listener.fileno_set():
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            self.sender = Sender(self.listener.address)
+            self.sender = Sender(self.listener.address, self.listener.token)
         self.hub = self.server = self.listener = self.ledger = None
         self.runs = {}
         self.lock = threading.Lock()
@@ -269,10 +269,11 @@ def _disconnect() -> None:
 
 
 def _pool_name(worker: Any) -> str:
+    """The pool as `celery worker -P` names it (its module is celery.concurrency.<x>)."""
     pool_cls = getattr(worker, "pool_cls", None)
     module = getattr(pool_cls, "__module__", "") or ""
     name = module.rsplit(".", 1)[-1]
-    return name or "prefork"
+    return {"thread": "threads", "": "prefork"}.get(name, name)
 
 
 class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -286,8 +287,10 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         env = dict(os.environ)
         if metrics_port is not None:
+            # --metrics-port enables metrics unless ENABLE_WORKER_METRICS says otherwise.
             env["TASKMETER_PORT"] = str(metrics_port)
-            env.setdefault("ENABLE_WORKER_METRICS", "1")
+            if not env.get("ENABLE_WORKER_METRICS", "").strip():
+                env["ENABLE_WORKER_METRICS"] = "1"
         try:
             settings = load_settings(parent.app.conf, env, enabled_default=self.enabled_default)
         except ConfigError as exc:

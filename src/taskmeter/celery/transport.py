@@ -6,14 +6,18 @@ killed task from a finished one. Instead each prefork child sends its task start
 finished reports to the main process, which owns the only collector and endpoint.
 
 The socket lives in Linux's abstract namespace (nothing on disk to leak); elsewhere a
-file in a private temporary directory. Only processes whose parent is this worker may
-connect (checked with SO_PEERCRED on Linux), so another process in the pod cannot inject
-figures.
+file in a private temporary directory. A channel counts only if its first line carries
+a random token the pool processes inherited in memory through fork (it is in no
+environment, file or command line) and, on Linux, if its peer runs as the same user
+(SO_PEERCRED), so another process in the pod cannot inject figures. (Checking that the
+peer is a child of this worker would race: a recycled child may exit before its
+channel is accepted, its messages still queued.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -26,8 +30,6 @@ import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
-
-import psutil
 
 log = logging.getLogger("taskmeter.transport")
 
@@ -42,12 +44,13 @@ def _address() -> str:
     return os.path.join(tempfile.mkdtemp(prefix="taskmeter-"), "sock")
 
 
-def _peer_pid(conn: socket.socket) -> int | None:
+def _peer(conn: socket.socket) -> tuple[int | None, int | None]:
+    """(pid, uid) of the connected process, where the OS tells."""
     if not _LINUX:
-        return None
+        return None, None
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 class Listener:
@@ -60,6 +63,7 @@ class Listener:
         on_gone: Callable[[int], None],
     ) -> None:
         self.address = _address()
+        self.token = secrets.token_hex(16)
         self._on_message, self._on_gone = on_message, on_gone
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(self.address)
@@ -69,7 +73,8 @@ class Listener:
         self._sel.register(self._sock, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = socket.socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._buffers: dict[socket.socket, tuple[bytearray, int | None]] = {}
+        # per channel: unparsed bytes, peer pid, whether its token was checked
+        self._buffers: dict[socket.socket, tuple[bytearray, int | None, bool]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -115,23 +120,24 @@ class Listener:
             conn, _ = self._sock.accept()
         except BlockingIOError:
             return
-        pid = _peer_pid(conn)
-        if pid is not None and not self._is_my_child(pid):
-            log.warning("taskmeter: refused a report channel from pid %d (not a pool child)", pid)
+        pid, uid = _peer(conn)
+        if uid is not None and uid != os.getuid():
+            log.warning("taskmeter: refused a report channel from pid %s (uid %s)", pid, uid)
             conn.close()
             return
         conn.setblocking(False)
-        self._buffers[conn] = (bytearray(), pid)
+        self._buffers[conn] = (bytearray(), pid, False)
         self._sel.register(conn, selectors.EVENT_READ, "conn")
 
-    def _is_my_child(self, pid: int) -> bool:
-        try:
-            return psutil.Process(pid).ppid() == os.getpid()
-        except psutil.Error:
-            return False
+    def _drop(self, conn: socket.socket, pid: int | None) -> None:
+        self._sel.unregister(conn)
+        del self._buffers[conn]
+        conn.close()
+        if pid is not None:
+            self._on_gone(pid)
 
     def _read(self, conn: socket.socket) -> None:
-        buf, pid = self._buffers[conn]
+        buf, pid, trusted = self._buffers[conn]
         try:
             data = conn.recv(1 << 16)
         except BlockingIOError:
@@ -139,15 +145,10 @@ class Listener:
         except OSError:
             data = b""
         if not data:
-            self._sel.unregister(conn)
-            del self._buffers[conn]
-            conn.close()
-            if pid is not None:
-                self._on_gone(pid)
+            self._drop(conn, pid)
             return
         buf += data
         *lines, rest = buf.split(b"\n")
-        self._buffers[conn] = (bytearray(rest), pid)
         for line in lines:
             if not line:
                 continue
@@ -156,18 +157,29 @@ class Listener:
             except ValueError:
                 log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
                 continue
+            if not trusted:
+                token = msg.get("hello") if isinstance(msg, dict) else None
+                if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
+                    log.warning(
+                        "taskmeter: refused a report channel without the token (pid %s)", pid
+                    )
+                    self._drop(conn, None)
+                    return
+                trusted = True
+                continue
             try:
                 self._on_message(msg, pid)
             except Exception:
                 log.exception("taskmeter: handling a report message failed")
+        self._buffers[conn] = (bytearray(rest), pid, trusted)
 
 
 class Sender:
     """Pool process side. Connects lazily (after the fork) and never fails a task: a
     message that cannot be delivered is logged and dropped."""
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, address: str, token: str) -> None:
+        self.address, self._token = address, token
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -179,6 +191,7 @@ class Sender:
                     if self._sock is None:
                         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                         self._sock.connect(self.address)
+                        self._sock.sendall(json.dumps({"hello": self._token}).encode() + b"\n")
                     self._sock.sendall(data)
                     return
                 except OSError as exc:

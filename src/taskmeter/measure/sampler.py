@@ -21,8 +21,8 @@ log = logging.getLogger("taskmeter.sampler")
 
 ENV_INTERVAL = "TASKMETER_SAMPLE_INTERVAL"
 # 100 ms: peaks come from the kernel's high-water marks, so the interval only sets
-# the resolution of averages and footprints. At 100 ms a tracked process costs about
-# 0.03 % of a core (docs/benchmarks.md), and a task of one second still gets ten
+# the resolution of averages and footprints. At 100 ms a task with no tools costs
+# about 0.15 % of a core (docs/benchmarks.md), and a task of one second still gets ten
 # points for its average.
 DEFAULT_INTERVAL_S = 0.1
 

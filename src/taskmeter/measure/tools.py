@@ -30,9 +30,9 @@ _MAXRSS_UNIT = 1 if os.uname().sysname == "Darwin" else 1024
 _COUNTER_SLACK = max(1 << 20, (os.cpu_count() or 1) * 64 * 4096)
 _FIRST_SAMPLE_S = 0.001
 # Tools are sampled at least this often, whatever the interval: their peak is read
-# from VmHWM, which vanishes at exit, so it is exact when reached at least this long
+# from VmHWM, which vanishes at exit, so it is caught when reached at least this long
 # before the tool exits (bcftools sort, say, peaks while writing its output in its
-# last ~30 ms). One /proc read is ~25 µs: 0.1 % of a core per running tool.
+# last ~30 ms). Cost, measured (docs/benchmarks.md): 0.3-0.7 % of a core per tool.
 TOOL_INTERVAL_MAX_S = 0.02
 
 
@@ -128,16 +128,23 @@ class ToolWatch:
         return self.t_end is not None
 
     def peak(self) -> tuple[int, PeakMethod]:
-        own_maxrss = 0
+        """The tool's peak RSS and how it is known.
+
+        ``hwm`` only when exact at exit: wait4's ``ru_maxrss`` above the floor the tool
+        inherited from this process, or an ``ru_maxrss`` no higher than what was seen
+        alive. Otherwise ``sampled``: the largest high-water mark (and tree RSS) read
+        while the tool lived, a lower bound that misses only what happened after the
+        last sample (at most TOOL_INTERVAL_MAX_S before exit).
+        """
+        live = max(self.hwm_max, self.rss.peak)
         if self.rusage is not None and self.parent_hwm is not None:
             maxrss = self.rusage.ru_maxrss * _MAXRSS_UNIT
-            if maxrss > self.parent_hwm + _COUNTER_SLACK:
-                own_maxrss = maxrss  # above the inherited floor: the tool's own peak
-        hwm = max(self.hwm_max, own_maxrss)
-        if hwm and hwm >= self.rss.peak:
-            return hwm, "hwm"
+            if maxrss > self.parent_hwm + _COUNTER_SLACK and maxrss >= self.rss.peak:
+                return maxrss, "hwm"  # above the inherited floor: the tool's own peak
+            if live and maxrss <= live + _COUNTER_SLACK:
+                return live, "hwm"  # the upper bound meets what was seen alive
         if self.rss.n:
-            return self.rss.peak, "sampled"
+            return live, "sampled"
         return 0, "none"
 
     def to_run(self, origin: float, now: float) -> ToolRun:
