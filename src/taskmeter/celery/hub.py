@@ -226,7 +226,10 @@ class Hub:
 
     def _observed_report(self, run: Run, state: State) -> TaskReport:
         """A report for a run whose process died before it could send one."""
-        wall = time.monotonic() - run.started_mono
+        # It ended when it was seen gone or judged, whichever came first, not now.
+        ends = [t for t in (run.child_gone_at, run.verdict and run.verdict[1]) if t]
+        end = min(ends, default=time.monotonic())
+        wall = max(end - run.started_mono, 0.0)
         cpu = 0.0
         if run.cpu_s is not None and run.cpu0_s is not None:
             cpu = max(run.cpu_s - run.cpu0_s, 0.0)
@@ -245,7 +248,7 @@ class Hub:
             task_id=run.task_id,
             state=state,
             started_at=iso_utc(run.started_epoch),
-            ended_at=iso_utc(time.time()),
+            ended_at=iso_utc(run.started_epoch + wall),
             wall_s=wall,
             cpu_s=cpu,
             overhead=overhead,
