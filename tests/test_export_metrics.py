@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -194,9 +195,9 @@ def test_counts_sums_and_buckets_are_exact(reports: list[TaskReport]) -> None:
             )
             got = value(s, "celery_task_memory_peak_bytes_max", task=task, component="tool")
             assert got == max(peaks)
-        else:  # no tool ran: no tool memory series at all
+        else:  # no tool ran: an empty tool series (zero from the start), no max
             labels = (("component", "tool"), ("task", task))
-            assert ("celery_task_memory_avg_bytes_count", labels) not in s
+            assert s[("celery_task_memory_avg_bytes_count", labels)] == 0
             assert ("celery_task_memory_peak_bytes_max", labels) not in s
         got = value(s, "celery_task_memory_peak_bytes_max", task=task, component="overhead")
         assert got == max(r.overhead.rss_peak_bytes for r in rs)
@@ -246,6 +247,7 @@ def test_every_metric_has_its_contract_type_and_help(reports: list[TaskReport]) 
         "celery_task_wall_seconds": "histogram",
         "celery_task_cpu_seconds": "histogram",
         "celery_task_cpu_seconds_total": "counter",
+        "celery_task_wall_seconds_total": "counter",
         "celery_task_memory_avg_bytes": "histogram",
         "celery_task_memory_peak_bytes": "histogram",
         "celery_task_memory_peak_bytes_max": "gauge",
@@ -423,3 +425,24 @@ def test_works_with_prometheus_multiproc_dir_set_to_a_missing_dir(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "OK"
+
+
+def test_declared_tasks_start_at_zero_and_wall_splits_into_overhead_and_tool():
+    metrics = TaskMetrics()
+    metrics.declare(["tm.declared"])
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    before = generate_latest(registry).decode()
+    assert 'celery_task_wall_seconds_count{task="tm.declared"} 0.0' in before
+    assert 'celery_task_runs_total{state="success",task="tm.declared"} 0.0' in before
+    assert 'celery_task_cpu_seconds_count{component="tool",task="tm.declared"} 0.0' in before
+    with taskmeter.measure("tm.declared") as m:
+        taskmeter.run(["sleep", "0.1"])
+        time.sleep(0.05)
+    metrics.observe(m.report)
+    after = generate_latest(registry).decode()
+    r = m.report
+    series = 'celery_task_wall_seconds_total{component="%s",task="tm.declared"} %r'
+    assert series % ("tool", r.tool_totals.wall_s) in after
+    assert series % ("overhead", r.overhead.wall_s) in after
+    assert r.overhead.wall_s + r.tool_totals.wall_s == pytest.approx(r.wall_s)

@@ -143,6 +143,208 @@ def demo(workdir: Path | None, quick: bool) -> None:
         click.echo(f"reports (one TaskReport per line): {workdir / 'reports.jsonl'}")
 
 
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _since_seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        number, unit = float(value[:-1]), value[-1]
+        seconds = number * _SINCE_UNITS[unit]
+    except (ValueError, KeyError, IndexError):
+        raise click.BadParameter(f"{value!r}: expected a duration like 90s, 30m, 12h, 7d") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r}: must be positive")
+    return seconds
+
+
+def _memory_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            try:
+                return int(float(value[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected bytes or a quantity like 150Mi") from None
+
+
+@main.command()
+@click.option(
+    "--ledger",
+    "ledgers",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Ledger file(s) written by workers (TASKMETER_LEDGER); repeatable.",
+)
+@click.option(
+    "--prometheus",
+    "prometheus_url",
+    default=None,
+    help="Prometheus base URL, e.g. http://prometheus:9090.",
+)
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    callback=_since_seconds,
+    help="Window of data read from Prometheus.",
+)
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    help="Size for these task names only (e.g. one queue's); repeatable.",
+)
+@click.option(
+    "--selector",
+    default="",
+    help='Extra Prometheus label matchers, e.g. \'namespace="prod",job="celery"\'.',
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Prefork concurrency of the worker [default: the most tasks seen at once].",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=None,
+    help="Safety margin for both request and limit (0.2 = 20 %) [default: 0.2].",
+)
+@click.option("--request-margin", type=float, default=None, help="Margin on the request.")
+@click.option("--limit-margin", type=float, default=None, help="Margin on the limit.")
+@click.option(
+    "--percentile",
+    type=float,
+    default=None,
+    help="Size the request from this quantile of average use instead of the mean.",
+)
+@click.option(
+    "--min-tasks",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Refuse to size a task type with fewer tasks than this.",
+)
+@click.option(
+    "--parent-memory",
+    callback=_memory_bytes,
+    default=None,
+    help="RSS of the worker's main process [default: from Prometheus, else 128Mi].",
+)
+@click.option("--cpu-limit", type=float, default=None, help="Set a CPU limit (cores).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "kustomize"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--deployment",
+    default="celery-worker",
+    show_default=True,
+    help="Deployment name in the Kustomize patch.",
+)
+@click.option(
+    "--container",
+    default="worker",
+    show_default=True,
+    help="Container name in the Kustomize patch.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the result here (only when it succeeds) instead of stdout.",
+)
+def recommend(
+    ledgers: tuple[str, ...], prometheus_url: str | None, since: float, tasks: tuple[str, ...],
+    selector: str, concurrency: int | None, margin: float | None,
+    request_margin: float | None, limit_margin: float | None, percentile: float | None,
+    min_tasks: int, parent_memory: int | None, cpu_limit: float | None, fmt: str,
+    deployment: str, container: str, output: str | None,
+) -> None:  # fmt: skip
+    """Kubernetes requests and limits for a Celery worker, from measured tasks."""
+    from taskmeter.sizing import render
+    from taskmeter.sizing.recommend import DEFAULT_MARGIN, MiB, Options, SizingError, recommend
+    from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
+
+    if bool(ledgers) == bool(prometheus_url):
+        raise click.UsageError("give either --ledger PATH... or --prometheus URL")
+    err = Console(stderr=True)
+    parent = parent_memory
+    if ledgers:
+        from taskmeter.export.ledger import read_ledgers
+
+        reports, problems = read_ledgers(ledgers)
+        for problem in problems:
+            err.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        if tasks:
+            reports = [r for r in reports if r.task in tasks]
+        if concurrency is None and reports:
+            concurrency = observed_concurrency(reports)
+            err.print(f"concurrency {concurrency}: the most tasks seen running at once")
+        stats = stats_from_reports(reports, percentile)
+    else:
+        from taskmeter.sizing.prometheus import SourceError, stats_from_prometheus
+
+        try:
+            with err.status("querying Prometheus") as status:
+                stats = stats_from_prometheus(
+                    prometheus_url or "", since_s=since, tasks=tasks or None, selector=selector,
+                    percentile=percentile, progress=status.update,
+                )  # fmt: skip
+        except SourceError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if concurrency is None:
+            raise click.UsageError("--concurrency is needed with --prometheus")
+    unknown = sorted(set(tasks) - set(stats))
+    if unknown:
+        known = ", ".join(sorted(stats)) or "none"
+        raise click.ClickException(
+            f"no data for task(s) {', '.join(unknown)} (tasks in the data: {known})"
+        )
+    if parent is None:
+        parent = 128 * MiB
+        err.print("parent process memory assumed 128Mi (--parent-memory to set it)")
+    base = DEFAULT_MARGIN if margin is None else margin
+    try:
+        rec = recommend(
+            stats,
+            Options(
+                concurrency=concurrency or 1,
+                parent_bytes=parent,
+                request_margin=base if request_margin is None else request_margin,
+                limit_margin=base if limit_margin is None else limit_margin,
+                percentile=percentile,
+                min_tasks=min_tasks,
+                cpu_limit_cores=cpu_limit,
+            ),
+        )
+    except SizingError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if fmt == "table":
+        if output:
+            with open(output, "w") as f:
+                Console(file=f, width=120).print(render.as_table(rec))
+        else:
+            Console(width=max(Console().width, 120)).print(render.as_table(rec))
+        return
+    text = render.as_json(rec) if fmt == "json" else render.as_kustomize(rec, deployment, container)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
 def _ignore(signum: int, frame: Any) -> None:
     """Survive the terminal's Ctrl-C; the command gets it too and decides."""
 

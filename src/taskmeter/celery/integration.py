@@ -53,8 +53,8 @@ _STATES: dict[str, State] = {
 class _Worker:
     """The taskmeter state of one worker (main process and, after fork, its children)."""
 
-    def __init__(self, settings: Settings, pool: str) -> None:
-        from prometheus_client import CollectorRegistry
+    def __init__(self, settings: Settings, pool: str, task_names: list[str]) -> None:
+        from prometheus_client import CollectorRegistry, ProcessCollector
 
         self.settings, self.pool = settings, pool
         self.main_pid = os.getpid()
@@ -67,6 +67,10 @@ class _Worker:
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = TaskMetrics(inflight=lambda: self.hub.inflight() if self.hub else [])
         self.registry.register(self.metrics)
+        self.metrics.declare(task_names)
+        # process_resident_memory_bytes & co. of the main process: the "parent" that
+        # sizing adds to N concurrent tasks.
+        ProcessCollector(registry=self.registry)
         self.runs: dict[tuple[str | None, int], tuple[str, Measurement]] = {}
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
@@ -301,7 +305,8 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
             log.info("taskmeter: worker metrics disabled (ENABLE_WORKER_METRICS)")
             return
         global _WORKER
-        self.worker = _Worker(settings, _pool_name(parent))
+        names = sorted(n for n in parent.app.tasks if not n.startswith("celery."))
+        self.worker = _Worker(settings, _pool_name(parent), names)
         # Bound before the pool forks, so every child knows where to report.
         try:
             self.worker.open()

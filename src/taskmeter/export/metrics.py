@@ -204,8 +204,14 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "tool subprocesses). rate() of it is the number of cores in use.",
         ("task", "component"),
     ),
+    "celery_task_wall_seconds_total": (
+        "Wall seconds of tasks, by component: tool = the time tool subprocesses ran "
+        "(union of their runs), overhead = the rest (the seed's DivBase overhead wall).",
+        ("task", "component"),
+    ),
     "celery_task_tool_runs_total": (
-        "Tool subprocess runs by executable basename and outcome (ok, error, signal, running).",
+        "Tool subprocess runs by executable basename and outcome (ok, error, "
+        "killed = SIGKILL, signal = any other signal, running).",
         ("task", "tool", "outcome"),
     ),
     "taskmeter_labels_folded_total": (
@@ -234,14 +240,6 @@ _INFLIGHT_RSS_HELP = (
     "Current RSS of the tasks running right now, summed over the tasks of that name "
     "(bytes): component=overhead their worker processes, component=tool their tools."
 )
-
-
-def _tool_avg_rss(report: TaskReport) -> float:
-    """Wall-weighted mean of the tool runs' average RSS (plain mean if no wall)."""
-    wall = sum(t.wall_s for t in report.tools)
-    if wall > 0:
-        return sum(t.rss_avg_bytes * t.wall_s for t in report.tools) / wall
-    return sum(t.rss_avg_bytes for t in report.tools) / len(report.tools)
 
 
 class TaskMetrics:
@@ -294,11 +292,15 @@ class TaskMetrics:
             for component, seconds in cpu.items():
                 self._hist("celery_task_cpu_seconds", (task, component), seconds)
                 self._inc("celery_task_cpu_seconds_total", (task, component), seconds)
+            wall = {"overhead": report.overhead.wall_s, "tool": report.tool_totals.wall_s}
+            for component, seconds in wall.items():
+                self._inc("celery_task_wall_seconds_total", (task, component), seconds)
 
             avg = {"overhead": float(report.overhead.rss_avg_bytes)}
             peak = {"overhead": float(report.overhead.rss_peak_bytes)}
-            if report.tools:
-                avg["tool"] = _tool_avg_rss(report)
+            tool_avg = report.tool_avg_rss_bytes
+            if tool_avg is not None:
+                avg["tool"] = tool_avg
                 peak["tool"] = float(report.tool_totals.rss_peak_bytes)
             for component, value in avg.items():
                 self._hist("celery_task_memory_avg_bytes", (task, component), value)
@@ -316,6 +318,13 @@ class TaskMetrics:
             for phase in report.phases:
                 name = self._value_label(task, "phase", phase.name)
                 self._hist("celery_task_phase_wall_seconds", (task, name), phase.wall_s)
+
+    def declare(self, tasks: Iterable[str]) -> None:
+        """Task names known before any of them runs (a worker's registered tasks): their
+        series start at zero, so rate() and increase() see even the first run."""
+        with self._lock:
+            for name in tasks:
+                self._task_label(name, count_fold=False)
 
     def count_run(self, task: str, state: str) -> None:
         """Count a run that produced no report (e.g. revoked while still queued)."""
@@ -402,7 +411,7 @@ class TaskMetrics:
                 for task in tasks:
                     for state in STATES:
                         series.setdefault((task, state), 0.0)
-            elif name == "celery_task_cpu_seconds_total":
+            elif name in ("celery_task_cpu_seconds_total", "celery_task_wall_seconds_total"):
                 for task in tasks:
                     for component in COMPONENTS:
                         series.setdefault((task, component), 0.0)
@@ -413,9 +422,18 @@ class TaskMetrics:
                 counter.add_metric(list(key), value)
             families.append(counter)
 
-        for name, (doc, labels, _bounds) in _HISTOGRAMS.items():
+        for name, (doc, labels, bounds) in _HISTOGRAMS.items():
             histogram = HistogramMetricFamily(name, doc, labels=labels)
-            for key, hist in sorted(self._histograms[name].items()):
+            hists = dict(self._histograms[name])
+            # Empty histograms for every known task, for the same reason as the zeros.
+            if labels == ("task",):
+                for task in tasks:
+                    hists.setdefault((task,), _Histogram(bounds))
+            elif labels == ("task", "component"):
+                for task in tasks:
+                    for component in COMPONENTS:
+                        hists.setdefault((task, component), _Histogram(bounds))
+            for key, hist in sorted(hists.items()):
                 histogram.add_metric(list(key), hist.cumulative(), hist.total)
             families.append(histogram)
 

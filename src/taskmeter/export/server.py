@@ -253,6 +253,11 @@ def _make_app(
             )
         path = str(environ.get("PATH_INFO", "")) or "/"
         if path in METRICS_PATHS:
+            # Always the classic text format: in OpenMetrics the contract's counter
+            # celery_task_cpu_seconds_total and histogram celery_task_cpu_seconds
+            # would be two families of one name, which strict parsers reject and
+            # Prometheus resolves by dropping the counter's metadata.
+            environ = {**environ, "HTTP_ACCEPT": "text/plain"}
             return metrics_app(environ, start_response)
         route = routes.get(path)
         if route is None:

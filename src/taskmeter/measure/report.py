@@ -69,7 +69,10 @@ class ToolRun:
 
     @property
     def outcome(self) -> str:
-        """``ok``, ``error`` (non-zero exit), ``signal`` (killed) or ``running``."""
+        """``ok``, ``error`` (non-zero exit), ``killed`` (SIGKILL: what the OOM killer
+        sends), ``signal`` (any other signal) or ``running``."""
+        if self.signal == 9:
+            return "killed"
         if self.signal is not None:
             return "signal"
         if self.exit_code is None:
@@ -134,6 +137,17 @@ class TaskReport:
     worker: WorkerInfo
     sampler: SamplerInfo
     schema: str = field(default=SCHEMA)
+
+    @property
+    def tool_avg_rss_bytes(self) -> float | None:
+        """The tools' wall-weighted mean RSS (None when the task ran none): what the
+        worker exports as celery_task_memory_avg_bytes{component="tool"}."""
+        if not self.tools:
+            return None
+        wall = sum(t.wall_s for t in self.tools)
+        if wall > 0:
+            return sum(t.rss_avg_bytes * t.wall_s for t in self.tools) / wall
+        return sum(t.rss_avg_bytes for t in self.tools) / len(self.tools)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
