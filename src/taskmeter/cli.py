@@ -221,7 +221,7 @@ def _memory_bytes(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--limit-margin", type=float, default=None, help="Margin on the limit.")
 @click.option(
     "--percentile",
-    type=float,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=None,
     help="Size the request from this quantile of average use instead of the mean.",
 )
@@ -294,14 +294,25 @@ def recommend(
             err.print(f"concurrency {concurrency}: the most tasks seen running at once")
         stats = stats_from_reports(reports, percentile)
     else:
-        from taskmeter.sizing.prometheus import SourceError, stats_from_prometheus
+        from taskmeter.sizing.prometheus import (
+            SourceError,
+            parent_rss_from_prometheus,
+            stats_from_prometheus,
+        )
 
+        url = prometheus_url or ""
         try:
             with err.status("querying Prometheus") as status:
                 stats = stats_from_prometheus(
-                    prometheus_url or "", since_s=since, tasks=tasks or None, selector=selector,
+                    url, since_s=since, tasks=tasks or None, selector=selector,
                     percentile=percentile, progress=status.update,
                 )  # fmt: skip
+                if parent is None and stats:
+                    status.update("querying the workers' main-process memory")
+                    parent = parent_rss_from_prometheus(url, since_s=since, selector=selector)
+                    if parent is not None:
+                        err.print(f"parent process memory {parent / 2**20:.0f} MiB: the largest "
+                                  "process_resident_memory_bytes of the workers")  # fmt: skip
         except SourceError as exc:
             raise click.ClickException(str(exc)) from exc
         if concurrency is None:

@@ -1,0 +1,419 @@
+"""Sizing figures read from Prometheus equal those computed from the ledger: exactly for
+counts, sums, means and maxima, within bucket resolution for quantiles."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from taskmeter.demo.vcfgen import generate_vcf
+from taskmeter.export.metrics import MEMORY_BUCKETS
+from taskmeter.sizing.prometheus import (
+    SourceError,
+    bucket_quantile,
+    counter_increase,
+    parent_rss_from_prometheus,
+    stats_from_prometheus,
+)
+from taskmeter.sizing.stats import TaskStats, stats_from_reports
+
+from helpers import require
+from workerkit import free_port, wait_for
+
+# -- the increase of one counter series ----------------------------------------------------
+T0 = 1_000_000.0  # window start
+
+
+def test_series_older_than_the_window_counts_from_its_first_sample():
+    samples = [(T0 + 0.5 + i, v) for i, v in enumerate([7, 7, 9, 12, 12])]
+    assert counter_increase(samples, T0) == 5
+
+
+def test_a_reset_adds_the_value_after_it_whole():
+    # 7 -> 12 (+5), a restart: 2 counted from 0 (+2), -> 3 -> 4 (+2)
+    samples = [(T0 + 1 + i, v) for i, v in enumerate([7, 12, 2, 3, 4])]
+    assert counter_increase(samples, T0) == 5 + 2 + 2
+    # Several resets, the last sample itself after one.
+    samples = [(T0 + 1 + i, v) for i, v in enumerate([5, 6, 1, 4, 0, 2, 1])]
+    assert counter_increase(samples, T0) == 1 + (1 + 3) + (0 + 2) + 1
+
+
+def test_a_series_born_inside_the_window_counts_from_zero():
+    samples = [(T0 + 100 + i, v) for i, v in enumerate([3, 3, 4])]
+    assert counter_increase(samples, T0) == 4
+    # Within two scrape intervals of the window start: it was there before the window.
+    samples = [(T0 + 1.9 + i, v) for i, v in enumerate([3, 3, 4])]
+    assert counter_increase(samples, T0) == 1
+    # Born, then reset.
+    samples = [(T0 + 50 + i, v) for i, v in enumerate([2, 5, 1, 2])]
+    assert counter_increase(samples, T0) == 5 + 2
+
+
+def test_the_scrape_interval_is_the_median_spacing_unless_given():
+    # Spacing 10 s (one missed scrape does not change the median): born only after T0+20.
+    samples = [(T0 + 15, 4.0), (T0 + 25, 5.0), (T0 + 45, 6.0), (T0 + 55, 6.0)]
+    assert counter_increase(samples, T0) == 2
+    assert counter_increase(samples, T0, interval=5) == 6
+    # One sample: the interval given (the other series' spacing) decides.
+    assert counter_increase([(T0 + 30, 3.0)], T0, interval=10) == 3
+    assert counter_increase([(T0 + 15, 3.0)], T0, interval=10) == 0
+    assert counter_increase([], T0) == 0
+
+
+def test_fractional_sums_keep_full_precision():
+    values = [0.1 * i for i in range(1, 200)]
+    samples = [(T0 + 1 + i, v) for i, v in enumerate(values)]
+    assert counter_increase(samples, T0) == values[-1] - values[0]
+
+
+# -- histogram quantiles ---------------------------------------------------------------------
+def test_bucket_quantile_interpolates_as_histogram_quantile():
+    buckets = {1.0: 2.0, 2.0: 6.0, 4.0: 8.0, math.inf: 8.0}
+    assert bucket_quantile(0.5, buckets) == pytest.approx(1.5)  # rank 4: 2 of 4 into (1, 2]
+    assert bucket_quantile(0.25, buckets) == pytest.approx(1.0)  # rank 2: top of the first
+    assert bucket_quantile(0.125, buckets) == pytest.approx(0.5)  # first bucket from 0
+    assert bucket_quantile(1.0, buckets) == pytest.approx(4.0)
+    # The rank in the +Inf bucket: the largest finite bound.
+    assert bucket_quantile(0.99, {1.0: 1.0, 2.0: 1.0, math.inf: 3.0}) == 2.0
+    # Non-monotonic counts (a reset between scrapes) are repaired, not trusted.
+    assert bucket_quantile(0.5, {1.0: 2.0, 2.0: 1.0, math.inf: 4.0}) == pytest.approx(1.0)
+    assert bucket_quantile(0.5, {1.0: 0.0, math.inf: 0.0}) is None
+    assert bucket_quantile(0.5, {1.0: 3.0}) is None
+    assert bucket_quantile(0.5, {}) is None
+
+
+# -- the HTTP API: errors and the queries sent -----------------------------------------------
+class FakePrometheus:
+    """Answers /api/v1/query with ``answer(query) -> (status, body bytes)``."""
+
+    def __init__(self, answer: Callable[[str], tuple[int, bytes]]) -> None:
+        self.queries: list[dict[str, str]] = []
+        self.headers: list[dict[str, str]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                fake.queries.append(form)
+                fake.headers.append(dict(self.headers))
+                status, body = (
+                    answer(form.get("query", "")) if self.path == "/api/v1/query" else (404, b"")
+                )
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_prometheus() -> Iterator[Callable[..., FakePrometheus]]:
+    fakes: list[FakePrometheus] = []
+
+    def start(answer: Callable[[str], tuple[int, bytes]]) -> FakePrometheus:
+        fakes.append(FakePrometheus(answer))
+        return fakes[-1]
+
+    yield start
+    for f in fakes:
+        f.close()
+
+
+def matrix(*series: tuple[dict[str, str], list[tuple[float, float]]]) -> bytes:
+    result = [{"metric": m, "values": [[t, str(v)] for t, v in s]} for m, s in series]
+    return json.dumps(
+        {"status": "success", "data": {"resultType": "matrix", "result": result}}
+    ).encode()
+
+
+def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_prometheus):
+    now = 1_700_000_000.0
+    runs = ({"__name__": "celery_task_runs_total", "task": "a.b", "state": "success"},
+            [(now - 5, 1.0), (now - 4, 3.0)])  # fmt: skip
+    fake = fake_prometheus(lambda q: (200, matrix(runs) if "runs_total{" in q else matrix()))
+    seen: list[str] = []
+    stats = stats_from_prometheus(
+        fake.url, since_s=90.5, tasks=["a.b", 'we"ird|name'], selector=' {job="celery",} ',
+        progress=seen.append, now=now, percentile=0.9,
+    )  # fmt: skip
+    assert list(stats) == ["a.b"]
+    assert stats["a.b"].runs == 3 and stats["a.b"].runs_by_state == {"success": 3}
+    assert stats["a.b"].mem_tool_avg_quantile_bytes is None
+    queries = [q["query"] for q in fake.queries]
+    assert len(queries) == len(seen) == 10
+    assert seen[0] == "querying celery_task_runs_total (1/10)"
+    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (10/10)"
+    assert queries[0] == (
+        r'celery_task_runs_total{task=~"a\\.b|we\"ird\\|name",job="celery"}[90500ms]'
+    )
+    # Then only the tasks that ran.
+    assert queries[1] == (
+        r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome="signal"}[90500ms]'
+    )
+    assert all(q["time"] == f"{now:.3f}" for q in fake.queries)
+
+
+def test_no_data_in_the_window_is_an_empty_result(fake_prometheus):
+    fake = fake_prometheus(lambda q: (200, matrix()))
+    assert stats_from_prometheus(fake.url, since_s=60) == {}
+    assert len(fake.queries) == 1, "nothing else is asked once no task ran"
+    idle = ({"task": "a", "state": "success"}, [(T0 + i, 5.0) for i in range(30)])
+    fake = fake_prometheus(lambda q: (200, matrix(idle)))
+    assert stats_from_prometheus(fake.url, since_s=30, now=T0 + 30) == {}
+    assert len(fake.queries) == 1
+    assert stats_from_prometheus(fake.url, since_s=60, tasks=[]) == {}
+
+
+def test_too_many_samples_suggests_a_shorter_window(fake_prometheus):
+    error = {"status": "error", "errorType": "execution",
+             "error": "query processing would load too many samples into memory in query "
+                      "execution"}  # fmt: skip
+    fake = fake_prometheus(lambda q: (422, json.dumps(error).encode()))
+    with pytest.raises(SourceError) as exc:
+        stats_from_prometheus(fake.url, since_s=30 * 86400)
+    message = str(exc.value)
+    assert fake.url in message and "too many samples" in message
+    assert "shorter --since" in message
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (200, b"<html>hello</html>", "did not answer with JSON"),
+        (404, b"not found", "HTTP 404"),
+        (400, json.dumps({"status": "error", "errorType": "bad_data",
+                          "error": "parse error"}).encode(), "bad_data): parse error"),
+        (200, json.dumps({"status": "error", "error": "boom"}).encode(), "boom"),
+        (200, json.dumps({"status": "success", "data": {"resultType": "vector",
+                                                        "result": []}}).encode(),
+         "expected a matrix"),
+    ],
+)  # fmt: skip
+def test_bad_answers_are_source_errors_naming_the_url(fake_prometheus, status, body, expected):
+    fake = fake_prometheus(lambda q: (status, body))
+    with pytest.raises(SourceError) as exc:
+        stats_from_prometheus(fake.url, since_s=60)
+    assert fake.url in str(exc.value) and expected in str(exc.value)
+
+
+def test_credentials_in_the_url_are_sent_but_never_shown(fake_prometheus):
+    fake = fake_prometheus(lambda q: (500, b"oops"))
+    url = fake.url.replace("http://", "http://user:s3cret@")
+    with pytest.raises(SourceError) as exc:
+        stats_from_prometheus(url + "/", since_s=60)
+    assert "s3cret" not in str(exc.value) and fake.url in str(exc.value)
+    assert fake.headers[0]["Authorization"] == "Basic dXNlcjpzM2NyZXQ="  # user:s3cret
+
+
+def test_unreachable_prometheus_is_a_source_error_naming_the_url():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(SourceError, match="Connection refused") as exc:
+        stats_from_prometheus(url, since_s=600)
+    assert f"cannot reach Prometheus at {url}" in str(exc.value)
+    with pytest.raises(SourceError, match="not an http"):
+        stats_from_prometheus("prometheus:9090", since_s=600)
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="since_s"):
+        stats_from_prometheus("http://127.0.0.1:1", since_s=0)
+    with pytest.raises(ValueError, match="percentile"):
+        stats_from_prometheus("http://127.0.0.1:1", since_s=60, percentile=90)
+
+
+# -- a real worker, a real Prometheus ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def vcf(tmp_path_factory: pytest.TempPathFactory) -> str:
+    require("bcftools")
+    path = tmp_path_factory.mktemp("vcf") / "small.vcf.gz"
+    return str(generate_vcf(path, samples=40, variants=4_000, seed=3))
+
+
+MIB = 2**20
+QUANTILES = {
+    "mem_overhead_avg_quantile_bytes",
+    "mem_tool_avg_quantile_bytes",
+    "footprint_median_bytes",
+}
+
+
+def bucket_bounds(value: float) -> tuple[float, float]:
+    """The memory bucket holding ``value``: (lower bound, upper bound]."""
+    i = bisect.bisect_left(MEMORY_BUCKETS, value)
+    lower = MEMORY_BUCKETS[i - 1] if i > 0 else 0.0
+    return lower, MEMORY_BUCKETS[i] if i < len(MEMORY_BUCKETS) else math.inf
+
+
+def assert_in_buckets(estimate: float | None, values: list[float], q: float, what: str) -> None:
+    """A histogram quantile lies in the bucket of an order statistic next to the exact
+    one: between the lower bound of the value below and the upper bound of the value
+    above the exact (interpolated) quantile."""
+    assert estimate is not None, what
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = bucket_bounds(ordered[math.floor(pos)])[0]
+    high = bucket_bounds(ordered[math.ceil(pos)])[1]
+    assert low <= estimate <= high, (what, estimate, ordered)
+
+
+def assert_same_stats(got: TaskStats, truth: TaskStats, *, quantiles: bool = True) -> None:
+    for f in fields(TaskStats):
+        a, b = getattr(got, f.name), getattr(truth, f.name)
+        if f.name in QUANTILES:
+            if not quantiles:
+                continue
+            assert (a is None) == (b is None), (truth.task, f.name, a, b)
+            if a is None:
+                continue
+            # Within the bucket resolution: memory buckets step by x1.25 from 1 MiB, so
+            # a value under 1 MiB is only known to lie in (0, 1 MiB].
+            assert a == pytest.approx(b, rel=0.25, abs=MIB), (truth.task, f.name, a, b)
+        elif isinstance(b, float):
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-9), (truth.task, f.name, a, b)
+        else:
+            assert a == b, (truth.task, f.name, a, b)
+
+
+@pytest.mark.slow
+def test_prometheus_figures_equal_the_ledger_figures(start_worker, prometheus, vcf):
+    w = start_worker("redis", "prefork", 2)
+    prom = prometheus([f"127.0.0.1:{w.port}"])
+    for _ in range(6):
+        w.send("vcf.query", vcf)
+    for _ in range(2):
+        w.send("vcf.view_fail", vcf)
+    for _ in range(4):
+        w.send("cpu.burn", 0.05)
+    w.send("hog", 64, 30)
+    hog = wait_for(
+        lambda: [r for r in w.inflight() if r["task"] == "hog" and r["worker_rss_bytes"] > 64e6],
+        30,
+        "the hog task in flight with its memory",
+    )[0]
+    os.kill(hog["pid"], signal.SIGKILL)  # an out-of-memory kill, as the worker sees it
+    reports = w.wait_reports(13)
+    assert len(reports) == 13
+    prom.wait_scrape_after(time.time())
+
+    seen: list[str] = []
+    t0 = time.monotonic()
+    got = stats_from_prometheus(prom.url, since_s=600, percentile=0.9, progress=seen.append)
+    elapsed = time.monotonic() - t0
+    truth = stats_from_reports(reports, 0.9)
+    assert set(got) == set(truth) == {"vcf.query", "vcf.view_fail", "cpu.burn", "hog"}
+    assert got["vcf.query"].runs_by_state == {"success": 6}
+    assert got["vcf.view_fail"].runs_by_state == {"failure": 2}
+    assert got["hog"].runs_by_state == {"killed": 1} and got["hog"].kills == 1
+    assert got["hog"].overhead_peak_max_bytes >= 64 << 20
+    for task in truth:
+        assert_same_stats(got[task], truth[task])
+    # Honest bound of a histogram quantile, whatever the spread of the values.
+    for task, rs in {t: [r for r in reports if r.task == t] for t in truth}.items():
+        assert_in_buckets(got[task].footprint_median_bytes,
+                          [float(r.footprint_peak_bytes) for r in rs], 0.5, task)  # fmt: skip
+        assert_in_buckets(got[task].mem_overhead_avg_quantile_bytes,
+                          [float(r.overhead.rss_avg_bytes) for r in rs], 0.9, task)  # fmt: skip
+        tool = [v for r in rs if (v := r.tool_avg_rss_bytes) is not None]
+        if tool:
+            assert_in_buckets(got[task].mem_tool_avg_quantile_bytes, tool, 0.9, task)
+    assert len(seen) == 10 and seen[0] == "querying celery_task_runs_total (1/10)"
+    assert elapsed < 5, elapsed
+
+    # The interpolation is PromQL's own (every series was born in the window, so the
+    # buckets' current values are their increases).
+    promql = prom.by(
+        "histogram_quantile(0.5, sum by (task, le) (celery_task_footprint_peak_bytes_bucket))",
+        "task",
+    )
+    promql = {k: v for k, v in promql.items() if not math.isnan(v)}  # tasks that never ran
+    assert {task for (task,) in promql} == set(truth)
+    for (task,), value in promql.items():
+        assert got[task].footprint_median_bytes == pytest.approx(value, rel=1e-12), task
+
+    # Only some tasks; a name without data is simply absent.
+    some = stats_from_prometheus(prom.url, since_s=600, tasks=["cpu.burn", "vcf.query", "nope"])
+    assert set(some) == {"cpu.burn", "vcf.query"}
+    for task in some:
+        assert_same_stats(some[task], stats_from_reports(reports)[task])
+    # The selector narrows every query.
+    assert set(stats_from_prometheus(prom.url, since_s=600, selector='job="worker"')) == set(truth)
+    assert stats_from_prometheus(prom.url, since_s=600, selector='job="elsewhere"') == {}
+    # A window that ends before the tasks ran holds none of them.
+    first = min(datetime.fromisoformat(r.started_at).timestamp() for r in reports)
+    before = first - 0.5
+    assert stats_from_prometheus(prom.url, since_s=600, now=before) == {}
+
+    # `taskmeter recommend` end to end: the same recommendation from either source.
+    def recommend(*source: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "taskmeter.cli", "recommend", *source, "--concurrency", "2",
+             "--min-tasks", "1", "--parent-memory", "100Mi", "--format", "json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    from_prom = recommend("--prometheus", prom.url, "--since", "10m")
+    from_ledger = recommend("--ledger", str(w.ledger))
+    for key in ("resources", "memory_request_bytes", "memory_limit_bytes",
+                "cpu_request_millicores", "max_memory_per_child_kib", "celery_flags"):  # fmt: skip
+        assert from_prom[key] == from_ledger[key], key
+    # The parent: the worker's main process, as its process_* metrics tell.
+    parent = parent_rss_from_prometheus(prom.url, since_s=600)
+    assert parent is not None and 20 << 20 < parent < 1 << 30
+
+
+@pytest.mark.slow
+def test_a_worker_restart_inside_the_window_is_counted_across(start_worker, prometheus):
+    first = start_worker("redis", "prefork", 2)
+    prom = prometheus([f"127.0.0.1:{first.port}"])
+    for _ in range(4):
+        first.send("cpu.burn", 0.05)
+    first.wait_reports(4)
+    prom.wait_scrape_after(time.time())
+    assert first.stop() == 0
+    # The same target (port) again: its counters restart from 0, below their last value.
+    second = start_worker("redis", "prefork", 2, TASKMETER_PORT=str(first.port))
+    assert second.ledger == first.ledger
+    for _ in range(2):
+        second.send("cpu.burn", 0.05)
+    reports = second.wait_reports(6)
+    assert len(reports) == 6
+    prom.wait_scrape_after(time.time())
+
+    got = stats_from_prometheus(prom.url, since_s=600)
+    truth = stats_from_reports(reports)
+    assert set(got) == {"cpu.burn"}
+    assert got["cpu.burn"].runs == 6
+    # Quantiles: a bucket whose count after the restart is not below its count before
+    # cannot show the reset (as for PromQL's increase()); counts and sums always drop.
+    assert_same_stats(got["cpu.burn"], truth["cpu.burn"], quantiles=False)
+    # What Prometheus itself reports now only covers the second worker.
+    now = prom.by('sum(celery_task_runs_total{task="cpu.burn"})')
+    assert now == {(): 2.0}
