@@ -6,6 +6,7 @@ variants side by side in one run, interleaved (A, B, A, B, ...), and reports med
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -28,6 +29,15 @@ def machine() -> str:
 
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
+
+
+def percentile(values: Iterable[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0-100): always one of the values measured."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

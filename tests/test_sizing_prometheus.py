@@ -174,7 +174,7 @@ def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_pr
     )
     # Then only the tasks that ran.
     assert queries[1] == (
-        r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome="signal"}[90500ms]'
+        r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome="killed"}[90500ms]'
     )
     assert all(q["time"] == f"{now:.3f}" for q in fake.queries)
 
