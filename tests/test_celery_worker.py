@@ -79,7 +79,7 @@ def test_prometheus_sees_every_task_exactly(
     for key, value in truth.items():
         assert cpu.get(key, 0.0) == pytest.approx(value, rel=1e-9, abs=1e-9), key
     walls = prom.by("sum by (task) (celery_task_wall_seconds_count)", "task")
-    assert walls == {("vcf.query",): 4, ("vcf.view_fail",): 2, ("cpu.burn",): 3}
+    assert nonzero(walls) == {("vcf.query",): 4, ("vcf.view_fail",): 2, ("cpu.burn",): 3}
     if pool == "prefork":  # one task at a time per process: exact per-task peaks
         assert all(r.overhead.peak_method == "hwm" for r in reports)
 

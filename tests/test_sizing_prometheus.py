@@ -166,17 +166,25 @@ def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_pr
     assert stats["a.b"].runs == 3 and stats["a.b"].runs_by_state == {"success": 3}
     assert stats["a.b"].mem_tool_avg_quantile_bytes is None
     queries = [q["query"] for q in fake.queries]
-    assert len(queries) == len(seen) == 10
-    assert seen[0] == "querying celery_task_runs_total (1/10)"
-    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (10/10)"
+    assert len(queries) == len(seen) == 11
+    assert seen[0] == "querying celery_task_runs_total (1/11)"
+    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (11/11)"
     assert queries[0] == (
         r'celery_task_runs_total{task=~"a\\.b|we\"ird\\|name",job="celery"}[90500ms]'
     )
-    # Then only the tasks that ran.
-    assert queries[1] == (
+    # Restarts of the workers (any task), then only the tasks that ran.
+    assert queries[1] == 'process_start_time_seconds{job="celery"}[90500ms]'
+    assert queries[2] == (
         r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome="killed"}[90500ms]'
     )
     assert all(q["time"] == f"{now:.3f}" for q in fake.queries)
+
+
+def test_a_known_restart_is_a_reset_even_when_the_value_did_not_drop():
+    # The new process counted past the old value before its first scrape.
+    samples = [(0.0, 1.0), (10.0, 4.0), (20.0, 6.0), (30.0, 7.0)]
+    assert counter_increase(samples, window_start=-5.0) == 6.0
+    assert counter_increase(samples, window_start=-5.0, restarts=[15.0]) == 3.0 + 6.0 + 1.0
 
 
 def test_no_data_in_the_window_is_an_empty_result(fake_prometheus):
@@ -186,7 +194,7 @@ def test_no_data_in_the_window_is_an_empty_result(fake_prometheus):
     idle = ({"task": "a", "state": "success"}, [(T0 + i, 5.0) for i in range(30)])
     fake = fake_prometheus(lambda q: (200, matrix(idle)))
     assert stats_from_prometheus(fake.url, since_s=30, now=T0 + 30) == {}
-    assert len(fake.queries) == 1
+    assert len(fake.queries) == 2  # runs, then restarts (a restart could hide runs)
     assert stats_from_prometheus(fake.url, since_s=60, tasks=[]) == {}
 
 
@@ -342,7 +350,7 @@ def test_prometheus_figures_equal_the_ledger_figures(start_worker, prometheus, v
         tool = [v for r in rs if (v := r.tool_avg_rss_bytes) is not None]
         if tool:
             assert_in_buckets(got[task].mem_tool_avg_quantile_bytes, tool, 0.9, task)
-    assert len(seen) == 10 and seen[0] == "querying celery_task_runs_total (1/10)"
+    assert len(seen) == 11 and seen[0] == "querying celery_task_runs_total (1/11)"
     assert elapsed < 5, elapsed
 
     # The interpolation is PromQL's own (every series was born in the window, so the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,60 +86,6 @@ def run(
             console = Console(stderr=True, width=120)
         console.print(summary_table(report))
     sys.exit(code if code >= 0 else 128 - code)
-
-
-@main.command()
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep VCFs, outputs and reports here [default: a temporary directory].",
-)
-@click.option("--quick", is_flag=True, help="Only the smallest VCF (a few seconds).")
-def demo(workdir: Path | None, quick: bool) -> None:
-    """Measure DivBase-style VCF tasks (bcftools on generated VCFs) and compare each
-    with running bcftools alone."""
-    from taskmeter.demo.pipeline import DEFAULT_GRID, DemoError, run_demo
-
-    console = Console(stderr=True)
-    grid = DEFAULT_GRID[:1] if quick else DEFAULT_GRID
-    with tempfile.TemporaryDirectory(prefix="taskmeter-demo-") as tmp:
-        root = workdir or Path(tmp)
-        try:
-            with console.status("starting") as status:
-                results = run_demo(root, grid, progress=status.update)
-        except DemoError as exc:
-            raise click.ClickException(str(exc)) from exc
-        ledger = root / "reports.jsonl"
-        if workdir is not None:
-            ledger.write_text("".join(r.report.to_json() + "\n" for r in results))
-    table = Table(title="taskmeter demo: vcf.subset_query per input", title_justify="left")
-    for col in ("input", "wall", "overhead wall", "bcftools wall", "bcftools alone",
-                "CPU overhead", "CPU bcftools", "worker RSS avg/peak", "bcftools peak",
-                "footprint"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "input" else "right")
-    for res in results:
-        r = res.report
-        o, t = r.overhead, r.tool_totals
-        table.add_row(
-            f"{res.samples} samples × {res.variants} variants",
-            seconds_h(r.wall_s),
-            f"{seconds_h(o.wall_s)} ({o.wall_s / r.wall_s:.0%})",
-            seconds_h(t.wall_s),
-            seconds_h(res.bcftools_alone_wall_s),
-            seconds_h(o.cpu_s),
-            seconds_h(t.cpu_s),
-            f"{bytes_h(o.rss_avg_bytes)} / {bytes_h(o.rss_peak_bytes)}",
-            bytes_h(t.rss_peak_bytes),
-            bytes_h(r.footprint_peak_bytes),
-        )
-    table.caption = (
-        "overhead = the worker's own share (download, checks, orchestration); "
-        "'bcftools alone' runs the same commands with no worker around them."
-    )
-    Console(width=max(console.width, 160)).print(table)
-    if workdir is not None:
-        click.echo(f"reports (one TaskReport per line): {workdir / 'reports.jsonl'}")
 
 
 _SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -398,6 +343,18 @@ def summary_table(report: tm.TaskReport) -> Table:
     )
     return table
 
+
+def _register() -> None:
+    # Commands defined in their own modules (the demo and report pull in Celery, boto3
+    # and plotly only when used).
+    from taskmeter.demo.command import demo
+    from taskmeter.reporting.command import report
+
+    main.add_command(demo)
+    main.add_command(report)
+
+
+_register()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

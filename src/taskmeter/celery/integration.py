@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -153,9 +152,7 @@ class _Worker:
         if self.server is not None:
             self.server.close()  # in a forked child this only drops its copy of the socket
         if self.listener is not None:
-            for fd in self.listener.fileno_set():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.listener.drop_in_child()
             self.sender = Sender(self.listener.address, self.listener.token)
         self.hub = self.server = self.listener = self.ledger = None
         self.runs = {}

@@ -78,9 +78,15 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    def fileno_set(self) -> list[int]:
-        """File descriptors a forked child must close (it must not accept or read)."""
-        return [self._sock.fileno(), self._wake_r.fileno(), self._wake_w.fileno()]
+    def drop_in_child(self) -> None:
+        """In a forked child: close this process's copies of the sockets (the main
+        process keeps its own). Closing the objects, not their fd numbers, so nothing
+        closes a reused fd number again when they are garbage-collected."""
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
+        with contextlib.suppress(OSError):
+            self._sel.close()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="taskmeter-listener", daemon=True)

@@ -429,10 +429,15 @@ class TaskMetrics:
             if labels == ("task",):
                 for task in tasks:
                     hists.setdefault((task,), _Histogram(bounds))
-            elif labels == ("task", "component"):
+            elif name == "celery_task_cpu_seconds":  # observed for both, every task
                 for task in tasks:
                     for component in COMPONENTS:
                         hists.setdefault((task, component), _Histogram(bounds))
+            elif labels == ("task", "component"):
+                # Memory of tools exists only for tasks that run tools: no empty tool
+                # series (54 samples each) for the tasks that never do.
+                for task in tasks:
+                    hists.setdefault((task, "overhead"), _Histogram(bounds))
             for key, hist in sorted(hists.items()):
                 histogram.add_metric(list(key), hist.cumulative(), hist.total)
             families.append(histogram)

@@ -64,7 +64,10 @@ def median_interval(samples: Sequence[Sample]) -> float | None:
 
 
 def counter_increase(
-    samples: Sequence[Sample], window_start: float, interval: float | None = None
+    samples: Sequence[Sample],
+    window_start: float,
+    interval: float | None = None,
+    restarts: Sequence[float] = (),
 ) -> float:
     """Exact increase of one counter series over a window, from its raw samples.
 
@@ -74,7 +77,10 @@ def counter_increase(
     samples' own median spacing when None) was born inside the window and counted from
     0, so its first value is added too; otherwise counting starts at the first sample.
     With no interval known at all (a single sample and no ``interval``), a sample later
-    than ``window_start`` counts as born.
+    than ``window_start`` counts as born. ``restarts``: times at which the process
+    exporting the series is known to have restarted (its process_start_time_seconds
+    changed); the first sample after one is a reset even when its value did not drop
+    (the new process counted past the old value before its first scrape).
     """
     if not samples:
         return 0.0
@@ -85,12 +91,13 @@ def counter_increase(
     # Sum (end - base) per run between resets: fewer roundings than summing every delta.
     total = 0.0
     base = 0.0 if born else first_v
-    prev = first_v
-    for _, value in samples[1:]:
-        if value < prev:  # reset: the run ended at prev, the next started at 0
+    prev_t, prev = first_t, first_v
+    for t, value in samples[1:]:
+        restarted = any(prev_t < r <= t for r in restarts)
+        if value < prev or restarted:  # reset: the run ended at prev, the next began at 0
             total += prev - base
             base = 0.0
-        prev = value
+        prev_t, prev = t, value
     return total + (prev - base)
 
 
@@ -125,14 +132,33 @@ def bucket_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
     return start + (end - start) * (rank / count) if count > 0 else end
 
 
+def _target(series: _Series) -> tuple[str, str]:
+    return series.labels.get("job", ""), series.labels.get("instance", "")
+
+
+def restart_times(start_times: Iterable[_Series]) -> dict[tuple[str, str], list[float]]:
+    """Per scrape target, the sample times at which process_start_time_seconds changed:
+    the worker restarted between that sample and the one before."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for series in start_times:
+        times = [b[0] for a, b in itertools.pairwise(series.samples) if b[1] != a[1]]
+        out.setdefault(_target(series), []).extend(times)
+    return out
+
+
 def _increases(
-    series: Iterable[_Series], window_start: float, by: Sequence[str], fallback: float | None
+    series: Iterable[_Series],
+    window_start: float,
+    by: Sequence[str],
+    fallback: float | None,
+    restarts: Mapping[tuple[str, str], Sequence[float]] | None = None,
 ) -> dict[tuple[str, ...], float]:
     out: dict[tuple[str, ...], float] = {}
     for s in series:
         interval = median_interval(s.samples) or fallback
         key = s.key(by)
-        out[key] = out.get(key, 0.0) + counter_increase(s.samples, window_start, interval)
+        known = (restarts or {}).get(_target(s), ())
+        out[key] = out.get(key, 0.0) + counter_increase(s.samples, window_start, interval, known)
     return out
 
 
@@ -312,6 +338,7 @@ def _range_ms(since_s: float) -> str:
 
 # -- the figures ---------------------------------------------------------------------------
 _RUNS = "celery_task_runs_total"
+_START = "process_start_time_seconds"
 _TOOL_RUNS = "celery_task_tool_runs_total"
 _WALL_SUM = "celery_task_wall_seconds_sum"
 _CPU = "celery_task_cpu_seconds_total"
@@ -355,6 +382,7 @@ def stats_from_prometheus(
 
     plan: list[tuple[str, str]] = [
         (_RUNS, ""),
+        (_START, ""),  # restarts of the workers' main processes
         (_TOOL_RUNS, 'outcome="killed"'),  # SIGKILL: what the OOM killer sends
         (_WALL_SUM, ""),
         (_CPU, ""),
@@ -371,7 +399,7 @@ def stats_from_prometheus(
         name, extra = plan[step - 1]
         if progress is not None:
             progress(f"querying {name} ({step}/{len(plan)})")
-        matchers = [_task_matcher(names) if names else "", user, extra]
+        matchers = [_task_matcher(names) if names and name != _START else "", user, extra]
         selector = ",".join(m for m in matchers if m)
         return client.matrix(f"{name}{{{selector}}}[{_range_ms(since_s)}]", at)
 
@@ -379,10 +407,16 @@ def stats_from_prometheus(
     # Series with a single sample take the scrape interval seen across other series.
     fallback = _overall_interval(results[_RUNS])
 
+    restarts: dict[tuple[str, str], list[float]] = {}
+
     def inc(name: str, *by: str) -> dict[tuple[str, ...], float]:
         interval = _overall_interval(results[name]) or fallback
-        return _increases(results[name], window_start, ("task", *by), interval)
+        return _increases(results[name], window_start, ("task", *by), interval, restarts)
 
+    if not any(v > 0 for series in results[_RUNS] for _, v in series.samples):
+        return {}  # no task ran in the window
+    results[_START] = fetch(2, None)
+    restarts.update(restart_times(results[_START]))
     runs = inc(_RUNS, "state")
     by_task: dict[str, dict[str, int]] = {}
     for (task, state), n in sorted(runs.items(), key=lambda kv: _state_order(kv[0][1])):
@@ -393,7 +427,7 @@ def stats_from_prometheus(
     # The other queries only fetch the tasks that ran: every task name a worker knows
     # has (zero) series, and the sample budget of a query is better spent on real ones.
     active = sorted(by_task)
-    for step in range(2, len(plan) + 1):
+    for step in range(3, len(plan) + 1):
         results[plan[step - 1][0]] = fetch(step, active)
 
     signals = inc(_TOOL_RUNS)

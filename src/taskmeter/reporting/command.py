@@ -1,0 +1,265 @@
+"""``taskmeter report``: one self-contained HTML page with plots, from ledgers or Prometheus.
+
+Registered on the ``taskmeter`` group by ``cli.py``; also runnable on its own::
+
+    python -c "from taskmeter.reporting.command import report; report()" --ledger L -o r.html
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import urllib.parse
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from taskmeter.format import bytes_h
+from taskmeter.measure.report import TaskReport
+
+__all__ = ["report", "write_atomic"]
+
+MiB = 2**20
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    text = value.strip()
+    unit = text[-1:]
+    try:
+        seconds = float(text[:-1]) * _SINCE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise click.BadParameter(f"{value!r}: expected a duration like 90s, 30m, 12h, 7d") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise click.BadParameter(f"{value!r}: must be a positive duration")
+    return seconds
+
+
+def _quantity(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    text = value.strip()
+    for suffix, factor in _QUANTITY_UNITS.items():
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], factor
+            break
+    else:
+        number, scale = text, 1
+    try:
+        amount = float(number) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected bytes or a quantity like 150Mi") from None
+    if not 0 <= amount < float("inf"):
+        raise click.BadParameter(f"{value!r}: must not be negative")
+    return int(amount)
+
+
+@click.command("report")
+@click.option(
+    "--ledger",
+    "ledgers",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Ledger file(s) written by workers (TASKMETER_LEDGER); repeatable. Rotated "
+    "files (ledger.jsonl.1, ...) are read only when listed.",
+)
+@click.option(
+    "--prometheus",
+    "prometheus_url",
+    default=None,
+    help="Prometheus base URL, e.g. http://prometheus:9090 (aggregated figures only).",
+)
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    callback=_duration,
+    help="Window of data read from Prometheus.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks a worker pod runs at once [default: the most seen at once in the ledger; "
+    "with --prometheus no request/limit is drawn without it].",
+)
+@click.option(
+    "--min-tasks",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Draw no request/limit when a task type has fewer tasks than this.",
+)
+@click.option(
+    "--parent-memory",
+    default="128Mi",
+    show_default=True,
+    callback=_quantity,
+    help="RSS of the worker's main process, counted once per pod.",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 10),
+    default=0.2,
+    show_default=True,
+    help="Safety margin on the memory request and limit (0.2 = 20 %).",
+)
+@click.option(
+    "--heaviest",
+    type=click.IntRange(0, 50),
+    default=5,
+    show_default=True,
+    help="Tasks per type shown over time (largest footprint first).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="taskmeter-report.html",
+    show_default=True,
+    help="The HTML file to write (replaced atomically, only on success).",
+)
+@click.pass_context
+def report(
+    ctx: click.Context,
+    ledgers: tuple[str, ...],
+    prometheus_url: str | None,
+    since: float,
+    concurrency: int | None,
+    min_tasks: int,
+    parent_memory: int,
+    margin: float,
+    heaviest: int,
+    output: Path,
+) -> None:
+    """A self-contained HTML report with plots: time split overhead vs tools, memory
+    distributions with the recommended request and limit, the heaviest tasks over time
+    and a sortable table of tasks. Opens offline (plotly.js is inside the file)."""
+    from taskmeter import reporting
+    from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
+
+    if bool(ledgers) == bool(prometheus_url):
+        raise click.UsageError("give either --ledger PATH... or --prometheus URL")
+    since_given = ctx.get_parameter_source("since") is not click.core.ParameterSource.DEFAULT
+    if ledgers and since_given:
+        raise click.UsageError("--since applies to --prometheus only (a ledger is read whole)")
+    _check_output(output)
+
+    warnings: list[str] = []
+    if ledgers:
+        from taskmeter.export.ledger import read_ledgers
+
+        reports, problems = read_ledgers(ledgers)
+        unreadable = [p for p in problems if p.line == 0]
+        if unreadable:
+            raise click.ClickException(
+                "; ".join(f"cannot read ledger {p.path}: {p.message}" for p in unreadable)
+            )
+        for problem in problems:
+            warnings.append(str(problem))
+            click.echo(f"warning: {problem}", err=True)
+        if not reports:
+            what = "only unreadable lines" if problems else "no task records (empty)"
+            raise click.ClickException(f"ledger {', '.join(ledgers)}: {what}; nothing to report")
+        stats = stats_from_reports(reports)
+        source = ", ".join(ledgers)
+        conc_source: reporting.ConcurrencySource = "given"
+        if concurrency is None:
+            concurrency, conc_source = max(1, observed_concurrency(reports)), "observed"
+        per_task: list[TaskReport] | None = reports
+    else:
+        from taskmeter.sizing.prometheus import SourceError, stats_from_prometheus
+
+        url = prometheus_url or ""
+        source = f"{_public_url(url)} (last {_duration_h(since)})"
+        try:
+            stats = stats_from_prometheus(url, since_s=since)
+        except SourceError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        if not stats:
+            raise click.ClickException(
+                f"Prometheus at {_public_url(url)} has no task runs in the last "
+                f"{_duration_h(since)} (check the URL, the window and that it scrapes the workers)"
+            )
+        conc_source = "given" if concurrency is not None else "unknown"
+        per_task = None
+
+    sizing = reporting.size(
+        stats,
+        concurrency=concurrency,
+        concurrency_source=conc_source,
+        parent_bytes=parent_memory,
+        margin=margin,
+        min_tasks=min_tasks,
+    )
+    if sizing.recommendation is None:
+        click.echo(f"note: no request/limit drawn: {sizing.reason}", err=True)
+    data = reporting.ReportData(
+        source=source,
+        generated_at=datetime.now(timezone.utc),
+        stats=stats,
+        reports=per_task,
+        sizing=sizing,
+        warnings=warnings,
+        heaviest=heaviest,
+    )
+    page = reporting.render(data)
+    try:
+        write_atomic(output, page)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
+    runs = sum(s.runs for s in stats.values())
+    click.echo(
+        f"wrote {output} ({runs} tasks of {len(stats)} type(s), {bytes_h(len(page.encode()))})",
+        err=True,
+    )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a new file beside ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one, and a failure leaves no partial file."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_output(output: Path) -> None:
+    """Fail before any work when the page could not be written."""
+    directory = output.parent
+    if not directory.is_dir():
+        raise click.ClickException(f"cannot write {output}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise click.ClickException(f"cannot write {output}: directory {directory} is not writable")
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials, for the page and messages."""
+    parts = urllib.parse.urlsplit(url.strip())
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _duration_h(seconds: float) -> str:
+    for unit, size in sorted(_SINCE_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,205 @@
+"""`taskmeter demo` with its real parts: a `celery worker` subprocess (prefork, instrumented),
+moto's S3 server, kombu's filesystem broker (or the machine's Redis / RabbitMQ), bcftools."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from taskmeter.demo.command import metric_sums
+from taskmeter.demo.vcfgen import generate_vcf
+from taskmeter.export.ledger import read_ledgers
+from taskmeter.measure.report import TaskReport
+
+from helpers import require
+from workerkit import AMQP_URL, port_open, wait_for
+
+# The demo's click command; `taskmeter demo` once cli.py wires it in.
+DEMO = [sys.executable, "-m", "taskmeter.cli", "demo"]
+REDIS_DB12 = "redis://127.0.0.1:6379/12"
+
+
+def run_demo(*args: str, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def ledger(workdir: Path) -> list[TaskReport]:
+    reports, problems = read_ledgers([workdir / "reports.jsonl"])
+    assert not problems, problems
+    return reports
+
+
+def check_reports_match_metrics(workdir: Path, expected_tasks: int) -> list[TaskReport]:
+    """The ledger, the /metrics snapshot and the printed summary of one run agree."""
+    reports = ledger(workdir)
+    assert len(reports) == expected_tasks
+    assert {r.state for r in reports} == {"success"}
+    samples = metric_sums((workdir / "metrics.txt").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+
+    runs = Counter(r.task for r in reports)
+    cpu: dict[tuple[str, str], float] = defaultdict(float)
+    for r in reports:
+        cpu[(r.task, "overhead")] += r.overhead.cpu_s
+        cpu[(r.task, "tool")] += r.tool_totals.cpu_s
+    for task, n in runs.items():
+        assert samples[("celery_task_runs_total", (("state", "success"), ("task", task)))] == n
+        for component in ("overhead", "tool"):
+            key = ("celery_task_cpu_seconds_total", (("component", component), ("task", task)))
+            assert math.isclose(samples[key], cpu[(task, component)], rel_tol=1e-9), key
+        shown = summary["by_task"][task]
+        assert shown["runs"] == n
+        assert math.isclose(shown["cpu_overhead_s"], cpu[(task, "overhead")], rel_tol=1e-12)
+        assert math.isclose(shown["cpu_tool_s"], cpu[(task, "tool")], rel_tol=1e-12)
+    assert summary["tasks"] == expected_tasks
+    total_runs = sum(v for (name, _), v in samples.items() if name == "celery_task_runs_total")
+    assert total_runs == expected_tasks
+    return reports
+
+
+@pytest.mark.slow
+def test_default_demo_end_to_end(tmp_path: Path):
+    require("bcftools")
+    workdir = tmp_path / "work"
+    t0 = time.monotonic()
+    out = run_demo("--workdir", str(workdir), timeout=240)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert elapsed < 180, f"the default demo took {elapsed:.0f} s"
+
+    # 3 generated inputs x 2 task types x 2 tasks, all in the real worker (prefork, 2).
+    reports = check_reports_match_metrics(workdir, 12)
+    assert Counter(r.task for r in reports) == {"vcf.subset_query": 6, "vcf.merge": 6}
+    assert {r.worker.pool for r in reports} == {"prefork"}
+    assert len({r.worker.pid for r in reports}) >= 2  # two pool processes worked
+    for r in reports:
+        assert [p.name for p in r.phases] == ["download", "upload"]
+        assert r.tools and {t.exe for t in r.tools} == {"bcftools"}
+        assert all(t.exit_code == 0 for t in r.tools)
+        assert r.tool_totals.cpu_s > 0 and r.overhead.cpu_s > 0
+        assert r.footprint_peak_bytes >= r.overhead.rss_peak_bytes
+    merge = next(r for r in reports if r.task == "vcf.merge")
+    assert [t.argv[1] for t in merge.tools] == ["view", "index", "view", "index", "merge", "index"]
+
+    # What is printed: the per task type tables next to bcftools alone, the sizing and
+    # the patch written to the workdir.
+    for text in ("vcf.subset_query (means per task)", "vcf.merge (means per task)",
+                 "alone wall", "memory request", "Kustomize patch"):  # fmt: skip
+        assert text in out.stdout
+    patch = yaml.safe_load((workdir / "resources.yaml").read_text())
+    assert patch["kind"] == "Deployment"
+    resources = patch["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["memory"].endswith(("Mi", "Gi"))
+    assert str(workdir / "resources.yaml") in out.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert {(a["task"], a["input"]) for a in summary["bcftools_alone"]} == {
+        (k, r) for k in ("vcf.subset_query", "vcf.merge")
+        for r in ("50 samples × 5k variants", "200 samples × 20k variants",
+                  "500 samples × 50k variants")
+    }  # fmt: skip
+    # Everything stopped: the worker's endpoint is gone.
+    port = int(summary["metrics_url"].rsplit(":", 1)[1])
+    assert not port_open("127.0.0.1", port)
+
+
+@pytest.mark.slow
+def test_quick_demo_removes_its_temporary_directory(tmp_path: Path):
+    require("bcftools")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = run_demo("--quick", env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "alone wall" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", [REDIS_DB12, AMQP_URL], ids=["redis", "rabbitmq"])
+def test_quick_demo_with_a_real_broker(tmp_path: Path, broker: str):
+    require("bcftools")
+    port = 6379 if broker.startswith("redis") else 5672
+    if not port_open("127.0.0.1", port):
+        pytest.skip(f"no broker on 127.0.0.1:{port} (scripts/services.sh starts it)")
+    out = run_demo("--quick", "--broker", broker, "--workdir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-4000:]
+    check_reports_match_metrics(tmp_path, 4)
+
+
+def _small_vcf(path: Path) -> Path:
+    return generate_vcf(path, samples=12, variants=400, seed=7)
+
+
+@pytest.mark.slow
+def test_user_vcfs_are_bgzipped_and_indexed(tmp_path: Path):
+    require("bcftools")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    gz = _small_vcf(mine / "noindex.vcf.gz")
+    Path(f"{gz}.csi").unlink()  # bgzipped, no index
+    plain = mine / "plain.vcf"
+    with open(plain, "wb") as f:
+        subprocess.run(["bgzip", "-dc", str(_small_vcf(tmp_path / "p.vcf.gz"))], stdout=f,
+                       check=True)  # fmt: skip
+    before = sorted(p.name for p in mine.iterdir())
+    workdir = tmp_path / "work"
+    out = run_demo("--quick", "--vcf", str(gz), "--vcf", str(plain), "--workdir", str(workdir))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"{gz}: not indexed: indexed with bcftools index" in out.stderr
+    assert f"{plain}: not compressed: bgzipped into the workdir and indexed" in out.stderr
+    assert sorted(p.name for p in mine.iterdir()) == before  # the user's files untouched
+    # 3 inputs (the smallest generated one and the two given) x 2 types x 2 tasks.
+    reports = check_reports_match_metrics(workdir, 12)
+    inputs = {t.argv[-1].rsplit("/", 1)[1] for r in reports for t in r.tools[:1]}
+    assert inputs == {"cohort_50x5000.vcf.gz", "noindex.vcf.gz", "plain.vcf.gz"}
+    assert "noindex.vcf.gz" in out.stdout and "plain.vcf" in out.stdout
+
+
+def test_a_file_that_is_not_a_vcf_is_rejected_before_anything_starts(tmp_path: Path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello\nworld\n")
+    workdir = tmp_path / "work"
+    out = run_demo("--vcf", str(bad), "--workdir", str(workdir), timeout=60)
+    assert out.returncode == 2
+    assert f"{bad} is not a VCF (" in out.stderr
+    assert not workdir.exists()
+
+
+def test_demo_without_bcftools_says_how_to_install_it(tmp_path: Path):
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}
+    out = run_demo("--quick", env=env, timeout=60)
+    assert out.returncode == 1
+    assert "bcftools" in out.stderr and "make setup" in out.stderr
+
+
+@pytest.mark.slow
+def test_keep_running_serves_until_ctrl_c_then_stops_everything(tmp_path: Path):
+    require("bcftools")
+    err = tmp_path / "stderr.txt"
+    workdir = tmp_path / "work"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([*DEMO, "--quick", "--keep-running", "--workdir", str(workdir)],
+                                stdout=subprocess.DEVNULL, stderr=f)  # fmt: skip
+    try:
+        wait_for(lambda: "Ctrl-C to stop" in err.read_text(), 120, "the demo to keep running")
+        url = json.loads((workdir / "summary.json").read_text())["metrics_url"]
+        port = int(url.rsplit(":", 1)[1])
+        assert port_open("127.0.0.1", port)  # still serving after the report
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert not port_open("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert shutil.which("bcftools")
