@@ -15,6 +15,7 @@ from rich.table import Table
 import taskmeter as tm
 from taskmeter.format import bytes_h, seconds_h
 from taskmeter.measure.sampler import interval_from_env
+from taskmeter.options import duration_s, memory_bytes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,36 +89,6 @@ def run(
     sys.exit(code if code >= 0 else 128 - code)
 
 
-_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _since_seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        number, unit = float(value[:-1]), value[-1]
-        seconds = number * _SINCE_UNITS[unit]
-    except (ValueError, KeyError, IndexError):
-        raise click.BadParameter(f"{value!r}: expected a duration like 90s, 30m, 12h, 7d") from None
-    if seconds <= 0:
-        raise click.BadParameter(f"{value!r}: must be positive")
-    return seconds
-
-
-def _memory_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            try:
-                return int(float(value[: -len(suffix)]) * factor)
-            except ValueError:
-                break
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected bytes or a quantity like 150Mi") from None
-
-
 @main.command()
 @click.option(
     "--ledger",
@@ -136,7 +107,7 @@ def _memory_bytes(ctx: click.Context, param: click.Parameter, value: str | None)
     "--since",
     default="7d",
     show_default=True,
-    callback=_since_seconds,
+    callback=duration_s,
     help="Window of data read from Prometheus.",
 )
 @click.option(
@@ -179,7 +150,7 @@ def _memory_bytes(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @click.option(
     "--parent-memory",
-    callback=_memory_bytes,
+    callback=memory_bytes,
     default=None,
     help="RSS of the worker's main process [default: from Prometheus, else 128Mi].",
 )

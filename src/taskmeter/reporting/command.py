@@ -17,41 +17,11 @@ import click
 
 from taskmeter.format import bytes_h
 from taskmeter.measure.report import TaskReport
+from taskmeter.options import DURATION_UNITS, duration_s, memory_bytes
 
 __all__ = ["report", "write_atomic"]
 
 MiB = 2**20
-_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    text = value.strip()
-    unit = text[-1:]
-    try:
-        seconds = float(text[:-1]) * _SINCE_UNITS[unit]
-    except (KeyError, ValueError):
-        raise click.BadParameter(f"{value!r}: expected a duration like 90s, 30m, 12h, 7d") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise click.BadParameter(f"{value!r}: must be a positive duration")
-    return seconds
-
-
-def _quantity(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    text = value.strip()
-    for suffix, factor in _QUANTITY_UNITS.items():
-        if text.endswith(suffix):
-            number, scale = text[: -len(suffix)], factor
-            break
-    else:
-        number, scale = text, 1
-    try:
-        amount = float(number) * scale
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected bytes or a quantity like 150Mi") from None
-    if not 0 <= amount < float("inf"):
-        raise click.BadParameter(f"{value!r}: must not be negative")
-    return int(amount)
 
 
 @click.command("report")
@@ -73,7 +43,7 @@ def _quantity(ctx: click.Context, param: click.Parameter, value: str) -> int:
     "--since",
     default="7d",
     show_default=True,
-    callback=_duration,
+    callback=duration_s,
     help="Window of data read from Prometheus.",
 )
 @click.option(
@@ -94,7 +64,7 @@ def _quantity(ctx: click.Context, param: click.Parameter, value: str) -> int:
     "--parent-memory",
     default="128Mi",
     show_default=True,
-    callback=_quantity,
+    callback=memory_bytes,
     help="RSS of the worker's main process, counted once per pod.",
 )
 @click.option(
@@ -259,7 +229,7 @@ def _public_url(url: str) -> str:
 
 
 def _duration_h(seconds: float) -> str:
-    for unit, size in sorted(_SINCE_UNITS.items(), key=lambda kv: -kv[1]):
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda kv: -kv[1]):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
