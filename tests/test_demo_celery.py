@@ -203,3 +203,23 @@ def test_keep_running_serves_until_ctrl_c_then_stops_everything(tmp_path: Path):
             proc.kill()
             proc.wait()
     assert shutil.which("bcftools")
+
+
+@pytest.mark.slow
+def test_quick_demo_sizes_from_a_real_prometheus_too(tmp_path: Path, prometheus):
+    require("bcftools")
+    from workerkit import free_port
+
+    port = free_port()
+    prom = prometheus([f"127.0.0.1:{port}"])
+    out = run_demo("--quick", "--metrics-port", str(port), "--prometheus", prom.url,
+                   "--workdir", str(tmp_path / "w"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "The same recommendation, read from Prometheus" in out.stdout, out.stdout[-3000:]
+    # What Prometheus scraped matches the ledger of the same run.
+    reports = ledger(tmp_path / "w")
+    # (The worker is gone: its series are stale now, so look back over the run.)
+    runs = prom.by("sum by (task) (max_over_time(celery_task_runs_total[5m]))", "task")
+    assert {k: v for k, v in runs.items() if v} == {
+        (t,): float(n) for t, n in Counter(r.task for r in reports).items()
+    }
