@@ -62,10 +62,10 @@ MiB = 2**20
 )
 @click.option(
     "--parent-memory",
-    default="128Mi",
-    show_default=True,
+    default=None,
     callback=memory_bytes,
-    help="RSS of the worker's main process, counted once per pod.",
+    help="RSS of the worker's main process, counted once per pod [default: from "
+    "Prometheus, else 128Mi], as in `taskmeter recommend`.",
 )
 @click.option(
     "--margin",
@@ -97,7 +97,7 @@ def report(
     since: float,
     concurrency: int | None,
     min_tasks: int,
-    parent_memory: int,
+    parent_memory: int | None,
     margin: float,
     heaviest: int,
     output: Path,
@@ -138,12 +138,18 @@ def report(
             concurrency, conc_source = max(1, observed_concurrency(reports)), "observed"
         per_task: list[TaskReport] | None = reports
     else:
-        from taskmeter.sizing.prometheus import SourceError, stats_from_prometheus
+        from taskmeter.sizing.prometheus import (
+            SourceError,
+            parent_rss_from_prometheus,
+            stats_from_prometheus,
+        )
 
         url = prometheus_url or ""
         source = f"{_public_url(url)} (last {_duration_h(since)})"
         try:
             stats = stats_from_prometheus(url, since_s=since)
+            if parent_memory is None and stats:
+                parent_memory = parent_rss_from_prometheus(url, since_s=since)
         except SourceError as exc:
             raise click.ClickException(str(exc)) from exc
         except ValueError as exc:
@@ -160,7 +166,7 @@ def report(
         stats,
         concurrency=concurrency,
         concurrency_source=conc_source,
-        parent_bytes=parent_memory,
+        parent_bytes=128 * MiB if parent_memory is None else parent_memory,
         margin=margin,
         min_tasks=min_tasks,
     )
