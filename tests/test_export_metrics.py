@@ -35,7 +35,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def alloc_child(mib: int) -> list[str]:
     """A Python child that allocates and touches ``mib`` MiB, then exits 0."""
-    return child(f"b = b'x' * ({mib} << 20)")
+    return child(f"b = b'x' * ({mib} << 20)\nimport time; time.sleep(0.1)  # peak seen alive")
 
 
 @pytest.fixture(scope="module")

@@ -206,18 +206,24 @@ class Prometheus:
         }
 
     def wait_scrape_after(self, t: float, job: str = "worker") -> None:
-        """Wait until a scrape that started after ``t`` (epoch) succeeded."""
+        """Wait until a scrape that started after ``t`` (epoch) is stored: one is
+        reported up, and then the next one too (so the first is surely committed)."""
 
-        def done() -> bool:
+        def last_scrape() -> float | None:
             body = json.loads(http_get(f"{self.url}/api/v1/targets"))
             for target in body["data"]["activeTargets"]:
                 if target["labels"].get("job") == job and target["health"] == "up":
                     last = target["lastScrape"]
                     ts = time.mktime(time.strptime(last[:19], "%Y-%m-%dT%H:%M:%S"))
-                    return bool(ts - time.timezone > t + 0.5)
-            return False
+                    return ts - time.timezone
+            return None
 
-        wait_for(done, 30, "a fresh Prometheus scrape")
+        first = wait_for(
+            lambda: (ts := last_scrape()) is not None and ts > t + 0.5 and ts,
+            30,
+            "a fresh Prometheus scrape",
+        )
+        wait_for(lambda: (ts := last_scrape()) is not None and ts > first, 30, "the next scrape")
 
 
 @pytest.fixture
