@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from typing import Any
 
 import taskmeter
 from _common import machine, median, percentile, table
+from taskmeter.demo.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = REPO / "tests" / "apps"
@@ -90,12 +90,6 @@ def gets_for(s: Settings, names: int) -> int:
 
 
 # -- the workers -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def redis_client() -> Any:
     import redis
 
