@@ -23,7 +23,7 @@ import pytest
 
 import taskmeter
 from taskmeter.export.ledger import Ledger, read_ledgers
-from taskmeter.format import bytes_h
+from taskmeter.format import bytes_h, seconds_h
 from taskmeter.sizing.recommend import Options, recommend
 from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
 
@@ -400,6 +400,11 @@ def test_prometheus_report_shows_aggregates_and_says_per_task_needs_a_ledger(
         assert f"{prom.url} (last 1h)" in text and "aggregated metrics only" in text
         assert f"{len(reports)} tasks of {len(stats)} types" in text
         assert "need a ledger" in text
+        for task, s in stats.items():  # the wall split of the ledger, from Prometheus
+            wall_o, wall_t = s.wall_overhead_sum_s / s.runs, s.wall_tool_sum_s / s.runs
+            assert wall_o + wall_t == pytest.approx(s.wall_mean_s, rel=1e-6), task
+            for name, value in (("worker overhead", wall_o), ("tools", wall_t)):
+                assert in_figure(f"{name}: {seconds_h(value)}") in text, (task, name)
         assert in_figure(f"request per task: {rec.memory_request} ÷ 2") in text
         assert 'id="tasks"' not in text  # no per-task table without a ledger
 

@@ -166,9 +166,9 @@ def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_pr
     assert stats["a.b"].runs == 3 and stats["a.b"].runs_by_state == {"success": 3}
     assert stats["a.b"].mem_tool_avg_quantile_bytes is None
     queries = [q["query"] for q in fake.queries]
-    assert len(queries) == len(seen) == 11
-    assert seen[0] == "querying celery_task_runs_total (1/11)"
-    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (11/11)"
+    assert len(queries) == len(seen) == 12
+    assert seen[0] == "querying celery_task_runs_total (1/12)"
+    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (12/12)"
     assert queries[0] == (
         r'celery_task_runs_total{task=~"a\\.b|we\"ird\\|name",job="celery"}[90500ms]'
     )
@@ -350,7 +350,7 @@ def test_prometheus_figures_equal_the_ledger_figures(start_worker, prometheus, v
         tool = [v for r in rs if (v := r.tool_avg_rss_bytes) is not None]
         if tool:
             assert_in_buckets(got[task].mem_tool_avg_quantile_bytes, tool, 0.9, task)
-    assert len(seen) == 11 and seen[0] == "querying celery_task_runs_total (1/11)"
+    assert len(seen) == 12 and seen[0] == "querying celery_task_runs_total (1/12)"
     assert elapsed < 5, elapsed
 
     # The interpolation is PromQL's own (every series was born in the window, so the

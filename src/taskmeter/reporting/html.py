@@ -16,6 +16,7 @@ import html
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -277,8 +278,8 @@ def _type_section_stats(task: str, anchor: str, s: TaskStats, sizing: Sizing) ->
             _figure(_memory_figure_stats(s, sizing), f"{anchor}-memory", 380),
             "</div>",
             '<p class="caption">From Prometheus only aggregated figures exist: mean wall '
-            "time (not split: the split is not among the sizing figures), mean CPU split into "
-            "the worker's overhead and its tools, and memory summaries. Distributions, the "
+            "and CPU time split into the worker's overhead and its tools, and memory "
+            "summaries. Distributions, the "
             "heaviest tasks over time and the table of tasks need a ledger "
             "(<code>--ledger</code>).</p>",
             "</section>",
@@ -326,72 +327,72 @@ def _footer() -> str:
 
 
 # -- figures -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TimeSplit:
+    """Mean seconds per task: wall and CPU, each split into overhead and tools."""
+
+    runs: int
+    ov_wall: float
+    tool_wall: float
+    ov_cpu: float
+    tool_cpu: float
+    other_cpu: float = 0.0  # children not run through taskmeter (ledger only)
+
+
 def _time_figure(reports: Sequence[TaskReport]) -> Any:
-    ov_wall = _mean(r.overhead.wall_s for r in reports)
-    tool_wall = _mean(r.tool_totals.wall_s for r in reports)
-    ov_cpu = _mean(r.overhead.cpu_s for r in reports)
-    tool_cpu = _mean(r.tool_totals.cpu_s for r in reports)
-    other_cpu = _mean(r.unattributed_child_cpu_s for r in reports)
-    x = [
-        f"wall (mean {seconds_h(ov_wall + tool_wall)})",
-        f"CPU (mean {seconds_h(ov_cpu + tool_cpu)})",
-    ]
+    return _split_figure(
+        _TimeSplit(
+            len(reports),
+            _mean(r.overhead.wall_s for r in reports),
+            _mean(r.tool_totals.wall_s for r in reports),
+            _mean(r.overhead.cpu_s for r in reports),
+            _mean(r.tool_totals.cpu_s for r in reports),
+            _mean(r.unattributed_child_cpu_s for r in reports),
+        )
+    )
+
+
+def _time_figure_stats(s: TaskStats) -> Any:
+    runs = max(s.runs, 1)
+    return _split_figure(
+        _TimeSplit(
+            s.runs,
+            s.wall_overhead_sum_s / runs,
+            s.wall_tool_sum_s / runs,
+            s.cpu_overhead_sum_s / runs,
+            s.cpu_tool_sum_s / runs,
+        )
+    )
+
+
+def _split_figure(t: _TimeSplit) -> Any:
+    wall_total, cpu_total = t.ov_wall + t.tool_wall, t.ov_cpu + t.tool_cpu
+    x = [f"wall (mean {seconds_h(wall_total)})", f"CPU (mean {seconds_h(cpu_total)})"]
     fig = go.Figure()
     for name, color, (wall, cpu) in (
-        ("worker overhead", OVERHEAD_COLOR, (ov_wall, ov_cpu)),
-        ("tools", TOOL_COLOR, (tool_wall, tool_cpu)),
+        ("worker overhead", OVERHEAD_COLOR, (t.ov_wall, t.ov_cpu)),
+        ("tools", TOOL_COLOR, (t.tool_wall, t.tool_cpu)),
     ):
         fig.add_trace(
             go.Bar(
                 name=name, x=x, y=[wall, cpu], marker_color=color,
-                text=[_share(wall, ov_wall + tool_wall), _share(cpu, ov_cpu + tool_cpu)],
+                text=[_share(wall, wall_total), _share(cpu, cpu_total)],
                 textposition="inside",
                 hovertext=[f"{name}: {seconds_h(wall)}", f"{name}: {seconds_h(cpu)}"],
                 hoverinfo="text",
             )
         )  # fmt: skip
-    if other_cpu > max(1e-3, 0.01 * (ov_cpu + tool_cpu)):  # not float noise
+    if t.other_cpu > max(1e-3, 0.01 * cpu_total):  # not float noise
         fig.add_trace(
             go.Bar(
-                name="children not run via taskmeter", x=x[1:], y=[other_cpu],
+                name="children not run via taskmeter", x=x[1:], y=[t.other_cpu],
                 marker_color=OTHER_COLOR, hoverinfo="text",
-                hovertext=[f"unattributed child CPU: {seconds_h(other_cpu)}"],
+                hovertext=[f"unattributed child CPU: {seconds_h(t.other_cpu)}"],
             )
         )  # fmt: skip
     fig.update_layout(
         barmode="stack",
-        title=f"Wall and CPU: overhead vs tools (mean of {len(reports)})",
-        yaxis_title="seconds per task",
-    )
-    return fig
-
-
-def _time_figure_stats(s: TaskStats) -> Any:
-    runs = max(s.runs, 1)
-    ov_cpu, tool_cpu = s.cpu_overhead_sum_s / runs, s.cpu_tool_sum_s / runs
-    x = [f"wall (mean {seconds_h(s.wall_mean_s)})", f"CPU (mean {seconds_h(ov_cpu + tool_cpu)})"]
-    fig = go.Figure()
-    fig.add_trace(
-        go.Bar(
-            name="wall, not split", x=x[:1], y=[s.wall_mean_s], marker_color=OTHER_COLOR,
-            hovertext=[f"wall: {seconds_h(s.wall_mean_s)} (the split needs a ledger)"],
-            hoverinfo="text",
-        )
-    )  # fmt: skip
-    for name, color, cpu in (
-        ("worker overhead", OVERHEAD_COLOR, ov_cpu),
-        ("tools", TOOL_COLOR, tool_cpu),
-    ):
-        fig.add_trace(
-            go.Bar(
-                name=name, x=x[1:], y=[cpu], marker_color=color,
-                text=[_share(cpu, ov_cpu + tool_cpu)], textposition="inside",
-                hovertext=[f"{name}: {seconds_h(cpu)}"], hoverinfo="text",
-            )
-        )  # fmt: skip
-    fig.update_layout(
-        barmode="stack",
-        title=f"Wall and CPU (mean of {s.runs})",
+        title=f"Wall and CPU: overhead vs tools (mean of {t.runs})",
         yaxis_title="seconds per task",
     )
     return fig

@@ -341,6 +341,7 @@ _RUNS = "celery_task_runs_total"
 _START = "process_start_time_seconds"
 _TOOL_RUNS = "celery_task_tool_runs_total"
 _WALL_SUM = "celery_task_wall_seconds_sum"
+_WALL_SPLIT = "celery_task_wall_seconds_total"
 _CPU = "celery_task_cpu_seconds_total"
 _AVG_SUM = "celery_task_memory_avg_bytes_sum"
 _AVG_COUNT = "celery_task_memory_avg_bytes_count"
@@ -385,6 +386,7 @@ def stats_from_prometheus(
         (_START, ""),  # restarts of the workers' main processes
         (_TOOL_RUNS, 'outcome="killed"'),  # SIGKILL: what the OOM killer sends
         (_WALL_SUM, ""),
+        (_WALL_SPLIT, ""),
         (_CPU, ""),
         (_AVG_SUM, ""),
         (_AVG_COUNT, ""),
@@ -432,6 +434,7 @@ def stats_from_prometheus(
 
     signals = inc(_TOOL_RUNS)
     wall = inc(_WALL_SUM)
+    wall_split = inc(_WALL_SPLIT, "component")
     cpu = inc(_CPU, "component")
     avg_sum = inc(_AVG_SUM, "component")
     avg_count = inc(_AVG_COUNT, "component")
@@ -458,6 +461,8 @@ def stats_from_prometheus(
             runs_by_state=states,
             kills=states.get("killed", 0) + round(signals.get((task,), 0.0)),
             wall_sum_s=wall.get((task,), 0.0),
+            wall_overhead_sum_s=wall_split.get((task, "overhead"), 0.0),
+            wall_tool_sum_s=wall_split.get((task, "tool"), 0.0),
             cpu_overhead_sum_s=cpu.get((task, "overhead"), 0.0),
             cpu_tool_sum_s=cpu.get((task, "tool"), 0.0),
             mem_overhead_avg_mean_bytes=mean(task, "overhead"),

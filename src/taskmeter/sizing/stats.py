@@ -24,6 +24,9 @@ class TaskStats:
     # tool runs ended by SIGKILL: each may have been an out-of-memory kill.
     kills: int
     wall_sum_s: float
+    # Wall split like CPU: tool = while tool subprocesses ran (union), overhead = the rest.
+    wall_overhead_sum_s: float
+    wall_tool_sum_s: float
     cpu_overhead_sum_s: float
     cpu_tool_sum_s: float
     # Typical memory in use while a task runs: the worker process's time-weighted
@@ -90,6 +93,8 @@ def stats_from_reports(
             runs_by_state={s: n for s, n in states.items() if n},
             kills=kills,
             wall_sum_s=sum(r.wall_s for r in rs),
+            wall_overhead_sum_s=sum(r.overhead.wall_s for r in rs),
+            wall_tool_sum_s=sum(r.tool_totals.wall_s for r in rs),
             cpu_overhead_sum_s=sum(r.overhead.cpu_s for r in rs),
             cpu_tool_sum_s=sum(r.tool_totals.cpu_s for r in rs),
             mem_overhead_avg_mean_bytes=sum(overhead_avgs) / len(rs),
