@@ -223,3 +223,72 @@ def test_quick_demo_sizes_from_a_real_prometheus_too(tmp_path: Path, prometheus)
     assert {k: v for k, v in runs.items() if v} == {
         (t,): float(n) for t, n in Counter(r.task for r in reports).items()
     }
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_stops_the_worker_its_children_and_s3(tmp_path: Path):
+    require("bcftools")
+    import psutil
+
+    err = tmp_path / "stderr.txt"
+    workdir = tmp_path / "work"
+    with open(err, "w") as f:  # a terminal's Ctrl-C reaches the demo's whole process group
+        proc = subprocess.Popen([*DEMO, "--quick", "--tasks", "200", "--workdir", str(workdir)],
+                                stdout=subprocess.DEVNULL, stderr=f,
+                                start_new_session=True)  # fmt: skip
+    try:
+        ledger_file = workdir / "reports.jsonl"
+        wait_for(lambda: ledger_file.exists() and ledger_file.read_text().count("\n") >= 2,
+                 120, "tasks to be running")  # fmt: skip
+        family = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in family if "celery" in " ".join(p.cmdline())]
+        assert len(workers) >= 3, "a main worker process and its 2 pool children"
+        s3_port = int(workers[0].environ()["TASKMETER_DEMO_S3_ENDPOINT"].rsplit(":", 1)[1])
+        assert port_open("127.0.0.1", s3_port)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted: the worker and S3 are stopped" in err.read_text()
+    _gone, alive = psutil.wait_procs(family, timeout=5)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    assert not port_open("127.0.0.1", s3_port)
+    assert ledger_file.read_text().count("\n") < 200  # it really stopped mid-run
+
+
+@pytest.mark.slow
+def test_demo_on_an_external_s3_endpoint_with_its_own_tasks_and_concurrency(tmp_path: Path):
+    """--s3-endpoint with a separately started S3-compatible server (moto's, as no real S3
+    is reachable from this machine), --tasks and --concurrency other than the defaults."""
+    require("bcftools")
+    import boto3
+
+    from workerkit import free_port
+
+    port = free_port()
+    creds = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+             "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    env = {**os.environ, **creds}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), 30, "the S3 server")
+        endpoint = f"http://127.0.0.1:{port}"
+        out = run_demo("--quick", "--s3-endpoint", endpoint, "--bucket", "my-vcfs",
+                       "--tasks", "3", "--concurrency", "1", "--workdir", str(tmp_path / "w"),
+                       env=env)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-4000:]
+        reports = check_reports_match_metrics(tmp_path / "w", 3)
+        s3 = boto3.client("s3", endpoint_url=endpoint, **{
+            k.lower(): v for k, v in creds.items() if k != "AWS_DEFAULT_REGION"})  # fmt: skip
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="my-vcfs")["Contents"]]
+        results = {k.split("/")[1] for k in keys if k.startswith("results/")}
+        assert results == {r.task_id for r in reports}, "each task uploaded its output there"
+        assert len({r.worker.pid for r in reports}) == 1, "one pool child at -c 1"
+        assert "--concurrency 1" in out.stdout
+    finally:
+        server.terminate()
+        server.wait(10)
