@@ -154,15 +154,18 @@ def test_nested_measurements_both_see_the_inner_tool():
 
 
 def test_phases_are_merged_by_name_with_their_own_figures():
+    slept = 0.0  # the truth, timed around each phase here (sleep may overshoot on load)
     with taskmeter.measure("phased") as m:
         for _ in range(3):
+            t0 = time.monotonic()
             with m.phase("download"):
                 time.sleep(0.05)
+            slept += time.monotonic() - t0
         with m.phase("check"):
             burn_cpu(0.1)
     phases = {p.name: p for p in m.report.phases}
     assert list(phases) == ["download", "check"]
-    assert phases["download"].wall_s == pytest.approx(0.15, abs=0.03)
+    assert 0.15 <= phases["download"].wall_s <= slept
     assert phases["download"].cpu_s < 0.02
     assert phases["check"].cpu_s == pytest.approx(0.1, rel=0.2)
     assert phases["check"].rss_peak_bytes > 0
