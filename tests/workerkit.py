@@ -3,6 +3,7 @@ real Prometheus server (Debian's `prometheus`) scraping the worker."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -197,8 +198,8 @@ class Prometheus:
             for target in body["data"]["activeTargets"]:
                 if target["labels"].get("job") == job and target["health"] == "up":
                     last = target["lastScrape"]
-                    ts = time.mktime(time.strptime(last[:19], "%Y-%m-%dT%H:%M:%S"))
-                    return ts - time.timezone
+                    # UTC, whole seconds (floored: "after t" stays true)
+                    return calendar.timegm(time.strptime(last[:19], "%Y-%m-%dT%H:%M:%S"))
             return None
 
         first = wait_for(
