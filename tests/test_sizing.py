@@ -84,7 +84,12 @@ def independent(lines: list[dict], n: int, parent: int, margin: float) -> dict:
     if kills:
         limit = max(limit * 1.2, limit + 100 * MiB)
     busy = max(sum(r["cpu_s"] for r in rs) / sum(r["wall_s"] for r in rs) for rs in by.values())
+    overhead_wall = {
+        task: sum(r["overhead"]["wall_s"] for r in rs) / sum(r["wall_s"] for r in rs)
+        for task, rs in by.items()
+    }
     return {
+        "overhead_wall_share": overhead_wall,
         "memory_request_bytes": math.ceil(request),
         "memory_limit_bytes": math.ceil(max(limit, request)),
         "cpu_request_millicores": max(10, math.ceil(n * busy * 100 - 1e-9) * 10),
@@ -115,6 +120,11 @@ def test_recommendation_equals_the_formulas(ledger: Path):
     assert got["celery_flags"] == ["--concurrency", "2", "--max-memory-per-child",
                                    str(want["max_memory_per_child_kib"])]  # fmt: skip
     assert any("VPA" in r for r in got["reasoning"]), "the OOM bump is explained"
+    shares = {t["task"]: t["overhead_wall_share"] for t in got["tasks"]}
+    assert shares.keys() == want["overhead_wall_share"].keys()
+    for task, share in want["overhead_wall_share"].items():
+        assert shares[task] == pytest.approx(share, rel=1e-9), task
+    assert all(0 < v < 1 for v in shares.values()), shares
     assert any("mem.hold is spiky" in n for n in got["notes"])
 
 

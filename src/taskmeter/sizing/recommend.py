@@ -73,6 +73,9 @@ class TaskSizing:
     cores_busy: float
     cpu_mean_s: float
     wall_mean_s: float
+    # The worker's own share of the wall time (the rest: tool subprocesses running):
+    # how far a task is from "just running bcftools".
+    overhead_wall_share: float
     expected_wall_s: float
     spiky: bool
 
@@ -218,6 +221,9 @@ def recommend(stats: Mapping[str, TaskStats], options: Options) -> Recommendatio
                 cores_busy=s.cores_busy,
                 cpu_mean_s=s.cpu_mean_s,
                 wall_mean_s=s.wall_mean_s,
+                overhead_wall_share=(
+                    s.wall_overhead_sum_s / s.wall_sum_s if s.wall_sum_s > 0 else 0.0
+                ),
                 expected_wall_s=max(s.wall_mean_s, s.cpu_mean_s / cores_each),
                 spiky=spiky,
             )

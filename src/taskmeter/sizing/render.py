@@ -62,7 +62,7 @@ def as_kustomize(rec: Recommendation, deployment: str, container: str) -> str:
 def as_table(rec: Recommendation) -> Group:
     tasks = Table(title="measured, per task type", title_justify="left")
     for col in ("task", "runs", "killed", "typical RSS", "largest footprint", "cores busy",
-                "CPU mean", "wall mean", "wall at this CPU"):  # fmt: skip
+                "CPU mean", "wall mean", "overhead wall", "wall at this CPU"):  # fmt: skip
         tasks.add_column(col, justify="left" if col == "task" else "right")
     for t in rec.tasks:
         tasks.add_row(
@@ -74,6 +74,7 @@ def as_table(rec: Recommendation) -> Group:
             f"{t.cores_busy:.2f}",
             seconds_h(t.cpu_mean_s),
             seconds_h(t.wall_mean_s),
+            f"{t.overhead_wall_share:.0%}",
             seconds_h(t.expected_wall_s),
         )
     pod = Table(title=f"pod: concurrency {rec.options.concurrency}", title_justify="left")
