@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -218,6 +219,11 @@ def test_report_round_trips_through_json_and_rejects_malformed_records():
         "peak_method",
     }
     assert TaskReport.from_dict(d) == m.report
+    # The hand-made to_dict is dataclasses.asdict in JSON's terms, key order included.
+    generic = dataclasses.asdict(m.report)
+    generic = {"schema": generic.pop("schema"), **generic}
+    assert json.dumps(m.report.to_dict()) == json.dumps(generic)
+    assert list(d) == list(generic) and d["tools"][0]["argv"] == ["true"]
     with pytest.raises(ValueError, match="schema"):
         TaskReport.from_dict({**d, "schema": "other/9"})
     with pytest.raises(ValueError, match="state"):

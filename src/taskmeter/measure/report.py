@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -150,13 +150,16 @@ class TaskReport:
         return sum(t.rss_avg_bytes for t in self.tools) / len(self.tools)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for tool in d["tools"]:
-            tool["argv"] = list(tool["argv"])
-        d["tools"] = list(d["tools"])
-        d["phases"] = list(d["phases"])
-        schema = d.pop("schema")
-        return {"schema": schema, **d}
+        # What dataclasses.asdict gives (the tests check it), without its deep copy of
+        # every field: this runs once per task on the worker's hot path. Every nested
+        # record holds only plain values, argv aside.
+        d: dict[str, Any] = {"schema": self.schema}
+        d.update((k, v) for k, v in vars(self).items() if k != "schema")
+        for key in ("overhead", "tool_totals", "worker", "sampler"):
+            d[key] = dict(vars(d[key]))
+        d["tools"] = [{**vars(t), "argv": list(t.argv)} for t in self.tools]
+        d["phases"] = [dict(vars(p)) for p in self.phases]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
