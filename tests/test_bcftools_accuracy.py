@@ -15,8 +15,6 @@ from taskmeter.demo.vcfgen import generate_vcf, sample_names
 
 from helpers import require
 
-GNU_TIME = "/usr/bin/time"
-
 
 @pytest.fixture(scope="module")
 def vcf(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -24,6 +22,12 @@ def vcf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require("bgzip")
     path = tmp_path_factory.mktemp("vcf") / "cohort.vcf.gz"
     return generate_vcf(path, samples=300, variants=20_000, seed=7)
+
+
+@pytest.fixture(scope="module")
+def gnu_time() -> str:
+    """GNU time (Debian package 'time'), the reference."""
+    return require("time")
 
 
 def parse_gnu_time(out: str) -> tuple[float, int]:
@@ -34,7 +38,7 @@ def parse_gnu_time(out: str) -> tuple[float, int]:
     return user + sys_, maxrss_kib * 1024
 
 
-def measure_both(argv: list[str], runs: int = 3) -> tuple[list[float], ...]:
+def measure_both(argv: list[str], gnu_time: str, runs: int = 3) -> tuple[list[float], ...]:
     """Per run: CPU of one and the same bcftools process as taskmeter and GNU time see it,
     and the peaks each reports. Returns (our CPU, GNU CPU, our peak, GNU peak) lists.
 
@@ -45,12 +49,10 @@ def measure_both(argv: list[str], runs: int = 3) -> tuple[list[float], ...]:
     peak comes from running bcftools directly (the real use: a tool smaller than its
     worker, read live) and is compared with GNU time's exact exit figure.
     """
-    if not Path(GNU_TIME).exists():
-        pytest.skip("GNU time is not installed (Debian package 'time'; scripts/setup.sh)")
     ours_cpu, gnu_cpu, ours_peak, gnu_peak = [], [], [], []
     for _ in range(runs):
         with taskmeter.measure("bcftools") as m:
-            out = taskmeter.run([GNU_TIME, "-v", *argv], stdout=subprocess.DEVNULL,
+            out = taskmeter.run([gnu_time, "-v", *argv], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, check=True)  # fmt: skip
             taskmeter.run(argv, stdout=subprocess.DEVNULL, check=True)
         timed, direct = m.report.tools
@@ -71,23 +73,23 @@ def assert_same_cpu(ours: list[float], gnu: list[float]) -> None:
         assert g - 0.002 <= o <= g + 0.03, (ours, gnu)
 
 
-def test_bcftools_sort_cpu_and_peak_agree_with_gnu_time(vcf: Path):
+def test_bcftools_sort_cpu_and_peak_agree_with_gnu_time(vcf: Path, gnu_time: str):
     # sort holds the records in memory: a peak of ~30 MB, far below this worker's own.
     argv = ["bcftools", "sort", "-m", "500M", "-Ou", str(vcf)]
-    ours_cpu, gnu_cpu, ours_peak, gnu_peak = measure_both(argv)
+    ours_cpu, gnu_cpu, ours_peak, gnu_peak = measure_both(argv, gnu_time)
     med = statistics.median
     assert med(gnu_peak) > 20 * 1024 * 1024, "the command must hold real memory"
     assert med(ours_peak) == pytest.approx(med(gnu_peak), rel=0.05)
     assert_same_cpu(ours_cpu, gnu_cpu)
 
 
-def test_bcftools_query_cpu_and_peak_agree_with_gnu_time(vcf: Path):
+def test_bcftools_query_cpu_and_peak_agree_with_gnu_time(vcf: Path, gnu_time: str):
     samples = ",".join(sample_names(300)[1:])
     argv = [
         "bcftools", "query", "-s", samples, "-r", "chr1:10000-1600000",
         "-f", r"%CHROM\t%POS\t%REF\t%ALT[\t%GT:%DP:%GQ]\n", str(vcf),
     ]  # fmt: skip
-    ours_cpu, gnu_cpu, ours_peak, gnu_peak = measure_both(argv, runs=5)
+    ours_cpu, gnu_cpu, ours_peak, gnu_peak = measure_both(argv, gnu_time, runs=5)
     med = statistics.median
     assert med(gnu_cpu) > 0.3, "the command must do real work"
     assert_same_cpu(ours_cpu, gnu_cpu)
@@ -98,12 +100,10 @@ def test_bcftools_query_cpu_and_peak_agree_with_gnu_time(vcf: Path):
     assert med(ours_peak) == pytest.approx(med(gnu_peak), rel=0.08)
 
 
-def test_bcftools_pipeline_through_a_shell_counts_both_processes(vcf: Path):
-    if not Path(GNU_TIME).exists():
-        pytest.skip("GNU time is not installed (Debian package 'time'; scripts/setup.sh)")
+def test_bcftools_pipeline_through_a_shell_counts_both_processes(vcf: Path, gnu_time: str):
     cmd = f"bcftools view -Ou {vcf} | bcftools query -f '%POS\\n' | wc -l"
     with taskmeter.measure("pipeline") as m:  # the same run, as in measure_both
-        out = taskmeter.run([GNU_TIME, "-v", "sh", "-c", cmd], capture_output=True, text=True,
+        out = taskmeter.run([gnu_time, "-v", "sh", "-c", cmd], capture_output=True, text=True,
                             check=True)  # fmt: skip
     assert int(out.stdout) == 20_000
     (tool,) = m.report.tools
