@@ -238,12 +238,9 @@ def _type_section_ledger(
 ) -> str:
     heavy = sorted(reports, key=lambda r: (-r.footprint_peak_bytes, r.started_at))[:heaviest]
     parts = [
-        f'<section class="type" id="{anchor}"><h2>{_esc(task)}</h2>',
-        f'<p class="meta">{len(reports)} task{"s" if len(reports) != 1 else ""}</p>',
-        '<div class="grid2">',
-        _figure(_time_figure(reports), f"{anchor}-time", 380),
-        _figure(_memory_figure(reports, sizing), f"{anchor}-memory", 380),
-        "</div>",
+        *_section_head(
+            task, anchor, len(reports), _time_figure(reports), _memory_figure(reports, sizing)
+        ),
         '<p class="caption">Left: mean time per task. Overhead wall is the task\'s wall time '
         "minus the time covered by tool runs; overhead CPU is the worker process's own CPU; "
         "tools' CPU is the sum over their processes. Right: per-task memory of the worker "
@@ -268,15 +265,24 @@ def _type_section_ledger(
     return "\n".join(parts)
 
 
+def _section_head(task: str, anchor: str, runs: int, time_fig: Any, memory_fig: Any) -> list[str]:
+    """A task type's heading, its task count, and its time and memory plots side by side."""
+    return [
+        f'<section class="type" id="{anchor}"><h2>{_esc(task)}</h2>',
+        f'<p class="meta">{runs} task{"s" if runs != 1 else ""}</p>',
+        '<div class="grid2">',
+        _figure(time_fig, f"{anchor}-time", 380),
+        _figure(memory_fig, f"{anchor}-memory", 380),
+        "</div>",
+    ]
+
+
 def _type_section_stats(task: str, anchor: str, s: TaskStats, sizing: Sizing) -> str:
     return "\n".join(
         [
-            f'<section class="type" id="{anchor}"><h2>{_esc(task)}</h2>',
-            f'<p class="meta">{s.runs} task{"s" if s.runs != 1 else ""}</p>',
-            '<div class="grid2">',
-            _figure(_time_figure_stats(s), f"{anchor}-time", 380),
-            _figure(_memory_figure_stats(s, sizing), f"{anchor}-memory", 380),
-            "</div>",
+            *_section_head(
+                task, anchor, s.runs, _time_figure_stats(s), _memory_figure_stats(s, sizing)
+            ),
             '<p class="caption">From Prometheus only aggregated figures exist: mean wall '
             "and CPU time split into the worker's overhead and its tools, and memory "
             "summaries. Distributions, the "
