@@ -15,8 +15,25 @@ from typing import Any, Literal
 
 SCHEMA = "taskmeter.task/1"
 
-State = Literal["success", "failure", "retry", "revoked", "killed"]
-STATES: tuple[State, ...] = ("success", "failure", "retry", "revoked", "killed")
+# lost: the task was in flight when its whole worker died (e.g. a pod OOM kill) and was
+# recovered from the in-flight journal by the next incarnation of the worker.
+State = Literal["success", "failure", "retry", "revoked", "killed", "lost"]
+STATES: tuple[State, ...] = ("success", "failure", "retry", "revoked", "killed", "lost")
+
+# Why a task's process died (TaskReport.cause; None when it did not die):
+#   oom         the memory cgroup's OOM-kill counter rose around the death
+#   time_limit  Celery's hard time limit
+#   signal      any other kill (kill -9, revoke(terminate=True), ...)
+#   unknown     lost with the whole worker and no OOM evidence
+Cause = Literal["oom", "time_limit", "signal", "unknown"]
+CAUSES: tuple[Cause, ...] = ("oom", "time_limit", "signal", "unknown")
+
+# Why a tool ended other than by itself (ToolRun.cause; None otherwise):
+#   oom            SIGKILLed while the cgroup's OOM-kill counter rose
+#   orphan-killed  killed by taskmeter because the pool child running its task died
+#   lost           still running when the whole worker died (figures are its last sample)
+ToolCause = Literal["oom", "orphan-killed", "lost"]
+TOOL_CAUSES: tuple[ToolCause, ...] = ("oom", "orphan-killed", "lost")
 
 # How a peak was obtained, so nobody mistakes an estimate for a measurement:
 #   hwm      the kernel's high-water mark (VmHWM, or wait4's ru_maxrss when provably the
@@ -66,11 +83,21 @@ class ToolRun:
     samples: int
     read_bytes: int
     write_bytes: int
+    # None, or why the tool ended other than by itself (see TOOL_CAUSES).
+    cause: ToolCause | None = None
+    # False for a descendant of the task that was not started through taskmeter: found
+    # by the sampler, its figures are sampled (CPU and peak are lower bounds).
+    tracked: bool = True
 
     @property
     def outcome(self) -> str:
-        """``ok``, ``error`` (non-zero exit), ``killed`` (SIGKILL: what the OOM killer
-        sends), ``signal`` (any other signal) or ``running``."""
+        """``untracked`` (not started through taskmeter), the ``cause`` when one is set
+        (``oom``, ``orphan-killed``, ``lost``), else ``ok``, ``error`` (non-zero exit),
+        ``killed`` (SIGKILL), ``signal`` (any other signal) or ``running``."""
+        if not self.tracked:
+            return "untracked"
+        if self.cause is not None:
+            return self.cause
         if self.signal == 9:
             return "killed"
         if self.signal is not None:
@@ -137,6 +164,11 @@ class TaskReport:
     worker: WorkerInfo
     sampler: SamplerInfo
     schema: str = field(default=SCHEMA)
+    # Why the task's process died (see CAUSES); None when it did not die.
+    cause: Cause | None = None
+    # Seconds from publish (or ETA) to start, when the sender stamped the message with
+    # taskmeter; None for messages without the stamp (never 0 for "unknown").
+    queue_wait_s: float | None = None
 
     @property
     def tool_avg_rss_bytes(self) -> float | None:
@@ -189,6 +221,8 @@ class TaskReport:
                 unattributed_child_cpu_s=float(d["unattributed_child_cpu_s"]),
                 worker=_build(WorkerInfo, d["worker"]),
                 sampler=_build(SamplerInfo, d["sampler"]),
+                cause=d.get("cause"),
+                queue_wait_s=d.get("queue_wait_s"),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed {SCHEMA} record: {exc!r}") from exc
