@@ -59,14 +59,68 @@ from prometheus_client.utils import floatToGoString
 from taskmeter.measure.report import STATES, TaskReport
 
 __all__ = [
+    "JOURNAL_RECOVERED",
+    "LEDGER_DROPPED",
+    "LEDGER_ERRORS",
     "MEMORY_BUCKETS",
     "OTHER",
     "TIME_BUCKETS",
     "InflightTask",
+    "ProcessCounter",
     "TaskMetrics",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class ProcessCounter:
+    """A process-wide, thread-safe counter with no labels (``.inc(n)``).
+
+    Exported by every :class:`TaskMetrics` of the process under ``name``."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._lock = threading.Lock()
+        self._value = 0.0
+
+    def inc(self, n: float = 1.0) -> None:
+        if n < 0:
+            raise ValueError(f"{self.name}: counters only go up (inc({n!r}))")
+        with self._lock:
+            self._value += n
+        _bump_generation()
+
+    @property
+    def value(self) -> float:
+        with self._lock:
+            return self._value
+
+
+# Bumped by every change any metrics object of this process sees (a rendered scrape
+# can be reused while it has not moved).
+_GENERATION = [0]
+_GENERATION_LOCK = threading.Lock()
+
+
+def _bump_generation() -> None:
+    with _GENERATION_LOCK:
+        _GENERATION[0] += 1
+
+
+LEDGER_ERRORS = ProcessCounter(
+    "taskmeter_ledger_errors",
+    "Ledger writes that failed (the record was not written).",
+)
+LEDGER_DROPPED = ProcessCounter(
+    "taskmeter_ledger_rotation_dropped_records",
+    "Ledger records dropped because of rotation.",
+)
+JOURNAL_RECOVERED = ProcessCounter(
+    "taskmeter_journal_recovered_tasks",
+    "Tasks found unfinished in the journal at worker start and recorded as lost.",
+)
+PROCESS_COUNTERS: tuple[ProcessCounter, ...] = (LEDGER_ERRORS, LEDGER_DROPPED, JOURNAL_RECOVERED)
 
 OTHER = "other"
 COMPONENTS = ("overhead", "tool")
@@ -421,6 +475,10 @@ class TaskMetrics:
             for key, value in sorted(series.items()):
                 counter.add_metric(list(key), value)
             families.append(counter)
+        for pc in PROCESS_COUNTERS:
+            process_family = CounterMetricFamily(pc.name, pc.documentation)
+            process_family.add_metric([], pc.value)
+            families.append(process_family)
 
         for name, (doc, labels, bounds) in _HISTOGRAMS.items():
             histogram = HistogramMetricFamily(name, doc, labels=labels)
