@@ -30,8 +30,29 @@ nothing new: under ``flock(LOCK_EX)`` on its ``O_APPEND`` descriptor a writer ch
 that the descriptor still is the file at ``path`` (another writer may have rotated
 it), rotates when the line would take the file beyond ``max_bytes``, then writes the
 whole line. Rotation is logrotate's: ``path`` -> ``path.1`` -> ... -> ``path.N``
-(``N = backups``), the oldest dropped. A single line larger than ``max_bytes`` is
-still written, alone in its file. Lines are not fsync'ed.
+(``N = backups``, ``TASKMETER_LEDGER_BACKUPS``), the oldest dropped; the records it
+held are counted (``taskmeter_ledger_rotation_dropped_records_total``) and logged. A
+single line larger than ``max_bytes`` is still written, alone in its file. Lines are
+not fsync'ed.
+
+Durability: a record is written whole or not at all. The line goes out in one
+``os.write``; a short write (the disk filled up mid-line) or a failed one is cut back
+with ``ftruncate`` to the size before it, so the file always ends with a whole line.
+A write that fails (``ENOSPC``, ``EACCES``, ``EIO``, a removed directory) drops that
+record, counts it (``taskmeter_ledger_errors_total``) and never raises into the
+worker; the first failure is logged once with the path and the error, and the return
+of writing once with the number of records lost. Each write tries again, so records
+flow as soon as there is space. Should a tail ever be torn anyway (a truncate that
+failed, another program), the next record starts on a new line rather than being
+glued to it.
+
+Standard output
+---------------
+``TASKMETER_LEDGER=stdout`` (or ``-``) writes each record as one line on file
+descriptor 1 (:class:`StreamLedger`), for log pipelines: ``{"event":"taskmeter.task",
+"schema":"taskmeter.task/1",...}`` (``event`` first, then the record's own keys), in
+one ``os.write`` per line under a lock, so Celery's own log lines (other writes, on
+standard error or through ``sys.stdout``) never land inside one.
 
 A reader running during a rotation may miss or re-read lines of the files it lists;
 read after the writers stopped, or accept that.
@@ -42,20 +63,78 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
+import logging
 import os
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+# The reader lives in records.py; these names stay importable from here.
+from taskmeter.export.records import LedgerProblem, ledger_paths, read_ledgers
 from taskmeter.measure.report import SCHEMA, TaskReport
 
-__all__ = ["SCHEMA", "Ledger", "LedgerProblem", "ledger_paths", "read_ledgers"]
+__all__ = [
+    "EVENT",
+    "SCHEMA",
+    "STDOUT",
+    "AnyLedger",
+    "Ledger",
+    "LedgerProblem",
+    "StreamLedger",
+    "ledger_paths",
+    "open_ledger",
+    "read_ledgers",
+]
 
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+# Read too: a write checks the last byte of the file (a torn tail gets a newline first).
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _MODE = 0o600
+# TASKMETER_LEDGER values meaning "standard output, as JSON log lines".
+STDOUT = ("stdout", "-")
+# The stable first key of a record written as a log line.
+EVENT = "taskmeter.task"
+_CHUNK = 1 << 20
+
+log = logging.getLogger("taskmeter.ledger")
+
+
+def _count(counter: str, n: int = 1) -> None:
+    """Add to a process-wide counter of export/metrics.py (imported when first needed)."""
+    from taskmeter.export import metrics
+
+    target = getattr(metrics, counter, None)
+    if target is not None:
+        target.inc(n)
+
+
+class _Health:
+    """Counts failed writes and logs once per failing spell, not once per record."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.errors = 0  # records lost to failed writes, since start
+        self._failing = 0  # records lost in the current spell
+
+    def failed(self, exc: OSError) -> None:
+        self.errors += 1
+        _count("LEDGER_ERRORS")
+        if self._failing == 0:
+            log.error(
+                "taskmeter: cannot write the ledger %s: %s; records are dropped (counted in "
+                "taskmeter_ledger_errors_total) until a write succeeds again",
+                self.where,
+                exc.strerror or exc,
+            )
+        self._failing += 1
+
+    def succeeded(self) -> None:
+        if self._failing:
+            log.warning(
+                "taskmeter: writing the ledger %s again; %d record(s) were dropped",
+                self.where,
+                self._failing,
+            )
+            self._failing = 0
 
 
 class Ledger:
@@ -80,6 +159,7 @@ class Ledger:
         self._fd: int | None = None
         self._pid = os.getpid()
         self._closed = False
+        self.health = _Health(str(self.path))
         parent = self.path.parent
         if not parent.is_dir():
             raise FileNotFoundError(
@@ -113,6 +193,17 @@ class Ledger:
         Runs with the lock of the current file held: only one writer at a time can
         see that file as current, so renames never race each other.
         """
+        oldest = self.path if self.backups == 0 else Path(f"{self.path}.{self.backups}")
+        dropped = _count_lines(oldest)
+        if dropped:
+            _count("LEDGER_DROPPED", dropped)
+            log.info(
+                "taskmeter: ledger rotation dropped %s (%d records); keeping %d rotated "
+                "file(s) (TASKMETER_LEDGER_BACKUPS)",
+                oldest,
+                dropped,
+                self.backups,
+            )
         if self.backups == 0:
             _remove(self.path)
             return
@@ -121,35 +212,54 @@ class Ledger:
         _replace(self.path, Path(f"{self.path}.1"))
 
     def write(self, report: TaskReport) -> None:
-        """Append exactly one line: ``report.to_json() + "\\n"``."""
+        """Append exactly one line, ``report.to_json() + "\\n"``, whole or not at all.
+
+        A write that fails is counted and logged (see the module's docstring), never
+        raised: the worker goes on, and the next record is written whole.
+        """
         data = (report.to_json() + "\n").encode("utf-8")
         if self._pid != os.getpid():  # forked: get our own open file description
             self._lock = threading.Lock()
             self._pid = os.getpid()
             if self._fd is not None:
                 os.close(self._fd)  # our copy only; the parent keeps its own
-            self._fd = None if self._closed else self._open()
+            self._fd = None
+            if not self._closed:
+                with contextlib.suppress(OSError):  # retried at the write below
+                    self._fd = self._open()
         with self._lock:
-            if self._fd is None:
+            if self._closed:
                 raise ValueError(f"ledger {str(self.path)!r} is closed")
-            while True:
-                fd = self._fd
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    if not self._is_current(fd):
-                        self._fd = self._open()
-                        continue
-                    size = os.fstat(fd).st_size
-                    if size > 0 and size + len(data) > self.max_bytes:
-                        self._rotate()
-                        self._fd = self._open()
-                        continue
-                    _write_all(fd, data)
-                    return
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    if self._fd != fd:
-                        os.close(fd)
+            try:
+                self._append(data)
+            except OSError as exc:
+                self.health.failed(exc)
+            else:
+                self.health.succeeded()
+
+    def _append(self, data: bytes) -> None:
+        while True:
+            if self._fd is None:
+                self._fd = self._open()
+            fd = self._fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if not self._is_current(fd):
+                    self._fd = self._open()
+                    continue
+                size = os.fstat(fd).st_size
+                if size > 0 and size + len(data) > self.max_bytes:
+                    self._rotate()
+                    self._fd = self._open()
+                    continue
+                if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # a torn tail stays a line of its own
+                _append_whole(fd, data, size)
+                return
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                if self._fd != fd:
+                    os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -173,11 +283,105 @@ class Ledger:
         return f"Ledger({str(self.path)!r}, max_bytes={self.max_bytes}, backups={self.backups})"
 
 
+class StreamLedger:
+    """Records as JSON log lines on a file descriptor (standard output by default).
+
+    Each line is ``{"event":"taskmeter.task",`` followed by the record's own keys
+    (``schema`` first), written with one ``os.write`` under a lock (the rest of a
+    line only if a pipe took part of it). A failed write is counted and logged like
+    :class:`Ledger`'s and the next line starts on a line of its own. The descriptor is
+    never closed.
+    """
+
+    path = None  # not a file: nothing to rotate, no folder next to it
+
+    def __init__(self, fd: int = 1, name: str = "stdout") -> None:
+        self.fd, self.name = fd, name
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._torn = False
+        self._closed = False
+        self.health = _Health(name)
+
+    def write(self, report: TaskReport) -> None:
+        data = ('{"event":"' + EVENT + '",' + report.to_json()[1:] + "\n").encode("utf-8")
+        if self._pid != os.getpid():  # forked while another thread held the lock
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"ledger {self.name} is closed")
+            if self._torn:
+                data = b"\n" + data
+            try:
+                written = os.write(self.fd, data)
+                if written < len(data):
+                    self._torn = True
+                    _write_all(self.fd, data[written:])
+            except OSError as exc:
+                self.health.failed(exc)
+                return
+            self._torn = False
+            self.health.succeeded()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def __enter__(self) -> StreamLedger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StreamLedger({self.name})"
+
+
+AnyLedger = Ledger | StreamLedger
+
+
+def open_ledger(
+    spec: str, *, max_bytes: int = 100 * 2**20, backups: int = 5
+) -> Ledger | StreamLedger:
+    """The ledger a ``TASKMETER_LEDGER`` value names: ``stdout`` or ``-`` for JSON log
+    lines on standard output, else a file path."""
+    if spec.strip() in STDOUT:
+        return StreamLedger()
+    return Ledger(spec, max_bytes=max_bytes, backups=backups)
+
+
+def _append_whole(fd: int, data: bytes, size: int) -> None:
+    """Write ``data`` at the end of a file of ``size`` bytes, whole or not at all."""
+    try:
+        written = os.write(fd, data)
+        if written < len(data):  # the disk filled up mid-line (the next write says so)
+            _write_all(fd, data[written:])
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.EIO, "write wrote nothing")
         view = view[written:]
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(_CHUNK), b""))
+    except OSError:
+        return 0
 
 
 def _replace(src: Path, dst: Path) -> None:
@@ -189,71 +393,3 @@ def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
-
-@dataclass(frozen=True)
-class LedgerProblem:
-    """A line that could not be read (``line`` 0: the file itself)."""
-
-    path: Path
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
-
-
-def ledger_paths(path: str | os.PathLike[str]) -> list[Path]:
-    """The existing files of a rotated ledger, oldest first: ``path.N`` .. ``path``."""
-    base = Path(path)
-    rotated: list[tuple[int, Path]] = []
-    for candidate in base.parent.glob(f"{base.name}.*"):
-        suffix = candidate.name[len(base.name) + 1 :]
-        if suffix.isdigit() and candidate.is_file():
-            rotated.append((int(suffix), candidate))
-    out = [p for _, p in sorted(rotated, reverse=True)]
-    if base.is_file():
-        out.append(base)
-    return out
-
-
-def read_ledgers(
-    paths: Iterable[str | os.PathLike[str]],
-) -> tuple[list[TaskReport], list[LedgerProblem]]:
-    """Every readable record of the given files, in order, and what went wrong.
-
-    Blank lines are skipped; a malformed line becomes a :class:`LedgerProblem`
-    naming its file and 1-based line number and the other lines are still used. A
-    file that cannot be opened is a problem with line 0. Rotated files are read only
-    when listed (see :func:`ledger_paths`).
-    """
-    reports: list[TaskReport] = []
-    problems: list[LedgerProblem] = []
-    for item in paths:
-        path = Path(item)
-        try:
-            content = path.read_bytes()
-        except FileNotFoundError:
-            problems.append(LedgerProblem(path, 0, "no such file"))
-            continue
-        except OSError as exc:
-            problems.append(LedgerProblem(path, 0, f"cannot read: {exc.strerror or exc}"))
-            continue
-        for number, raw in enumerate(content.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError(f"not a JSON object but {type(record).__name__}")
-                reports.append(TaskReport.from_dict(record))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                problems.append(LedgerProblem(path, number, _reason(exc)))
-    return reports, problems
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON: {exc.msg} at column {exc.colno}"
-    return str(exc) or type(exc).__name__
