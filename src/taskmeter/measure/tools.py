@@ -8,12 +8,16 @@ lives, and from ``ru_maxrss`` only when it provably is the tool's own (see
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from taskmeter.measure import cgroup
+from taskmeter.measure.orphans import start_ticks
 from taskmeter.measure.proc import READER
 from taskmeter.measure.report import PeakMethod, ToolRun
 from taskmeter.measure.sampler import SAMPLER, RssSeries
@@ -21,6 +25,8 @@ from taskmeter.measure.span import BOOK
 
 if TYPE_CHECKING:
     from taskmeter.measure.core import Measurement
+
+_log = logging.getLogger("taskmeter.tools")
 
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if os.uname().sysname == "Darwin" else 1024
@@ -51,6 +57,10 @@ class ReapedCpu:
 
 REAPED = ReapedCpu()
 
+# Called with every tool started inside a measurement (after it is spawned): the Celery
+# integration tells the main process, which kills a dead pool child's tools.
+TOOL_STARTED: list[Callable[[ToolWatch], None]] = []
+
 
 def _argv_of(args: Any) -> tuple[str, ...]:
     if isinstance(args, (str, bytes, os.PathLike)):
@@ -75,6 +85,11 @@ class ToolWatch:
         self.parent_hwm: int | None = None
         self.status: int | None = None
         self.rusage: Any = None
+        # The tool's start time (clock ticks since boot): with the pid, its identity.
+        self.start_ticks: int | None = None
+        # The cgroup's OOM-kill counter at start and, if it died of SIGKILL, at its death.
+        self.oom0 = cgroup.oom_kills()  # before the spawn: one small file read
+        self.oom_end: int | None = None
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -108,14 +123,22 @@ class ToolWatch:
     # -- owner side -------------------------------------------------------------
     def started(self, pid: int, parent_hwm: int | None) -> None:
         self.pid, self.parent_hwm = pid, parent_hwm
+        self.start_ticks = start_ticks(pid)  # unreaped, so the pid is still the tool's
         self.sample(time.monotonic())
         SAMPLER.add(self)
         for m in self.owners:
             m._tool_started(self)
+        for hook in TOOL_STARTED:
+            try:
+                hook(self)
+            except Exception:  # never fail the task over its bookkeeping
+                _log.exception("taskmeter: a tool-start hook failed")
 
     def finished(self, status: int | None, rusage: Any) -> None:
         self.t_end = time.monotonic()
         self.status, self.rusage = status, rusage
+        if status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:
+            self.oom_end = cgroup.oom_kills()  # the OOM killer's signal, or kill -9?
         self.rss.close()
         if rusage is not None:
             REAPED.add(rusage.ru_utime + rusage.ru_stime)
@@ -178,6 +201,7 @@ class ToolWatch:
             samples=self.rss.n,
             read_bytes=ru.ru_inblock * 512 if ru is not None else 0,
             write_bytes=ru.ru_oublock * 512 if ru is not None else 0,
+            cause="oom" if sig == 9 and cgroup.rose(self.oom0, self.oom_end) else None,
         )
 
 
