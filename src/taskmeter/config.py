@@ -9,6 +9,7 @@ project's defaults. Every bad value is an error that names the variable.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ ENV_PORT = "TASKMETER_PORT"
 ENV_ADDR = "TASKMETER_ADDR"
 ENV_LEDGER = "TASKMETER_LEDGER"
 ENV_LEDGER_MAX_BYTES = "TASKMETER_LEDGER_MAX_BYTES"
+ENV_JOURNAL = "TASKMETER_JOURNAL"
+ENV_LEDGER_BACKUPS = "TASKMETER_LEDGER_BACKUPS"
 ENV_TLS_CERT = "TASKMETER_TLS_CERT"
 ENV_TLS_KEY = "TASKMETER_TLS_KEY"
 ENV_AUTH_USER = "TASKMETER_BASIC_AUTH_USER"
@@ -27,6 +30,8 @@ ENV_AUTH_PASSWORD = "TASKMETER_BASIC_AUTH_PASSWORD"
 
 DEFAULT_PORT = 8101
 DEFAULT_LEDGER_MAX_BYTES = 100 * 2**20
+DEFAULT_LEDGER_BACKUPS = 5
+MAX_LEDGER_BACKUPS = 1000
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -44,6 +49,9 @@ class Settings:
     sample_interval_s: float = DEFAULT_INTERVAL_S
     ledger: str | None = None
     ledger_max_bytes: int = DEFAULT_LEDGER_MAX_BYTES
+    # folder of the in-flight journal (celery/journal.py); None = off
+    journal: str | None = None
+    ledger_backups: int = DEFAULT_LEDGER_BACKUPS
     tls_cert: str | None = None
     tls_key: str | None = None
     basic_auth: tuple[str, str] | None = None
@@ -95,11 +103,14 @@ def load_settings(
             raise ConfigError(f"{ENV_PORT}={port_raw!r}: expected a TCP port, 0 to 65535")
 
     interval_raw = raw(ENV_INTERVAL)
-    interval = (
-        DEFAULT_INTERVAL_S
-        if interval_raw is None
-        else interval_from_env({ENV_INTERVAL: interval_raw})
-    )
+    try:
+        interval = (
+            DEFAULT_INTERVAL_S
+            if interval_raw is None
+            else interval_from_env({ENV_INTERVAL: interval_raw})
+        )
+    except ValueError as exc:  # the sampler's own check, as a ConfigError
+        raise ConfigError(str(exc)) from exc
 
     max_raw = raw(ENV_LEDGER_MAX_BYTES)
     max_bytes = DEFAULT_LEDGER_MAX_BYTES
@@ -110,6 +121,19 @@ def load_settings(
             max_bytes = 0
         if max_bytes < 4096:
             raise ConfigError(f"{ENV_LEDGER_MAX_BYTES}={max_raw!r}: expected bytes >= 4096")
+
+    backups_raw = raw(ENV_LEDGER_BACKUPS)
+    backups = DEFAULT_LEDGER_BACKUPS
+    if backups_raw is not None:
+        try:
+            backups = int(backups_raw)
+        except ValueError:
+            backups = -1
+        if not 0 <= backups <= MAX_LEDGER_BACKUPS:
+            raise ConfigError(
+                f"{ENV_LEDGER_BACKUPS}={backups_raw!r}: expected a whole number of rotated "
+                f"files to keep, 0 to {MAX_LEDGER_BACKUPS} (default {DEFAULT_LEDGER_BACKUPS})"
+            )
 
     cert, key = raw(ENV_TLS_CERT), raw(ENV_TLS_KEY)
     if (cert is None) != (key is None):
@@ -126,7 +150,29 @@ def load_settings(
         sample_interval_s=interval,
         ledger=raw(ENV_LEDGER),
         ledger_max_bytes=max_bytes,
+        journal=journal_dir(raw(ENV_JOURNAL), raw(ENV_LEDGER)),
+        ledger_backups=backups,
         tls_cert=cert,
         tls_key=key,
         basic_auth=None if user is None or password is None else (user, password),
     )
+
+
+def journal_dir(value: str | None, ledger: str | None) -> str | None:
+    """``TASKMETER_JOURNAL`` resolved: the folder of the in-flight journal, None = off.
+
+    Unset (or ``on``): ``<ledger>.inflight`` next to a ledger file; with no ledger file
+    (unset, ``stdout`` or ``-``), a private folder of this user in ``/dev/shm`` (the
+    temporary directory where there is none). ``off`` (or ``0/false/no``) disables it.
+    """
+    v = (value or "").strip()
+    if v.lower() in _FALSE:
+        return None
+    if v and v.lower() not in _TRUE:
+        return v
+    if ledger and ledger.strip() not in ("stdout", "-"):
+        return ledger + ".inflight"
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(base, f"taskmeter-{uid}", "journal")

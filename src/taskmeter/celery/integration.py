@@ -27,7 +27,7 @@ from celery import bootsteps, signals
 from taskmeter.celery.hub import Hub
 from taskmeter.celery.transport import Listener, Message, Sender
 from taskmeter.config import ConfigError, Settings, load_settings
-from taskmeter.export.ledger import Ledger
+from taskmeter.export.ledger import AnyLedger, open_ledger
 from taskmeter.export.metrics import TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure.core import Measurement
@@ -62,7 +62,7 @@ class _Worker:
         self.server: MetricsServer | None = None
         self.listener: Listener | None = None
         self.sender: Sender | None = None
-        self.ledger: Ledger | None = None
+        self.ledger: AnyLedger | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = TaskMetrics(inflight=lambda: self.hub.inflight() if self.hub else [])
         self.registry.register(self.metrics)
@@ -80,7 +80,9 @@ class _Worker:
         configure(interval_s=s.sample_interval_s)
         sinks: list[Callable[[TaskReport], None]] = [self.metrics.observe]
         if s.ledger:
-            self.ledger = Ledger(s.ledger, max_bytes=s.ledger_max_bytes)
+            self.ledger = open_ledger(
+                s.ledger, max_bytes=s.ledger_max_bytes, backups=s.ledger_backups
+            )
             sinks.append(self.ledger.write)
         self.hub = Hub(
             sinks,
