@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from taskmeter.measure.report import STATES, TaskReport
 
@@ -39,6 +39,11 @@ class TaskStats:
     overhead_peak_max_bytes: int
     footprint_max_bytes: int
     footprint_median_bytes: float
+    # Tasks that died, by TaskReport.cause (killed or lost; "oom" = the kernel's OOM
+    # killer), tool runs the OOM killer ended, and the largest single tool peak.
+    kills_by_cause: dict[str, int] = field(default_factory=dict)
+    tool_oom_kills: int = 0
+    tool_peak_max_bytes: int = 0
 
     @property
     def cpu_sum_s(self) -> float:
@@ -86,7 +91,13 @@ def stats_from_reports(
         overhead_avgs = [float(r.overhead.rss_avg_bytes) for r in rs]
         tool_avgs = [v for r in rs if (v := r.tool_avg_rss_bytes) is not None]
         states = {s: sum(1 for r in rs if r.state == s) for s in STATES}
-        kills = states["killed"] + sum(1 for r in rs for t in r.tools if t.outcome == "killed")
+        kills = states["killed"] + sum(
+            1 for r in rs for t in r.tools if t.outcome in ("killed", "oom")
+        )
+        causes: dict[str, int] = {}
+        for r in rs:
+            if r.cause is not None:
+                causes[r.cause] = causes.get(r.cause, 0) + 1
         out[task] = TaskStats(
             task=task,
             runs=len(rs),
@@ -108,6 +119,9 @@ def stats_from_reports(
             overhead_peak_max_bytes=max(r.overhead.rss_peak_bytes for r in rs),
             footprint_max_bytes=max(r.footprint_peak_bytes for r in rs),
             footprint_median_bytes=quantile([float(r.footprint_peak_bytes) for r in rs], 0.5),
+            kills_by_cause=dict(sorted(causes.items())),
+            tool_oom_kills=sum(1 for r in rs for t in r.tools if t.outcome == "oom"),
+            tool_peak_max_bytes=max(r.tool_totals.rss_peak_bytes for r in rs),
         )
     return out
 
