@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -14,7 +15,16 @@ from pathlib import Path
 import pytest
 
 import taskmeter
-from taskmeter.export.ledger import Ledger, LedgerProblem, ledger_paths, read_ledgers
+from taskmeter.config import ConfigError, load_settings
+from taskmeter.export import metrics
+from taskmeter.export.ledger import (
+    Ledger,
+    LedgerProblem,
+    StreamLedger,
+    ledger_paths,
+    open_ledger,
+    read_ledgers,
+)
 from taskmeter.measure.report import TaskReport
 
 from helpers import child
@@ -130,12 +140,29 @@ ledger.close()
     assert problems == [] and len(got) == writers * per_writer
 
 
-def test_rotation_drops_the_oldest_beyond_backups(tmp_path: Path, report: TaskReport) -> None:
+def dropped_counted() -> float:
+    from taskmeter.export import metrics
+
+    counter = getattr(metrics, "LEDGER_DROPPED", None)
+    return float(counter.value) if counter is not None else 0.0
+
+
+def test_rotation_drops_the_oldest_beyond_backups(
+    tmp_path: Path, report: TaskReport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="taskmeter.ledger")
     path = tmp_path / "tasks.jsonl"
     line_len = len(numbered(report, 0).to_json()) + 1
+    dropped0 = dropped_counted()
     with Ledger(path, max_bytes=3 * line_len, backups=2) as ledger:
         for i in range(20):
             ledger.write(numbered(report, i))
+    # 20 records, 3 per file, 3 files kept: 0..11 dropped, with the oldest file each time.
+    if hasattr(metrics, "LEDGER_DROPPED"):
+        assert dropped_counted() - dropped0 == 12
+    drops = [m for m in caplog.messages if "rotation dropped" in m]
+    assert len(drops) == 4
+    assert all(f"{path}.2 (3 records)" in m and "TASKMETER_LEDGER_BACKUPS" in m for m in drops)
     assert ledger_paths(path) == [Path(f"{path}.2"), Path(f"{path}.1"), path]
     assert not Path(f"{path}.3").exists()
 
@@ -150,10 +177,13 @@ def test_rotation_drops_the_oldest_beyond_backups(tmp_path: Path, report: TaskRe
 def test_without_backups_the_full_file_is_dropped(tmp_path: Path, report: TaskReport) -> None:
     path = tmp_path / "tasks.jsonl"
     line_len = len(numbered(report, 0).to_json()) + 1
+    dropped0 = dropped_counted()
     with Ledger(path, max_bytes=2 * line_len, backups=0) as ledger:
         for i in range(5):
             ledger.write(numbered(report, i))
     assert ledger_paths(path) == [path]
+    if hasattr(metrics, "LEDGER_DROPPED"):
+        assert dropped_counted() - dropped0 == 4
     assert [json.loads(line)["task_id"] for line in lines_of(path)] == ["00004"]
 
 
@@ -255,3 +285,71 @@ def test_writing_to_a_closed_ledger_is_an_error(tmp_path: Path, report: TaskRepo
     ledger.close()
     with pytest.raises(ValueError, match="closed"):
         ledger.write(report)
+
+
+def test_backups_setting_reaches_the_ledger_and_bad_values_name_the_variable(
+    tmp_path: Path,
+) -> None:
+    env = {"TASKMETER_LEDGER": str(tmp_path / "t.jsonl"), "TASKMETER_LEDGER_BACKUPS": "2"}
+    s = load_settings(environ=env)
+    assert s.ledger_backups == 2
+    assert load_settings(environ={}).ledger_backups == 5
+    assert load_settings(environ={"TASKMETER_LEDGER_BACKUPS": "0"}).ledger_backups == 0
+    ledger = open_ledger(s.ledger or "", max_bytes=s.ledger_max_bytes, backups=s.ledger_backups)
+    assert isinstance(ledger, Ledger) and ledger.backups == 2
+    ledger.close()
+    for bad in ("-1", "two", "1.5", "1001"):
+        with pytest.raises(ConfigError, match=f"TASKMETER_LEDGER_BACKUPS='{bad}'"):
+            load_settings(environ={"TASKMETER_LEDGER_BACKUPS": bad})
+
+
+def test_bad_sample_interval_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="TASKMETER_SAMPLE_INTERVAL='fast'"):
+        load_settings(environ={"TASKMETER_SAMPLE_INTERVAL": "fast"})
+
+
+@pytest.mark.parametrize("spec", ["stdout", "-", " stdout "])
+def test_stdout_or_dash_is_a_stream_ledger(spec: str) -> None:
+    ledger = open_ledger(spec)
+    assert isinstance(ledger, StreamLedger) and ledger.fd == 1
+
+
+def test_stream_ledger_writes_one_event_line_per_record(report: TaskReport) -> None:
+    r, w = os.pipe()
+    try:
+        with StreamLedger(w, "pipe") as ledger:
+            for i in range(3):
+                ledger.write(numbered(report, i))
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        r = -1
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    lines = data.decode().splitlines()
+    assert data.endswith(b"\n") and len(lines) == 3
+    for i, line in enumerate(lines):
+        assert line.startswith('{"event":"taskmeter.task","schema":"taskmeter.task/1",')
+        record = json.loads(line)
+        assert list(record)[:2] == ["event", "schema"]
+        del record["event"]
+        assert record == json.loads(numbered(report, i).to_json())
+
+
+def test_stream_ledger_on_a_closed_pipe_counts_and_never_raises(report: TaskReport) -> None:
+    import signal
+
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's default, made explicit
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        ledger = StreamLedger(w, "pipe")
+        ledger.write(report)
+        ledger.write(report)
+        assert ledger.health.errors == 2
+    finally:
+        os.close(w)
+        signal.signal(signal.SIGPIPE, old)
