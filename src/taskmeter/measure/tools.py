@@ -286,7 +286,9 @@ def run(
 
     Same arguments, return value and exceptions (``CalledProcessError``,
     ``TimeoutExpired``). Output pipes are drained by ``communicate``, so a tool that
-    writes megabytes to stderr never blocks.
+    writes megabytes to stderr never blocks. On timeout the tool is killed, waited for
+    and ``TimeoutExpired`` raised, at the timeout even when a grandchild still holds
+    the output pipes (as ``subprocess.run``); the run is recorded with signal 9.
     """
     if input is not None:
         if kwargs.get("stdin") is not None:
@@ -300,11 +302,14 @@ def run(
     with Popen(args, *popenargs, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
+        except subprocess.TimeoutExpired:
+            # As subprocess.run on POSIX: communicate already put the output read so far
+            # in the exception; kill and wait (reaped by wait4: the tool is recorded as
+            # killed), never wait for EOF on pipes a grandchild may still hold.
             process.kill()
-            exc.stdout, exc.stderr = process.communicate()
+            process.wait()
             raise
-        except BaseException:
+        except BaseException:  # KeyboardInterrupt too; __exit__ waits for the process
             process.kill()
             raise
         retcode = process.poll()
