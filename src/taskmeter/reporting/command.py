@@ -105,7 +105,9 @@ def report(
     """A self-contained HTML report with plots: time split overhead vs tools, memory
     distributions with the recommended request and limit, the heaviest tasks over time
     and a sortable table of tasks. Opens offline (plotly.js is inside the file)."""
-    from taskmeter import reporting
+    from taskmeter import extras, reporting
+
+    extras.require("report", "report")
     from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
 
     if bool(ledgers) == bool(prometheus_url):
