@@ -39,6 +39,8 @@ METRICS_NAME = "metrics.txt"
 SUMMARY_NAME = "summary.json"
 PATCH_NAME = "resources.yaml"
 REPORT_NAME = "report.html"
+WORKER_LOG_NAME = "worker.log"
+DEFAULT_OUT = Path("taskmeter-demo")
 TASKS_PER_KIND = 2
 STALL_S = 300.0  # no task ended for this long: stop with the worker's log
 
@@ -53,7 +55,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @dataclass(frozen=True)
 class Config:
-    workdir: Path
+    workdir: Path  # inputs, broker and S3 scratch (temporary unless --workdir)
+    outdir: Path  # what the demo prints: ledger, metrics, summary, patch, report, log
     grid: tuple[tuple[int, int], ...]
     vcfs: tuple[Path, ...]
     broker: str | None
@@ -136,7 +139,7 @@ def run_demo(cfg: Config, console: Console) -> Outcome:
 
     timings: dict[str, float] = {}
     root = cfg.workdir
-    ledger = root / LEDGER_NAME
+    ledger = cfg.outdir / LEDGER_NAME
     ledger.unlink(missing_ok=True)  # this run's tasks only
     with contextlib.ExitStack() as stack:
         status = stack.enter_context(console.status("starting"))
@@ -169,6 +172,7 @@ def run_demo(cfg: Config, console: Console) -> Outcome:
             worker = services.Worker.start(
                 root, broker=broker, broker_dir=broker_dir, s3=s3, ledger=ledger,
                 concurrency=cfg.concurrency, port=cfg.metrics_port,
+                log=cfg.outdir / WORKER_LOG_NAME,
             )  # fmt: skip
             stack.callback(worker.stop)
             worker.wait_ready()
@@ -198,7 +202,7 @@ def run_demo(cfg: Config, console: Console) -> Outcome:
                     raise services.ServiceError("the metrics endpoint lags behind the ledger")
                 time.sleep(0.1)
                 text = worker.metrics()
-        (root / METRICS_NAME).write_text(text)
+        (cfg.outdir / METRICS_NAME).write_text(text)
         reports, problems = read_ledgers([ledger])
         if problems:
             raise DemoError("; ".join(map(str, problems)))
@@ -340,25 +344,30 @@ def summary(outcome: Outcome) -> dict[str, Any]:
 
 
 def _task_tables(outcome: Outcome) -> list[Table]:
+    """Two tables per task type (time, then CPU and memory), each within 100 columns;
+    the report page has every figure per task."""
     groups: dict[str, dict[str, list[TaskReport]]] = defaultdict(lambda: defaultdict(list))
     for r in outcome.reports:
         kind, label = outcome.kinds.get(r.task_id or "", (r.task, "?"))
         groups[kind][label].append(r)
     tables = []
     for kind in sorted(groups):
-        table = Table(title=f"{kind} (means per task)", title_justify="left")
-        for col in ("input", "runs", "wall", "overhead wall", "S3 down/up",
-                    "bcftools wall", "alone wall", "CPU overhead", "CPU bcftools",
-                    "alone CPU", "worker RSS avg/peak", "bcftools RSS avg/peak",
-                    "footprint"):  # fmt: skip
-            table.add_column(col, justify="left" if col == "input" else "right")
+        time_t = Table(title=f"{kind}: time (means per task)", title_justify="left")
+        for col in ("input", "runs", "wall", "overhead wall", "S3 down/up", "bcftools",
+                    "alone"):  # fmt: skip
+            time_t.add_column(col, justify="left" if col == "input" else "right")
+        res_t = Table(title=f"{kind}: CPU and memory (means; peaks are maxima)",
+                      title_justify="left")  # fmt: skip
+        for col in ("input", "CPU worker", "CPU bcftools", "CPU alone", "worker RSS avg/peak",
+                    "bcftools RSS avg/peak", "footprint"):  # fmt: skip
+            res_t.add_column(col, justify="left" if col == "input" else "right")
         for label, rs in groups[kind].items():
             alone = outcome.alone.get((kind, label))
             wall = _mean([r.wall_s for r in rs])
             o_wall = _mean([r.overhead.wall_s for r in rs])
             tool_avgs = [float(v) for r in rs if (v := r.tool_avg_rss_bytes) is not None]
             states = {r.state for r in rs}
-            table.add_row(
+            time_t.add_row(
                 label,
                 str(len(rs)) + ("" if states == {"success"} else f" ({', '.join(sorted(states))})"),
                 seconds_h(wall),
@@ -367,6 +376,9 @@ def _task_tables(outcome: Outcome) -> list[Table]:
                 f"{seconds_h(_mean([_phase_wall(r, 'upload') for r in rs]))}",
                 seconds_h(_mean([r.tool_totals.wall_s for r in rs])),
                 seconds_h(alone.wall_s) if alone else "-",
+            )
+            res_t.add_row(
+                label,
                 seconds_h(_mean([r.overhead.cpu_s for r in rs])),
                 seconds_h(_mean([r.tool_totals.cpu_s for r in rs])),
                 seconds_h(alone.cpu_s) if alone else "-",
@@ -376,12 +388,12 @@ def _task_tables(outcome: Outcome) -> list[Table]:
                 f"{bytes_h(max(r.tool_totals.rss_peak_bytes for r in rs))}",
                 bytes_h(max(r.footprint_peak_bytes for r in rs)),
             )
-        table.caption = (
+        time_t.caption = (
             "overhead = the worker's own share (S3 download/upload, Celery, Python); "
-            "'bcftools alone' runs the same commands on the same local files with no "
+            "'alone' runs the same bcftools commands on the same local files with no "
             "worker around them (the ideal)."
         )
-        tables.append(table)
+        tables += [time_t, res_t]
     return tables
 
 
@@ -443,12 +455,12 @@ def _report(outcome: Outcome, cfg: Config, console: Console) -> None:
     if outcome.timings.get("_reported"):
         return
     outcome.timings["_reported"] = 1.0
-    out = Console(width=max(Console().width, 190))
+    out = Console()  # rich's own width detection (COLUMNS when not a terminal)
     for table in _task_tables(outcome):
         out.print(table)
     for line in _overhead_lines(outcome):
         out.print(line, highlight=False)
-    (cfg.workdir / SUMMARY_NAME).write_text(json.dumps(summary(outcome), indent=2) + "\n")
+    (cfg.outdir / SUMMARY_NAME).write_text(json.dumps(summary(outcome), indent=2) + "\n")
     concurrency = _concurrency(outcome)
     try:
         rec = recommend(
@@ -462,11 +474,11 @@ def _report(outcome: Outcome, cfg: Config, console: Console) -> None:
                   "tasks seen at once; parent = the worker's main process RSS)")  # fmt: skip
         out.print(render.as_table(rec))
         patch = render.as_kustomize(rec, "celery-worker", "worker")
-        (cfg.workdir / PATCH_NAME).write_text(patch)
-        out.print(f"\n[bold]Kustomize patch[/] ({cfg.workdir / PATCH_NAME}):", highlight=False)
+        (cfg.outdir / PATCH_NAME).write_text(patch)
+        out.print(f"\n[bold]Kustomize patch[/] ({cfg.outdir / PATCH_NAME}):", highlight=False)
         out.print(patch, highlight=False, markup=False)
     try:
-        html = _html_report(outcome, cfg.workdir / REPORT_NAME)
+        html = _html_report(outcome, cfg.outdir / REPORT_NAME)
     except Exception as exc:  # a colleague's module in progress must not sink the demo
         out.print(f"[yellow]HTML report not written: {exc}[/]")
         html = None
@@ -475,10 +487,14 @@ def _report(outcome: Outcome, cfg: Config, console: Console) -> None:
     timing = ", ".join(f"{k} {seconds_h(v)}" for k, v in outcome.timings.items()
                        if not k.startswith("_"))  # fmt: skip
     out.print(f"timings: {timing}", highlight=False)
-    out.print(
-        f"ledger: {cfg.workdir / LEDGER_NAME}; metrics snapshot: {cfg.workdir / METRICS_NAME}",
-        highlight=False,
-    )
+    out.print(f"\n[bold]Outputs kept in {cfg.outdir}[/] (overwritten by the next run):",
+              highlight=False)  # fmt: skip
+    for name, what in ((LEDGER_NAME, "ledger (taskmeter report/recommend --ledger)"),
+                       (METRICS_NAME, "metrics snapshot (the worker's /metrics)"),
+                       (SUMMARY_NAME, "summary"), (PATCH_NAME, "Kustomize patch"),
+                       (REPORT_NAME, "HTML report"), (WORKER_LOG_NAME, "worker log")):
+        if (cfg.outdir / name).exists():
+            out.print(f"  {cfg.outdir / name}  {what}", highlight=False, soft_wrap=True)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -496,8 +512,12 @@ def _check_vcfs(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 
 
 @click.command("demo")
+@click.option("--out", "outdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the outputs here (ledger, metrics snapshot, summary, Kustomize "
+                   "patch, HTML report, worker log), overwritten by the next run "
+                   f"[default: --workdir if given, else ./{DEFAULT_OUT}].")  # fmt: skip
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep VCFs, outputs, the ledger, the metrics snapshot and the patch here "
+              help="Keep the inputs (VCFs, broker, bcftools scratch) here too "
                    "[default: a temporary directory, removed at the end].")  # fmt: skip
 @click.option("--quick", is_flag=True, help="Only the smallest generated VCF (a few seconds).")
 @click.option("--vcf", "vcfs", multiple=True, callback=_check_vcfs,
@@ -534,7 +554,8 @@ def _check_vcfs(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option(
     "--keep-running", is_flag=True, help="Leave S3, the worker and its endpoint up until Ctrl-C."
 )
-def demo(workdir: Path | None, quick: bool, vcfs: tuple[Path, ...], broker: str | None,
+def demo(outdir: Path | None, workdir: Path | None, quick: bool, vcfs: tuple[Path, ...],
+         broker: str | None,
          s3_endpoint: str | None, bucket: str, prometheus: str | None,
          metrics_port: int | None, tasks: int | None, concurrency: int,
          keep_running: bool) -> None:  # fmt: skip
@@ -545,6 +566,9 @@ def demo(workdir: Path | None, quick: bool, vcfs: tuple[Path, ...], broker: str 
     Needs no server: S3 is an embedded moto server, the broker kombu's filesystem
     transport; --s3-endpoint and --broker point it at real ones.
     """
+    from taskmeter import extras
+
+    extras.require("demo", "demo")
     from taskmeter.demo.inputs import DEFAULT_GRID, InputError
     from taskmeter.demo.pipeline import DemoError as MissingTool
     from taskmeter.demo.pipeline import require_bcftools
@@ -554,6 +578,12 @@ def demo(workdir: Path | None, quick: bool, vcfs: tuple[Path, ...], broker: str 
         require_bcftools()
     except MissingTool as exc:
         raise click.ClickException(str(exc)) from exc
+    outdir = (outdir or workdir or DEFAULT_OUT).resolve()
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {outdir}: {exc.strerror}",
+                                 param_hint="--out") from None  # fmt: skip
     console = Console(stderr=True)
     if not console.is_terminal:
         console = Console(stderr=True, width=120)
@@ -562,7 +592,8 @@ def demo(workdir: Path | None, quick: bool, vcfs: tuple[Path, ...], broker: str 
     assert root is not None
     root.mkdir(parents=True, exist_ok=True)
     cfg = Config(
-        workdir=root.resolve(), grid=DEFAULT_GRID[:1] if quick else DEFAULT_GRID, vcfs=vcfs,
+        workdir=root.resolve(), outdir=outdir, vcfs=vcfs,
+        grid=DEFAULT_GRID[:1] if quick else DEFAULT_GRID,
         broker=broker, s3_endpoint=s3_endpoint, bucket=bucket, prometheus=prometheus,
         tasks=tasks, concurrency=concurrency, keep_running=keep_running,
         metrics_port=metrics_port,
@@ -584,8 +615,7 @@ def demo(workdir: Path | None, quick: bool, vcfs: tuple[Path, ...], broker: str 
             shutil.rmtree(tmp, ignore_errors=True)
     if outcome.failed:
         raise click.ClickException(
-            f"{outcome.failed} task(s) did not succeed; see {cfg.workdir / 'worker.log'}"
-            + (" (use --workdir to keep it)" if tmp is not None else "")
+            f"{outcome.failed} task(s) did not succeed; see {cfg.outdir / WORKER_LOG_NAME}"
         )
 
 

@@ -173,6 +173,7 @@ class Worker:
         ledger: Path,
         concurrency: int,
         port: int | None = None,
+        log: Path | None = None,
     ) -> Worker:
         queue = f"taskmeter-demo-{uuid.uuid4().hex[:10]}"
         scratch = workdir / "worker"
@@ -192,7 +193,7 @@ class Worker:
         })  # fmt: skip
         if broker_dir:
             env[demo_app.BROKER_DIR_ENV] = broker_dir
-        log = workdir / "worker.log"
+        log = log or workdir / "worker.log"
         cmd = [
             sys.executable, "-m", "celery", "-A", "taskmeter.demo.app", "worker",
             "-P", "prefork", "-c", str(concurrency), "-Q", queue,
