@@ -7,7 +7,6 @@ import gzip
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -22,8 +21,14 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+from prometheus_client.parser import text_string_to_metric_families
 
+import taskmeter
+from taskmeter.export.metrics import TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, ServerError, start_server
+
+from helpers import require
 
 TIMEOUT = 5.0
 
@@ -99,23 +104,140 @@ def test_serves_metrics_json_routes_and_404(
     assert status == 404
 
 
-def test_metrics_serve_the_text_format_even_to_openmetrics_clients_and_gzip(
-    registry: CollectorRegistry, servers: list[MetricsServer]
-) -> None:
-    # The contract's celery_task_cpu_seconds (histogram) and ..._total (counter) would
-    # clash as one OpenMetrics family name, so the server always answers in text 0.0.4.
-    s = serve(servers, registry)
-    status, headers, body = get(
-        s.url + "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
-    )
-    assert status == 200
-    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert "# EOF" not in body.decode()
+@pytest.fixture
+def task_registry() -> tuple[CollectorRegistry, TaskMetrics]:
+    """A registry as the worker builds it: TaskMetrics (fed a real measured task) beside
+    another collector formatted by prometheus_client."""
+    metrics = TaskMetrics(inflight=lambda: [], pool="prefork", concurrency=2)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(metrics)
+    Counter("other_things", "Another collector.", registry=reg).inc(2)
+    with taskmeter.measure("tm.scraped", "tid-0001") as m:
+        with m.phase("prepare"):
+            pass
+        taskmeter.run(["true"], check=True)
+    metrics.observe(m.report)
+    return reg, metrics
 
-    status, headers, body = get(s.url + "/metrics", {"Accept-Encoding": "gzip"})
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
+
+def test_text_by_default_openmetrics_when_asked_exemplars_only_there_and_gzip(
+    task_registry: tuple[CollectorRegistry, TaskMetrics], servers: list[MetricsServer]
+) -> None:
+    registry, _ = task_registry
+    s = serve(servers, registry)
+    status, headers, body = get(s.url + "/metrics")
     assert status == 200
-    assert headers["Content-Encoding"] == "gzip"
-    assert b"celery_task_runs_total" in gzip.decompress(body)
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = body.decode()
+    assert "# EOF" not in text and "tid-0001" not in text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"celery_task_runs", "celery_task_wall_seconds", "other_things"} <= names
+
+    # Prometheus's own Accept header: OpenMetrics, with the task id as exemplars.
+    status, headers, body = get(s.url + "/metrics", {"Accept": OPENMETRICS})
+    assert status == 200
+    assert headers["Content-Type"] == "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    om = body.decode()
+    assert om.endswith("# EOF\n")
+    families = {f.name: f for f in om_parse(om)}
+    assert families["other_things"].samples[0].value == 2
+    exemplars = [
+        smp.exemplar.labels["task_id"]
+        for f in families.values()
+        for smp in f.samples
+        if smp.exemplar is not None
+    ]
+    assert exemplars and set(exemplars) == {"tid-0001"}
+    # q=0 is a refusal.
+    _, headers, _ = get(s.url + "/metrics", {"Accept": "application/openmetrics-text;q=0"})
+    assert headers["Content-Type"].startswith("text/plain")
+
+    for accept, expected in (("", text), (OPENMETRICS, om)):
+        status, headers, body = get(
+            s.url + "/metrics", {"Accept": accept, "Accept-Encoding": "gzip"}
+        )
+        assert status == 200 and headers["Content-Encoding"] == "gzip"
+        assert int(headers["Content-Length"]) == len(body)
+        assert gzip.decompress(body).decode() == expected
+        # Unchanged registry: the very same compressed bytes again.
+        assert get(s.url + "/metrics", {"Accept": accept, "Accept-Encoding": "gzip"})[2] == body
+
+
+def test_head_options_and_other_methods(
+    task_registry: tuple[CollectorRegistry, TaskMetrics], servers: list[MetricsServer]
+) -> None:
+    registry, _ = task_registry
+    s = serve(servers, registry)
+    _, get_headers, body = get(s.url + "/metrics")
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=TIMEOUT)
+    try:
+        conn.request("HEAD", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.read() == b""
+        assert resp.getheader("Content-Type") == get_headers["Content-Type"]
+        assert int(resp.getheader("Content-Length") or -1) == len(body)
+        conn.request("OPTIONS", "/metrics")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.getheader("Allow") == "GET,HEAD,OPTIONS"
+        conn.request("POST", "/metrics", body=b"x")
+        resp = conn.getresponse()
+        assert resp.status == 405 and b"use GET or HEAD" in resp.read()
+        assert resp.getheader("Allow") == "GET,HEAD,OPTIONS"
+    finally:
+        conn.close()
+
+
+def test_name_filter(
+    task_registry: tuple[CollectorRegistry, TaskMetrics], servers: list[MetricsServer]
+) -> None:
+    registry, _ = task_registry
+    s = serve(servers, registry)
+
+    def families(query: str, accept: str = "") -> dict[str, list[str]]:
+        status, _, body = get(s.url + "/metrics?" + query, {"Accept": accept})
+        assert status == 200, body
+        parse = om_parse if accept else text_string_to_metric_families
+        return {f.name: sorted({smp.name for smp in f.samples}) for f in parse(body.decode())}
+
+    # Sample names (prometheus_client's semantics), repeatable.
+    assert families("name[]=celery_task_runs_total&name[]=other_things_total") == {
+        "celery_task_runs": ["celery_task_runs_total"],
+        "other_things": ["other_things_total"],
+    }
+    assert families("name%5B%5D=celery_task_wall_seconds_count") == {
+        "celery_task_wall_seconds": ["celery_task_wall_seconds_count"]
+    }
+    # A family name gives the whole family, in OpenMetrics too.
+    whole = ["celery_task_wall_seconds_bucket", "celery_task_wall_seconds_count",
+             "celery_task_wall_seconds_sum"]  # fmt: skip
+    assert families("name[]=celery_task_wall_seconds", OPENMETRICS) == {
+        "celery_task_wall_seconds": whole
+    }
+    assert families("name[]=no_such_metric") == {}
+    # Anything but name[] is refused with a message.
+    status, _, body = get(s.url + "/metrics?names=celery_task_runs_total")
+    assert status == 400 and b"unknown parameter 'names'" in body and b"name[]" in body
+
+
+def test_scrape_follows_new_records(
+    task_registry: tuple[CollectorRegistry, TaskMetrics], servers: list[MetricsServer]
+) -> None:
+    registry, metrics = task_registry
+    s = serve(servers, registry)
+    before = get(s.url + "/metrics")[2].decode()
+    assert 'celery_task_runs_total{task="tm.scraped",state="success"} 1.0' in before
+    assert get(s.url + "/metrics")[2].decode() == before  # nothing new: the same text
+    with taskmeter.measure("tm.scraped", "tid-0002") as m:
+        pass
+    metrics.observe(m.report)
+    after = get(s.url + "/metrics")[2].decode()
+    assert 'celery_task_runs_total{task="tm.scraped",state="success"} 2.0' in after
+    assert 'celery_task_wall_seconds_count{task="tm.scraped"} 2.0' in after
 
 
 def test_extra_route_is_called_per_request(
@@ -225,9 +347,7 @@ def test_close_frees_port_and_stops_thread(
 
 @pytest.fixture
 def cert(tmp_path: Path) -> tuple[str, str]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not installed; cannot make a test certificate")
+    openssl = require("openssl")  # to make a test certificate
     key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
     argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost"]
     argv += ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-days", "1"]

@@ -3,11 +3,20 @@
 """
 
 from taskmeter.export.ledger import Ledger, LedgerProblem, ledger_paths, read_ledgers
-from taskmeter.export.metrics import MEMORY_BUCKETS, TIME_BUCKETS, InflightTask, TaskMetrics
+from taskmeter.export.metrics import (
+    MEMORY_BUCKETS,
+    QUEUE_WAIT_BUCKETS,
+    TIME_BUCKETS,
+    WALL_BUCKETS,
+    InflightTask,
+    TaskMetrics,
+)
 
 __all__ = [
     "MEMORY_BUCKETS",
+    "QUEUE_WAIT_BUCKETS",
     "TIME_BUCKETS",
+    "WALL_BUCKETS",
     "InflightTask",
     "Ledger",
     "LedgerProblem",

@@ -1,62 +1,74 @@
 """Exact aggregation of :class:`TaskReport` records into Prometheus metrics.
 
 :class:`TaskMetrics` is a *custom collector*: it keeps its own counts, sums and bucket
-counts and builds metric families when scraped. It deliberately uses no
+counts and renders its own exposition text. It deliberately uses no
 ``prometheus_client`` ``Counter``/``Histogram`` objects: those choose their value
 class at import time and break (or silently write mmap files) when the user has set
 ``PROMETHEUS_MULTIPROC_DIR``. One instance lives in one process (the Celery main
 worker process) and is fed the finished reports of every pool child.
 
-Metrics (the names are a contract, see DESIGN.md; base units: seconds, bytes)::
+Metrics (the names are a contract, see DESIGN.md and the helper contract; base units:
+seconds, bytes)::
 
-    celery_task_runs_total{task,state}                    counter
-    celery_task_wall_seconds{task}                        histogram
-    celery_task_cpu_seconds{task,component}               histogram
-    celery_task_cpu_seconds_total{task,component}         counter
-    celery_task_memory_avg_bytes{task,component}          histogram
-    celery_task_memory_peak_bytes{task,component}         histogram
-    celery_task_memory_peak_bytes_max{task,component}     gauge
-    celery_task_footprint_peak_bytes{task}                histogram
-    celery_task_footprint_peak_bytes_max{task}            gauge   (addition to DESIGN)
-    celery_task_tool_runs_total{task,tool,outcome}        counter
-    celery_task_phase_wall_seconds{task,phase}            histogram
-    celery_task_inflight{task}                            gauge
-    celery_task_inflight_rss_bytes{task,component}        gauge   (addition to DESIGN)
-    taskmeter_labels_folded_total{label}                  counter (cardinality guard)
+    celery_task_runs_total{task,state}                       counter
+    celery_task_kills_total{task,cause}                      counter
+    celery_task_wall_seconds{task}                           histogram (exemplars)
+    celery_task_queue_wait_seconds{task}                     histogram
+    celery_task_memory_peak_bytes{task,component}            histogram (exemplars)
+    celery_task_footprint_peak_bytes{task}                   histogram (exemplars)
+    celery_task_memory_avg_bytes{task,component}             summary (_sum, _count)
+    celery_task_memory_peak_bytes_max{task,component}        gauge
+    celery_task_footprint_peak_bytes_max{task}               gauge
+    celery_task_cpu_seconds_total{task,component}            counter
+    celery_task_component_wall_seconds_total{task,component} counter
+    celery_task_tool_runs_total{task,tool,outcome}           counter
+    celery_task_phase_wall_seconds_total{task,phase}         counter
+    celery_task_inflight{task}                               gauge
+    celery_task_inflight_rss_bytes{task,component}           gauge
+    taskmeter_worker_info{pool,concurrency}                  gauge (= 1)
+    taskmeter_labels_folded_total{label}                     counter (cardinality guard)
+    taskmeter_ledger_errors_total                            counter
+    taskmeter_ledger_rotation_dropped_records_total          counter
+    taskmeter_journal_recovered_tasks_total                  counter
 
 ``component`` is ``overhead`` (the worker process's own share) or ``tool`` (the
-external tool subprocesses). Every report, whatever its state, is observed in every
-histogram: a killed task's peak matters most for sizing. The ``*_max`` gauges hold
-the exact maximum since the worker started, because a limit must cover the largest
-peak actually seen, not a bucket's upper bound.
+external tool subprocesses). Every report, whatever its state, is observed: a killed
+task's peak matters most for sizing. Means are exact (``_sum / _count``, or a counter
+divided by the runs); the ``*_max`` gauges hold the exact maximum since the worker
+started, because a limit must cover the largest peak actually seen, not a bucket's
+upper bound. The histograms serve quantiles (within one bucket) and, in the OpenMetrics
+format only, an exemplar per bucket naming the task id of its latest observation.
 
-Cardinality is bounded: no task id, argument or argv ever becomes a label; at most
-``max_task_names`` task names are kept (later ones are folded into ``task="other"``)
-and at most ``max_values_per_label`` tool and phase values per task (later ones are
-folded into ``"other"``). Every fold is counted in ``taskmeter_labels_folded_total``.
+The scrape stays small: at most 80 series per task type that runs tools (one tool, three
+phases, two kill causes; see docs/celery.md). Cardinality is bounded: no task id,
+argument or argv ever becomes a label; at most ``max_task_names`` task names are kept
+(later ones are folded into ``task="other"``) and at most ``max_values_per_label`` tool
+and phase values per task (later ones are folded into ``"other"``). Every fold is
+counted in ``taskmeter_labels_folded_total``.
+
+Rendering is cached: every series keeps its rendered lines until it changes, every
+family its joined text, so a scrape of an unchanged registry joins cached strings and
+a scrape after one task re-renders only that task's series. ``collect()`` yields
+:class:`CachedFamily` objects; the worker's endpoint (export/server.py) asks them for
+their text, anything else (``generate_latest``) reads their ``samples`` as usual.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 import logging
-import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
-from taskmeter.measure.report import STATES, TaskReport
+from taskmeter.measure.report import CAUSES, STATES, TaskReport
 
 __all__ = [
     "JOURNAL_RECOVERED",
@@ -64,7 +76,10 @@ __all__ = [
     "LEDGER_ERRORS",
     "MEMORY_BUCKETS",
     "OTHER",
+    "QUEUE_WAIT_BUCKETS",
     "TIME_BUCKETS",
+    "WALL_BUCKETS",
+    "CachedFamily",
     "InflightTask",
     "ProcessCounter",
     "TaskMetrics",
@@ -76,7 +91,7 @@ log = logging.getLogger(__name__)
 class ProcessCounter:
     """A process-wide, thread-safe counter with no labels (``.inc(n)``).
 
-    Exported by every :class:`TaskMetrics` of the process under ``name``."""
+    Exported by every :class:`TaskMetrics` of the process under ``name`` + ``_total``."""
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name = name
@@ -89,23 +104,11 @@ class ProcessCounter:
             raise ValueError(f"{self.name}: counters only go up (inc({n!r}))")
         with self._lock:
             self._value += n
-        _bump_generation()
 
     @property
     def value(self) -> float:
         with self._lock:
             return self._value
-
-
-# Bumped by every change any metrics object of this process sees (a rendered scrape
-# can be reused while it has not moved).
-_GENERATION = [0]
-_GENERATION_LOCK = threading.Lock()
-
-
-def _bump_generation() -> None:
-    with _GENERATION_LOCK:
-        _GENERATION[0] += 1
 
 
 LEDGER_ERRORS = ProcessCounter(
@@ -124,47 +127,41 @@ PROCESS_COUNTERS: tuple[ProcessCounter, ...] = (LEDGER_ERRORS, LEDGER_DROPPED, J
 
 OTHER = "other"
 COMPONENTS = ("overhead", "tool")
+# ToolRun.outcome values; anything else (a malformed record) is counted as "other".
+TOOL_OUTCOMES = frozenset(
+    {"ok", "error", "killed", "signal", "running", "untracked", "oom", "orphan-killed", "lost"}
+)
 
 _MIB = 2**20
 _GIB = 2**30
 
+MEMORY_BUCKETS: tuple[float, ...] = tuple(
+    float(b) for b in (16 * _MIB, 64 * _MIB, 256 * _MIB, _GIB, 4 * _GIB, 16 * _GIB, 64 * _GIB)
+)
+"""Upper bounds (bytes) of the memory histograms, +Inf excluded (x4 steps: the exact
+figures sizing needs come from ``_sum``/``_count`` and the ``*_max`` gauges)."""
+WALL_BUCKETS: tuple[float, ...] = (0.05, 0.25, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+"""Upper bounds (seconds) of ``celery_task_wall_seconds``, +Inf excluded."""
+QUEUE_WAIT_BUCKETS: tuple[float, ...] = (0.1, 0.5, 2.0, 10.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
+"""Upper bounds (seconds) of ``celery_task_queue_wait_seconds``, +Inf excluded."""
+TIME_BUCKETS = WALL_BUCKETS
+"""The wall-time bounds under their former name."""
 
-def _memory_buckets() -> tuple[float, ...]:
-    """Byte bounds from 1 MiB growing by at most x1.25 per step, up to >= 64 GiB.
+# OpenMetrics: the label names and values of an exemplar hold at most 128 characters.
+_EXEMPLAR_MAX_CHARS = 128
 
-    Each bound is the previous one times 1.25 rounded *down* to a whole byte, so no
-    step is ever wider than x1.25 (the sizing error a bucket can hide is < 25 %).
-    """
-    bounds = [_MIB]
-    while bounds[-1] < 64 * _GIB:
-        bounds.append(bounds[-1] * 5 // 4)
-    return tuple(float(b) for b in bounds)
-
-
-def _time_buckets() -> tuple[float, ...]:
-    """Seconds in a 1-2-5 sequence from 1 ms, ending with one day (86400 s)."""
-    bounds: list[float] = []
-    for exponent in range(-3, 5):
-        for mantissa in (1, 2, 5):
-            bounds.append(round(mantissa * 10.0**exponent, 3))
-    bounds.append(86400.0)
-    return tuple(bounds)
-
-
-MEMORY_BUCKETS: tuple[float, ...] = _memory_buckets()
-"""Upper bounds (bytes) of the memory histograms, +Inf excluded."""
-TIME_BUCKETS: tuple[float, ...] = _time_buckets()
-"""Upper bounds (seconds) of the time histograms, +Inf excluded."""
-
-
-# prometheus_client's own "le" formatting (Go-style floats), so these buckets read like
+# prometheus_client's own number formatting (Go-style floats), so these series read like
 # any other client's; it is untyped upstream.
 _go_float: Callable[[float], str] = floatToGoString
 
 
-@functools.cache
-def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
-    return (*(_go_float(b) for b in bounds), "+Inf")
+def _escape_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _escape_help(doc: str, openmetrics: bool) -> str:
+    doc = doc.replace("\\", r"\\").replace("\n", r"\n")
+    return doc.replace('"', r"\"") if openmetrics else doc
 
 
 @dataclass(frozen=True)
@@ -179,133 +176,293 @@ class InflightTask:
     tools_rss_bytes: int
 
 
-@dataclass
-class _Histogram:
-    """Non-cumulative bucket counts (last slot: above the last bound), exact sum."""
+# -- series -----------------------------------------------------------------------------
+class _Scalar:
+    """One counter or gauge series: its value and its cached line."""
 
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
+    __slots__ = ("key", "labels", "line", "value")
 
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
+    def __init__(self, key: tuple[str, ...], labels: str) -> None:
+        self.key = key
+        self.labels = labels  # '{a="x",b="y"}' or ''
+        self.value = 0.0
+        self.line: str | None = None
 
-    def observe(self, value: float) -> None:
-        # "le" semantics: a value equal to a bound belongs in that bound's bucket.
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.n += 1
 
-    def cumulative(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
+class _Histo:
+    """One histogram series: non-cumulative bucket counts (the last one above the last
+    bound), exact sum, the latest exemplar of every bucket and the cached lines."""
+
+    __slots__ = ("counts", "exemplars", "key", "labels", "n", "om", "text", "total")
+
+    def __init__(self, key: tuple[str, ...], labels: str, nbuckets: int) -> None:
+        self.key = key
+        self.labels = labels
+        self.counts = [0] * nbuckets
+        self.exemplars: list[tuple[str, str, float, float] | None] = [None] * nbuckets
+        self.total = 0.0
+        self.n = 0
+        self.text: str | None = None
+        self.om: str | None = None
+
+
+class _Family:
+    """A metric family: kind, help, label names and its series by label values."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        doc: str,
+        labelnames: tuple[str, ...],
+        bounds: tuple[float, ...] = (),
+        exemplars: bool = False,
+    ) -> None:
+        self.name = name  # without "_total" for counters (like prometheus_client)
+        self.kind = kind  # counter, gauge, histogram, summary
+        self.doc = doc
+        self.labelnames = labelnames
+        self.bounds = bounds
+        self.exemplars = exemplars
+        self.series: dict[tuple[str, ...], Any] = {}
+        self.cache: dict[bool, str] = {}  # openmetrics? -> the family's text
+        exposed = name + "_total" if kind == "counter" else name
+        self.sample_name = exposed
+        self.headers = {
+            om: f"# HELP {n} {_escape_help(doc, om)}\n# TYPE {n} {kind}\n"
+            for om, n in ((False, exposed), (True, name))
+        }
+        self.les = (*(_go_float(b) for b in bounds), "+Inf")
+
+    def _labels(self, key: tuple[str, ...]) -> str:
+        if not key:
+            return ""
+        pairs = ",".join(
+            f'{n}="{_escape_value(v)}"' for n, v in zip(self.labelnames, key, strict=True)
+        )
+        return "{" + pairs + "}"
+
+    def scalar(self, key: tuple[str, ...]) -> _Scalar:
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Scalar(key, self._labels(key))
+            self.cache.clear()
+        return s
+
+    def histo(self, key: tuple[str, ...]) -> _Histo:
+        h = self.series.get(key)
+        if h is None:
+            h = self.series[key] = _Histo(key, self._labels(key), len(self.bounds) + 1)
+            self.cache.clear()
+        return h
+
+    # -- rendering (lock held by the caller) ---------------------------------------------
+    def render(self, openmetrics: bool) -> str:
+        text = self.cache.get(openmetrics)
+        if text is None:
+            parts = [self.headers[openmetrics]]
+            if self.kind == "histogram":
+                parts += [self._histo_lines(h, openmetrics) for h in self.series.values()]
+            elif self.kind == "summary":
+                parts += [self._summary_lines(h) for h in self.series.values()]
+            else:
+                parts += [self._scalar_line(s) for s in self.series.values()]
+            text = self.cache[openmetrics] = "".join(parts)
+        return text
+
+    def _scalar_line(self, s: _Scalar) -> str:
+        if s.line is None:
+            s.line = f"{self.sample_name}{s.labels} {_go_float(s.value)}\n"
+        return s.line
+
+    def _summary_lines(self, h: _Histo) -> str:
+        if h.text is None:
+            h.text = (
+                f"{self.name}_sum{h.labels} {_go_float(h.total)}\n"
+                f"{self.name}_count{h.labels} {_go_float(h.n)}\n"
+            )
+        return h.text
+
+    def _histo_lines(self, h: _Histo, openmetrics: bool) -> str:
+        with_exemplars = openmetrics and self.exemplars
+        cached = h.om if with_exemplars else h.text
+        if cached is not None:
+            return cached
+        inner = h.labels[1:-1] + "," if h.labels else ""
+        lines = []
         running = 0
-        for le, count in zip(_le_labels(self.bounds), self.counts, strict=True):
+        for le, count, ex in zip(self.les, h.counts, h.exemplars, strict=True):
             running += count
-            out.append((le, float(running)))
+            line = f'{self.name}_bucket{{{inner}le="{le}"}} {_go_float(running)}'
+            if with_exemplars and ex is not None:
+                line += f" # {ex[1]} {_go_float(ex[2])} {ex[3]:.3f}"
+            lines.append(line + "\n")
+        lines.append(f"{self.name}_sum{h.labels} {_go_float(h.total)}\n")
+        lines.append(f"{self.name}_count{h.labels} {_go_float(h.n)}\n")
+        text = "".join(lines)
+        if with_exemplars:
+            h.om = text
+        else:
+            h.text = text
+        return text
+
+    def samples(self) -> list[Sample]:
+        """The family as prometheus_client samples (for generate_latest & co)."""
+        out: list[Sample] = []
+        for key, s in self.series.items():
+            labels = dict(zip(self.labelnames, key, strict=True))
+            if self.kind == "histogram":
+                running = 0
+                for le, count, ex in zip(self.les, s.counts, s.exemplars, strict=True):
+                    running += count
+                    exemplar = None
+                    if self.exemplars and ex is not None:
+                        exemplar = Exemplar({"task_id": ex[0]}, ex[2], ex[3])
+                    out.append(
+                        Sample(self.name + "_bucket", {**labels, "le": le}, running, None, exemplar)
+                    )
+                out.append(Sample(self.name + "_sum", labels, s.total))
+                out.append(Sample(self.name + "_count", labels, float(s.n)))
+            elif self.kind == "summary":
+                out.append(Sample(self.name + "_sum", labels, s.total))
+                out.append(Sample(self.name + "_count", labels, float(s.n)))
+            else:
+                out.append(Sample(self.sample_name, labels, s.value))
         return out
 
 
-# name -> (help, label names, bounds)
-_HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
-    "celery_task_wall_seconds": (
-        "Wall-clock time of each task, start to end (seconds).",
-        ("task",),
-        TIME_BUCKETS,
-    ),
-    "celery_task_cpu_seconds": (
-        "CPU time of each task (seconds): component=overhead is the worker process's "
-        "own CPU, component=tool the summed CPU of its tool subprocesses (0 when none).",
-        ("task", "component"),
-        TIME_BUCKETS,
-    ),
-    "celery_task_memory_avg_bytes": (
-        "Average RSS per task (bytes): component=overhead is the worker process; "
-        "component=tool the wall-weighted mean of its tool runs' average RSS (only "
-        "tasks that ran tools). Per process, never summed across processes.",
-        ("task", "component"),
-        MEMORY_BUCKETS,
-    ),
-    "celery_task_memory_peak_bytes": (
-        "Peak RSS per task (bytes): component=overhead is the worker process; "
-        "component=tool the largest peak of a single tool process (only tasks that "
-        "ran tools).",
-        ("task", "component"),
-        MEMORY_BUCKETS,
-    ),
-    "celery_task_footprint_peak_bytes": (
-        "Peak per task of worker RSS plus the RSS of the tools alive at that moment "
-        "(bytes): what the container must hold at once.",
-        ("task",),
-        MEMORY_BUCKETS,
-    ),
-    "celery_task_phase_wall_seconds": (
-        "Wall-clock time of each named phase of a task (seconds).",
-        ("task", "phase"),
-        TIME_BUCKETS,
-    ),
-}
+class CachedFamily(Metric):
+    """A family of a :class:`TaskMetrics` as yielded by ``collect()``.
 
-# name (as exposed, with _total) -> (help, label names)
-_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "celery_task_runs_total": (
-        "Task runs by final state (success, failure, retry, revoked, killed).",
-        ("task", "state"),
-    ),
-    "celery_task_cpu_seconds_total": (
-        "CPU seconds consumed by tasks, by component (overhead: worker process; tool: "
-        "tool subprocesses). rate() of it is the number of cores in use.",
-        ("task", "component"),
-    ),
-    "celery_task_wall_seconds_total": (
-        "Wall seconds of tasks, by component: tool = the time tool subprocesses ran "
-        "(union of their runs), overhead = the rest (the seed's DivBase overhead wall).",
-        ("task", "component"),
-    ),
-    "celery_task_tool_runs_total": (
-        "Tool subprocess runs by executable basename and outcome (ok, error, "
-        "killed = SIGKILL, signal = any other signal, running).",
-        ("task", "tool", "outcome"),
-    ),
-    "taskmeter_labels_folded_total": (
-        "Observations whose label value was folded into 'other' because the label "
-        "(task, tool or phase) reached its cardinality bound.",
-        ("label",),
-    ),
-}
+    ``exposition(openmetrics)`` returns its text (HELP and TYPE lines included, no
+    ``# EOF``) from the cache, rendering only the series that changed; ``samples``
+    builds prometheus_client samples for any other consumer. Both read the current
+    state under the owner's lock."""
 
-# name -> (help, label names)
-_MAX_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "celery_task_memory_peak_bytes_max": (
-        "Largest per-task peak RSS seen since the worker started (bytes), by component; "
-        "exact, unlike a histogram bucket.",
-        ("task", "component"),
-    ),
-    "celery_task_footprint_peak_bytes_max": (
-        "Largest per-task footprint peak (worker plus tools alive at once) seen since "
-        "the worker started (bytes); exact, unlike a histogram bucket.",
-        ("task",),
-    ),
-}
+    def __init__(self, owner: TaskMetrics, family: _Family) -> None:
+        # Metric.__init__ would validate the name and set samples to []; both moot here.
+        self.name = family.name
+        self.documentation = family.doc
+        self.unit = ""
+        self.type = family.kind
+        self._owner = owner
+        self._family = family
 
-_INFLIGHT_HELP = "Tasks running right now (0 for every task name seen so far)."
-_INFLIGHT_RSS_HELP = (
-    "Current RSS of the tasks running right now, summed over the tasks of that name "
-    "(bytes): component=overhead their worker processes, component=tool their tools."
-)
+    @property
+    def samples(self) -> list[Sample]:
+        with self._owner._lock:
+            return self._family.samples()
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:  # Metric.__init__ compatibility
+        pass
+
+    @property
+    def sample_names(self) -> tuple[str, ...]:
+        f = self._family
+        if f.kind == "histogram":
+            return (f.name + "_bucket", f.name + "_sum", f.name + "_count")
+        if f.kind == "summary":
+            return (f.name + "_sum", f.name + "_count")
+        return (f.sample_name,)
+
+    def exposition(self, openmetrics: bool) -> str:
+        with self._owner._lock:
+            return self._family.render(openmetrics)
+
+
+# -- the collector ----------------------------------------------------------------------
+RUNS = "celery_task_runs"
+KILLS = "celery_task_kills"
+WALL = "celery_task_wall_seconds"
+QUEUE_WAIT = "celery_task_queue_wait_seconds"
+PEAK = "celery_task_memory_peak_bytes"
+FOOTPRINT = "celery_task_footprint_peak_bytes"
+AVG = "celery_task_memory_avg_bytes"
+PEAK_MAX = "celery_task_memory_peak_bytes_max"
+FOOTPRINT_MAX = "celery_task_footprint_peak_bytes_max"
+CPU = "celery_task_cpu_seconds"
+COMPONENT_WALL = "celery_task_component_wall_seconds"
+TOOL_RUNS = "celery_task_tool_runs"
+PHASE_WALL = "celery_task_phase_wall_seconds"
+INFLIGHT = "celery_task_inflight"
+INFLIGHT_RSS = "celery_task_inflight_rss_bytes"
+WORKER_INFO = "taskmeter_worker_info"
+FOLDED = "taskmeter_labels_folded"
+
+
+def _families() -> dict[str, _Family]:
+    tc = ("task", "component")
+    fams = [
+        _Family(RUNS, "counter", "Task runs by final state (success, failure, retry, revoked, "
+                "killed, lost).", ("task", "state")),
+        _Family(KILLS, "counter", "Tasks whose process died (state killed or lost) by cause: "
+                "oom, time_limit, signal or unknown.", ("task", "cause")),
+        _Family(WALL, "histogram", "Wall-clock time of each task, start to end (seconds). "
+                "Exact mean: _sum / _count.", ("task",), WALL_BUCKETS, exemplars=True),
+        _Family(QUEUE_WAIT, "histogram", "Seconds from publish (or ETA) to start, for "
+                "messages the sender stamped with taskmeter.", ("task",), QUEUE_WAIT_BUCKETS),
+        _Family(PEAK, "histogram", "Peak RSS per task (bytes): component=overhead is the "
+                "worker process; component=tool the largest peak of a single tool process "
+                "(only tasks that ran tools).", tc, MEMORY_BUCKETS, exemplars=True),
+        _Family(FOOTPRINT, "histogram", "Peak per task of worker RSS plus the RSS of the tools "
+                "alive at that moment (bytes): what the container must hold at once.",
+                ("task",), MEMORY_BUCKETS, exemplars=True),
+        _Family(AVG, "summary", "Average RSS per task (bytes), mean = _sum / _count: "
+                "component=overhead is the worker process; component=tool the wall-weighted "
+                "mean of its tool runs' average RSS (only tasks that ran tools).", tc),
+        _Family(PEAK_MAX, "gauge", "Largest per-task peak RSS seen since the worker started "
+                "(bytes), by component; exact, unlike a histogram bucket.", tc),
+        _Family(FOOTPRINT_MAX, "gauge", "Largest per-task footprint peak (worker plus tools "
+                "alive at once) seen since the worker started (bytes); exact.", ("task",)),
+        _Family(CPU, "counter", "CPU seconds consumed by tasks, by component (overhead: worker "
+                "process; tool: tool subprocesses). rate() of it is the number of cores in "
+                "use.", tc),
+        _Family(COMPONENT_WALL, "counter", "Wall seconds of tasks, by component: tool = the "
+                "time tool subprocesses ran (union of their runs), overhead = the rest.", tc),
+        _Family(TOOL_RUNS, "counter", "Tool subprocess runs by executable basename and outcome "
+                "(ok, error, killed = SIGKILL, signal, running, untracked, oom, orphan-killed, "
+                "lost).", ("task", "tool", "outcome")),
+        _Family(PHASE_WALL, "counter", "Wall seconds of each named phase of a task; mean per "
+                "run = this / the runs.", ("task", "phase")),
+        _Family(INFLIGHT, "gauge", "Tasks running right now (0 for every task name seen so "
+                "far).", ("task",)),
+        _Family(INFLIGHT_RSS, "gauge", "Current RSS of the tasks running right now, summed over "
+                "the tasks of that name (bytes): component=overhead their worker processes, "
+                "component=tool their tools.", tc),
+        _Family(WORKER_INFO, "gauge", "1, labelled with the worker's pool (prefork, threads, "
+                "solo, ...) and concurrency (tasks at once; 1 for solo).",
+                ("pool", "concurrency")),
+        _Family(FOLDED, "counter", "Observations whose label value was folded into 'other' "
+                "because the label (task, tool or phase) reached its cardinality bound.",
+                ("label",)),
+    ]  # fmt: skip
+    fams += [_Family(pc.name, "counter", pc.documentation, ()) for pc in PROCESS_COUNTERS]
+    return {f.name: f for f in fams}
+
+
+class _TaskKeys:
+    """The label tuples of one task label, built once (observe allocates none)."""
+
+    __slots__ = ("comp", "one", "states")
+
+    def __init__(self, task: str) -> None:
+        self.one = (task,)
+        self.comp = {c: (task, c) for c in COMPONENTS}
+        self.states: dict[str, tuple[str, str]] = {s: (task, s) for s in STATES}
 
 
 class TaskMetrics:
     """Prometheus collector aggregating finished :class:`TaskReport` records.
 
-    Register it once (``REGISTRY.register(metrics)``) and feed it with
+    Register it once (``registry.register(metrics)``) and feed it with
     :meth:`observe`. Thread-safe: :meth:`observe` and :meth:`count_run` may be
     called from any thread while :meth:`collect` serves scrapes.
 
     ``inflight``, if given, is called at every scrape (outside the lock) and returns
     the tasks running right now, for ``celery_task_inflight`` and
-    ``celery_task_inflight_rss_bytes``.
+    ``celery_task_inflight_rss_bytes``. ``pool`` and ``concurrency`` (or
+    :meth:`set_worker_info`) give ``taskmeter_worker_info``.
     """
 
     def __init__(
@@ -314,6 +471,8 @@ class TaskMetrics:
         max_task_names: int = 500,
         max_values_per_label: int = 50,
         inflight: Callable[[], list[InflightTask]] | None = None,
+        pool: str | None = None,
+        concurrency: int | None = None,
     ) -> None:
         if max_task_names < 1 or max_values_per_label < 1:
             raise ValueError("max_task_names and max_values_per_label must be >= 1")
@@ -321,84 +480,127 @@ class TaskMetrics:
         self.max_values_per_label = max_values_per_label
         self.inflight = inflight
         self._lock = threading.Lock()
+        self._f = _families()
+        self._views = [CachedFamily(self, f) for f in self._f.values()]
         # Task label values in order of first sight ("other" included once used).
-        self._tasks: dict[str, None] = {}
+        self._tasks: dict[str, _TaskKeys] = {}
         self._known_names = 0
         # Per task label: the tool and phase values kept so far.
         self._values: dict[tuple[str, str], set[str]] = {}
-        self._counters: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in _COUNTERS}
-        self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = {
-            n: {} for n in _HISTOGRAMS
-        }
-        self._max: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in _MAX_GAUGES}
+        # Bumped by every change: a cached rendering is current while it has not moved.
+        self.generation = 0
+        for label in ("task", "tool", "phase"):
+            self._f[FOLDED].scalar((label,))
+        if pool is not None:
+            self.set_worker_info(pool, concurrency if concurrency is not None else 1)
 
     # -- feeding ----------------------------------------------------------------------
-    def observe(self, report: TaskReport) -> None:
-        """Account one finished (or killed) task."""
-        if report.state not in STATES:
-            raise ValueError(f"report state {report.state!r}: expected one of {STATES}")
+    def set_worker_info(self, pool: str, concurrency: int) -> None:
+        """``taskmeter_worker_info{pool,concurrency} 1`` (replaces an earlier call)."""
         with self._lock:
-            task = self._task_label(report.task)
-            self._inc("celery_task_runs_total", (task, report.state))
-            self._hist("celery_task_wall_seconds", (task,), report.wall_s)
+            family = self._f[WORKER_INFO]
+            family.series.clear()
+            family.cache.clear()
+            self._set(family, (str(pool), str(int(concurrency))), 1.0)
+            self.generation += 1
 
-            cpu = {"overhead": report.overhead.cpu_s, "tool": report.tool_totals.cpu_s}
-            for component, seconds in cpu.items():
-                self._hist("celery_task_cpu_seconds", (task, component), seconds)
-                self._inc("celery_task_cpu_seconds_total", (task, component), seconds)
-            wall = {"overhead": report.overhead.wall_s, "tool": report.tool_totals.wall_s}
-            for component, seconds in wall.items():
-                self._inc("celery_task_wall_seconds_total", (task, component), seconds)
+    def observe(self, report: TaskReport) -> None:
+        """Account one finished (or killed, or lost) task."""
+        state = report.state
+        if state not in STATES:
+            raise ValueError(f"report state {state!r}: expected one of {STATES}")
+        f = self._f
+        ts = time.time()
+        exemplar = report.task_id
+        with self._lock:
+            self.generation += 1
+            keys = self._keys(report.task)
+            self._inc(f[RUNS], keys.states[state])
+            cause = report.cause
+            if cause is None and state in ("killed", "lost"):
+                cause = "unknown"
+            if cause is not None:
+                if cause not in CAUSES:
+                    cause = "unknown"
+                self._inc(f[KILLS], (keys.one[0], cause))
+            self._observe(f[WALL], keys.one, report.wall_s, exemplar, ts)
+            if report.queue_wait_s is not None:
+                self._observe(f[QUEUE_WAIT], keys.one, max(0.0, report.queue_wait_s))
 
-            avg = {"overhead": float(report.overhead.rss_avg_bytes)}
-            peak = {"overhead": float(report.overhead.rss_peak_bytes)}
+            over, tool = keys.comp["overhead"], keys.comp["tool"]
+            self._inc(f[CPU], over, report.overhead.cpu_s)
+            self._inc(f[CPU], tool, report.tool_totals.cpu_s)
+            self._inc(f[COMPONENT_WALL], over, report.overhead.wall_s)
+            self._inc(f[COMPONENT_WALL], tool, report.tool_totals.wall_s)
+
+            self._summary(f[AVG], over, float(report.overhead.rss_avg_bytes))
+            peak = float(report.overhead.rss_peak_bytes)
+            self._observe(f[PEAK], over, peak, exemplar, ts)
+            self._raise_max(f[PEAK_MAX], over, peak)
             tool_avg = report.tool_avg_rss_bytes
             if tool_avg is not None:
-                avg["tool"] = tool_avg
-                peak["tool"] = float(report.tool_totals.rss_peak_bytes)
-            for component, value in avg.items():
-                self._hist("celery_task_memory_avg_bytes", (task, component), value)
-            for component, value in peak.items():
-                self._hist("celery_task_memory_peak_bytes", (task, component), value)
-                self._raise_max("celery_task_memory_peak_bytes_max", (task, component), value)
+                self._summary(f[AVG], tool, tool_avg)
+                peak = float(report.tool_totals.rss_peak_bytes)
+                self._observe(f[PEAK], tool, peak, exemplar, ts)
+                self._raise_max(f[PEAK_MAX], tool, peak)
 
             footprint = float(report.footprint_peak_bytes)
-            self._hist("celery_task_footprint_peak_bytes", (task,), footprint)
-            self._raise_max("celery_task_footprint_peak_bytes_max", (task,), footprint)
+            self._observe(f[FOOTPRINT], keys.one, footprint, exemplar, ts)
+            self._raise_max(f[FOOTPRINT_MAX], keys.one, footprint)
 
+            task = keys.one[0]
             for run in report.tools:
-                tool = self._value_label(task, "tool", os.path.basename(run.exe) or "unknown")
-                self._inc("celery_task_tool_runs_total", (task, tool, run.outcome))
+                name = self._value_label(task, "tool", os.path.basename(run.exe) or "unknown")
+                outcome = run.outcome
+                if outcome not in TOOL_OUTCOMES:
+                    outcome = OTHER
+                self._inc(f[TOOL_RUNS], (task, name, outcome))
             for phase in report.phases:
                 name = self._value_label(task, "phase", phase.name)
-                self._hist("celery_task_phase_wall_seconds", (task, name), phase.wall_s)
+                self._inc(f[PHASE_WALL], (task, name), phase.wall_s)
 
     def declare(self, tasks: Iterable[str]) -> None:
-        """Task names known before any of them runs (a worker's registered tasks): their
-        series start at zero, so rate() and increase() see even the first run."""
+        """Task names known before any of them runs (a worker's registered tasks): the
+        counters every run increments start at zero, so rate() and increase() see even
+        the first run."""
         with self._lock:
+            self.generation += 1
             for name in tasks:
-                self._task_label(name, count_fold=False)
+                self._keys(name, count_fold=False)
 
     def count_run(self, task: str, state: str) -> None:
         """Count a run that produced no report (e.g. revoked while still queued)."""
         if state not in STATES:
             raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
         with self._lock:
-            self._inc("celery_task_runs_total", (self._task_label(task), state))
+            self.generation += 1
+            self._inc(self._f[RUNS], self._keys(task).states[state])
 
     # -- label bounds (call with the lock held) ---------------------------------------
-    def _task_label(self, name: str, *, count_fold: bool = True) -> str:
-        if name in self._tasks:
-            return name
+    def _keys(self, name: str, *, count_fold: bool = True) -> _TaskKeys:
+        keys = self._tasks.get(name)
+        if keys is not None:
+            return keys
         if self._known_names < self.max_task_names:
             self._known_names += 1
-            self._tasks[name] = None
-            return name
-        if count_fold:
-            self._inc("taskmeter_labels_folded_total", ("task",))
-        self._tasks.setdefault(OTHER, None)
-        return OTHER
+        else:
+            if count_fold:
+                self._inc(self._f[FOLDED], ("task",))
+            name = OTHER
+            keys = self._tasks.get(OTHER)
+            if keys is not None:
+                return keys
+        keys = self._tasks[name] = _TaskKeys(name)
+        # The zero series: what every run increments, and the in-flight gauges.
+        f = self._f
+        for state in ("success", "failure"):
+            f[RUNS].scalar(keys.states[state])
+        for component in COMPONENTS:
+            f[CPU].scalar(keys.comp[component])
+            f[COMPONENT_WALL].scalar(keys.comp[component])
+            f[INFLIGHT_RSS].scalar(keys.comp[component])
+        f[INFLIGHT].scalar(keys.one)
+        return keys
 
     def _value_label(self, task: str, label: str, value: str) -> str:
         kept = self._values.setdefault((task, label), set())
@@ -407,42 +609,74 @@ class TaskMetrics:
         if len(kept) < self.max_values_per_label:
             kept.add(value)
             return value
-        self._inc("taskmeter_labels_folded_total", (label,))
+        self._inc(self._f[FOLDED], (label,))
         return OTHER
 
-    def _inc(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        series = self._counters[name]
-        series[labels] = series.get(labels, 0.0) + amount
+    @staticmethod
+    def _inc(family: _Family, key: tuple[str, ...], amount: float = 1.0) -> None:
+        s = family.scalar(key)
+        s.value += amount
+        s.line = None
+        family.cache.clear()
 
-    def _hist(self, name: str, labels: tuple[str, ...], value: float) -> None:
-        series = self._histograms[name]
-        hist = series.get(labels)
-        if hist is None:
-            hist = series[labels] = _Histogram(_HISTOGRAMS[name][2])
-        hist.observe(value)
+    @staticmethod
+    def _set(family: _Family, key: tuple[str, ...], value: float) -> None:
+        s = family.scalar(key)
+        if s.value != value:
+            s.value = value
+            s.line = None
+            family.cache.clear()
 
-    def _raise_max(self, name: str, labels: tuple[str, ...], value: float) -> None:
-        series = self._max[name]
-        if value > series.get(labels, -math.inf):
-            series[labels] = value
+    @staticmethod
+    def _raise_max(family: _Family, key: tuple[str, ...], value: float) -> None:
+        s = family.series.get(key)
+        if s is None or value > s.value:
+            TaskMetrics._set(family, key, value)
+
+    @staticmethod
+    def _summary(family: _Family, key: tuple[str, ...], value: float) -> None:
+        h = family.histo(key)
+        h.total += value
+        h.n += 1
+        h.text = None
+        family.cache.clear()
+
+    @staticmethod
+    def _observe(
+        family: _Family,
+        key: tuple[str, ...],
+        value: float,
+        exemplar: str | None = None,
+        ts: float = 0.0,
+    ) -> None:
+        h = family.histo(key)
+        # "le" semantics: a value equal to a bound belongs in that bound's bucket.
+        i = bisect.bisect_left(family.bounds, value)
+        h.counts[i] += 1
+        h.total += value
+        h.n += 1
+        if exemplar is not None and len(exemplar) + 7 <= _EXEMPLAR_MAX_CHARS:
+            h.exemplars[i] = (exemplar, f'{{task_id="{_escape_value(exemplar)}"}}', value, ts)
+        h.text = h.om = None
+        family.cache.clear()
 
     # -- exposition -------------------------------------------------------------------
     def describe(self) -> list[Metric]:
-        """Nothing: the registry then skips its name-clash check for this collector
-        (``celery_task_cpu_seconds`` and ``celery_task_cpu_seconds_total`` are both
-        contract names) and never calls :meth:`collect` at registration."""
+        """Nothing: the registry then never calls :meth:`collect` at registration."""
         return []
 
     def collect(self) -> Iterator[Metric]:
         running = self._read_inflight()
+        counters = [(pc.name, pc.value) for pc in PROCESS_COUNTERS]
         with self._lock:
-            labelled = None
+            for name, total in counters:
+                self._set(self._f[name], (), total)
             if running is not None:
-                # A name first seen in flight takes a place like any other (its folds
-                # are not counted: they would recount at every scrape).
-                labelled = [(self._task_label(t.task, count_fold=False), t) for t in running]
-            families = self._families(labelled)
-        yield from families
+                self._update_inflight(running)
+            views = [
+                v for v in self._views if running is not None or v.name not in _INFLIGHT_FAMILIES
+            ]
+        yield from views
 
     def _read_inflight(self) -> list[InflightTask] | None:
         if self.inflight is None:
@@ -453,101 +687,58 @@ class TaskMetrics:
             log.exception("taskmeter: the inflight callable failed; inflight omitted")
             return None
 
-    def _families(self, inflight: Iterable[tuple[str, InflightTask]] | None) -> list[Metric]:
-        families: list[Metric] = []
-        tasks = list(self._tasks)
-
-        for name, (doc, labels) in _COUNTERS.items():
-            counter = CounterMetricFamily(name, doc, labels=labels)
-            series = dict(self._counters[name])
-            # Explicit zeros, so rate() sees the first increment of every series.
-            if name == "celery_task_runs_total":
-                for task in tasks:
-                    for state in STATES:
-                        series.setdefault((task, state), 0.0)
-            elif name in ("celery_task_cpu_seconds_total", "celery_task_wall_seconds_total"):
-                for task in tasks:
-                    for component in COMPONENTS:
-                        series.setdefault((task, component), 0.0)
-            elif name == "taskmeter_labels_folded_total":
-                for label in ("task", "tool", "phase"):
-                    series.setdefault((label,), 0.0)
-            for key, value in sorted(series.items()):
-                counter.add_metric(list(key), value)
-            families.append(counter)
-        for pc in PROCESS_COUNTERS:
-            process_family = CounterMetricFamily(pc.name, pc.documentation)
-            process_family.add_metric([], pc.value)
-            families.append(process_family)
-
-        for name, (doc, labels, bounds) in _HISTOGRAMS.items():
-            histogram = HistogramMetricFamily(name, doc, labels=labels)
-            hists = dict(self._histograms[name])
-            # Empty histograms for every known task, for the same reason as the zeros.
-            if labels == ("task",):
-                for task in tasks:
-                    hists.setdefault((task,), _Histogram(bounds))
-            elif name == "celery_task_cpu_seconds":  # observed for both, every task
-                for task in tasks:
-                    for component in COMPONENTS:
-                        hists.setdefault((task, component), _Histogram(bounds))
-            elif labels == ("task", "component"):
-                # Memory of tools exists only for tasks that run tools: no empty tool
-                # series (54 samples each) for the tasks that never do.
-                for task in tasks:
-                    hists.setdefault((task, "overhead"), _Histogram(bounds))
-            for key, hist in sorted(hists.items()):
-                histogram.add_metric(list(key), hist.cumulative(), hist.total)
-            families.append(histogram)
-
-        for name, (doc, labels) in _MAX_GAUGES.items():
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            for key, value in sorted(self._max[name].items()):
-                gauge.add_metric(list(key), value)
-            families.append(gauge)
-
-        if inflight is not None:
-            running = dict.fromkeys(tasks, 0)
-            rss = {(t, c): 0 for t in tasks for c in COMPONENTS}
-            for task, info in inflight:
-                running[task] = running.get(task, 0) + 1
-                rss[(task, "overhead")] = rss.get((task, "overhead"), 0) + info.worker_rss_bytes
-                rss[(task, "tool")] = rss.get((task, "tool"), 0) + info.tools_rss_bytes
-            count_family = GaugeMetricFamily(
-                "celery_task_inflight", _INFLIGHT_HELP, labels=["task"]
-            )
-            for task, n in sorted(running.items()):
-                count_family.add_metric([task], n)
-            rss_family = GaugeMetricFamily(
-                "celery_task_inflight_rss_bytes", _INFLIGHT_RSS_HELP, labels=["task", "component"]
-            )
-            for (task, component), value in sorted(rss.items()):
-                rss_family.add_metric([task, component], value)
-            families += [count_family, rss_family]
-        return families
+    def _update_inflight(self, running: list[InflightTask]) -> None:
+        counts: dict[str, float] = {}
+        rss: dict[tuple[str, str], float] = {}
+        for info in running:
+            # A name first seen in flight takes a place like any other (its folds are
+            # not counted: they would recount at every scrape).
+            keys = self._keys(info.task, count_fold=False)
+            task = keys.one[0]
+            counts[task] = counts.get(task, 0.0) + 1
+            over, tool = keys.comp["overhead"], keys.comp["tool"]
+            rss[over] = rss.get(over, 0.0) + info.worker_rss_bytes
+            rss[tool] = rss.get(tool, 0.0) + info.tools_rss_bytes
+        f_count, f_rss = self._f[INFLIGHT], self._f[INFLIGHT_RSS]
+        for key in f_count.series:
+            self._set(f_count, key, counts.get(key[0], 0.0))
+        for key in f_rss.series:
+            self._set(f_rss, key, rss.get(key, 0.0))  # type: ignore[arg-type]
 
     # -- debugging --------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """A plain copy of the aggregated state (no in-flight figures)::
 
             {"tasks": [...], "counters": {name: {labels: value}},
+             "gauges": {name: {labels: value}},
              "histograms": {name: {labels: {"count", "sum", "buckets"}}},
-             "max": {name: {labels: value}}}
+             "summaries": {name: {labels: {"count", "sum"}}}}
 
-        where ``labels`` are tuples of label values in the order of the metric's
-        label names and ``buckets`` lists non-cumulative counts (the last one above
-        the last bound).
+        where counter names end in ``_total``, ``labels`` are tuples of label values in
+        the order of the metric's label names and ``buckets`` lists non-cumulative
+        counts (the last one above the last bound).
         """
+        out: dict[str, Any] = {"counters": {}, "gauges": {}, "histograms": {}, "summaries": {}}
         with self._lock:
-            return {
-                "tasks": list(self._tasks),
-                "counters": {n: dict(s) for n, s in self._counters.items()},
-                "histograms": {
-                    n: {
+            out["tasks"] = list(self._tasks)
+            for f in self._f.values():
+                if f.name in _INFLIGHT_FAMILIES:
+                    continue
+                if f.kind == "counter":
+                    out["counters"][f.sample_name] = {k: s.value for k, s in f.series.items()}
+                elif f.kind == "gauge":
+                    out["gauges"][f.name] = {k: s.value for k, s in f.series.items()}
+                elif f.kind == "histogram":
+                    out["histograms"][f.name] = {
                         k: {"count": h.n, "sum": h.total, "buckets": list(h.counts)}
-                        for k, h in s.items()
+                        for k, h in f.series.items()
                     }
-                    for n, s in self._histograms.items()
-                },
-                "max": {n: dict(s) for n, s in self._max.items()},
-            }
+                else:
+                    out["summaries"][f.name] = {
+                        k: {"count": h.n, "sum": h.total} for k, h in f.series.items()
+                    }
+        out["max"] = {n: out["gauges"][n] for n in (PEAK_MAX, FOOTPRINT_MAX)}
+        return out
+
+
+_INFLIGHT_FAMILIES = frozenset({INFLIGHT, INFLIGHT_RSS})
