@@ -50,8 +50,18 @@ def test_interval_option_is_recorded_and_bad_values_are_refused():
 
 def test_missing_command_is_a_clear_error():
     out = tm("run", "--", "/nonexistent/tool")
-    assert out.returncode == 1
-    assert "cannot run '/nonexistent/tool'" in out.stderr
+    assert out.returncode == 127  # as a shell (tests/test_cli_misuse.py has every case)
+    assert out.stderr == "taskmeter run: /nonexistent/tool: No such file or directory\n"
+
+
+def test_a_report_that_cannot_be_written_keeps_the_commands_exit_code():
+    # /dev/full passes the checks made before the run, then every write fails (ENOSPC).
+    out = tm("run", "--json", "-o", "/dev/full", "--", "sh", "-c", "exit 5")
+    assert out.returncode == 5
+    first, report = out.stderr.splitlines()[-2:]
+    assert first.startswith("taskmeter run: cannot write '/dev/full': No space left on device")
+    assert json.loads(report)["tools"][0]["exit_code"] == 5
+    assert "Traceback" not in out.stderr
 
 
 def test_bad_sample_interval_variable_names_the_variable():

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import taskmeter as tm
+from taskmeter.cli_checks import FiniteFloat, SettingError, cannot_start, output_file
 from taskmeter.format import bytes_h, seconds_h
 from taskmeter.measure.sampler import interval_from_env
 from taskmeter.options import duration_s, memory_bytes
@@ -38,7 +39,9 @@ def main() -> None:
     "--output",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
-    help="Write the report to this file instead of standard error.",
+    callback=output_file,
+    help="Write the report to this file instead of standard error (checked before the "
+    "command runs).",
 )
 @click.option("--name", default=None, help="Task name in the report [default: the command].")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -49,24 +52,27 @@ def run(
 
     The command's own output is untouched; the report goes to standard error (or
     --output), and taskmeter exits with the command's exit code (128+N if it was
-    killed by signal N).
+    killed by signal N; like a shell, 127 if it is not found and 126 if it cannot be
+    executed).
     """
     argv = list(command)
     try:
         tm.configure(interval_s=interval if interval is not None else interval_from_env())
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    except ValueError as exc:  # a bad TASKMETER_SAMPLE_INTERVAL
+        raise SettingError(str(exc)) from exc
     # Like GNU time: a Ctrl-C reaches the command through the terminal; taskmeter
     # itself must survive it to report how the command ended. A handler (not SIG_IGN)
     # is reset by exec, so the command still gets the default disposition.
     old_int = signal.signal(signal.SIGINT, _ignore)
     old_quit = signal.signal(signal.SIGQUIT, _ignore)
     try:
-        with tm.measure(name or os.path.basename(argv[0])) as m:
+        with tm.measure(name or os.path.basename(argv[0].rstrip(os.sep)) or "command") as m:
             try:
                 proc = tm.Popen(argv)
             except OSError as exc:
-                raise click.ClickException(f"cannot run {argv[0]!r}: {exc.strerror}") from exc
+                status, message = cannot_start(argv[0], exc)
+                click.echo(f"taskmeter run: {message}", err=True)
+                sys.exit(status)
             code = proc.wait()
     finally:
         signal.signal(signal.SIGINT, old_int)
@@ -74,18 +80,27 @@ def run(
     report = m.report
     text = report.to_json() + "\n" if as_json else None
     if output:
-        with open(output, "w") as f:
-            if text is not None:
-                f.write(text)
-            else:
-                Console(file=f, width=100).print(summary_table(report))
-    elif text is not None:
-        sys.stderr.write(text)
-    else:
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            console = Console(stderr=True, width=120)
-        console.print(summary_table(report))
+        try:
+            with open(output, "w") as f:
+                if text is not None:
+                    f.write(text)
+                else:
+                    Console(file=f, width=100).print(summary_table(report))
+        except OSError as exc:  # checked before the run, but the disk may fill up since
+            click.echo(
+                f"taskmeter run: cannot write {output!r}: {exc.strerror or exc}; "
+                "the report follows on standard error",
+                err=True,
+            )
+            output = None
+    if output is None:
+        if text is not None:
+            sys.stderr.write(text)
+        else:
+            console = Console(stderr=True)
+            if not console.is_terminal:
+                console = Console(stderr=True, width=120)
+            console.print(summary_table(report))
     sys.exit(code if code >= 0 else 128 - code)
 
 
@@ -129,15 +144,19 @@ def run(
 )
 @click.option(
     "--margin",
-    type=float,
+    type=FiniteFloat(0, 10),
     default=None,
     help="Safety margin for both request and limit (0.2 = 20 %) [default: 0.2].",
 )
-@click.option("--request-margin", type=float, default=None, help="Margin on the request.")
-@click.option("--limit-margin", type=float, default=None, help="Margin on the limit.")
+@click.option(
+    "--request-margin", type=FiniteFloat(0, 10), default=None, help="Margin on the request."
+)
+@click.option(
+    "--limit-margin", type=FiniteFloat(0, 10), default=None, help="Margin on the limit."
+)
 @click.option(
     "--percentile",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FiniteFloat(0, 1, min_open=True, max_open=True),
     default=None,
     help="Size the request from this quantile of average use instead of the mean.",
 )
@@ -154,7 +173,12 @@ def run(
     default=None,
     help="RSS of the worker's main process [default: from Prometheus, else 128Mi].",
 )
-@click.option("--cpu-limit", type=float, default=None, help="Set a CPU limit (cores).")
+@click.option(
+    "--cpu-limit",
+    type=FiniteFloat(min=0, min_open=True),
+    default=None,
+    help="Set a CPU limit (cores).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -179,6 +203,7 @@ def run(
     "--output",
     type=click.Path(dir_okay=False),
     default=None,
+    callback=output_file,
     help="Write the result here (only when it succeeds) instead of stdout.",
 )
 def recommend(
@@ -260,14 +285,20 @@ def recommend(
         raise click.ClickException(str(exc)) from exc
     if fmt == "table":
         if output:
-            with open(output, "w") as f:
-                Console(file=f, width=120).print(render.as_table(rec))
+            try:
+                with open(output, "w") as f:
+                    Console(file=f, width=120).print(render.as_table(rec))
+            except OSError as exc:  # checked at the start; the disk may fill up since
+                raise click.ClickException(f"cannot write {output!r}: {exc.strerror}") from exc
         else:
             Console(width=max(Console().width, 120)).print(render.as_table(rec))
         return
     text = render.as_json(rec) if fmt == "json" else render.as_kustomize(rec, deployment, container)
     if output:
-        Path(output).write_text(text)
+        try:
+            Path(output).write_text(text)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {output!r}: {exc.strerror}") from exc
     else:
         click.echo(text, nl=False)
 
