@@ -306,6 +306,11 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         global _WORKER
         names = sorted(n for n in parent.app.tasks if not n.startswith("celery."))
         self.worker = _Worker(settings, _pool_name(parent), names)
+        # taskmeter_worker_info{pool,concurrency}: solo runs one task at a time whatever -c says.
+        concurrency = int(getattr(parent, "concurrency", 1) or 1)
+        if self.worker.pool == "solo":
+            concurrency = 1
+        self.worker.metrics.set_worker_info(self.worker.pool, concurrency)
         # Bound before the pool forks, so every child knows where to report.
         try:
             self.worker.open()
