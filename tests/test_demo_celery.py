@@ -23,7 +23,7 @@ from taskmeter.demo.vcfgen import generate_vcf
 from taskmeter.export.ledger import read_ledgers
 from taskmeter.measure.report import TaskReport
 
-from helpers import require
+from helpers import require, require_service
 from workerkit import AMQP_URL, port_open, wait_for
 
 # The demo's click command; `taskmeter demo` once cli.py wires it in.
@@ -129,8 +129,7 @@ def test_quick_demo_removes_its_temporary_directory(tmp_path: Path):
 def test_quick_demo_with_a_real_broker(tmp_path: Path, broker: str):
     require("bcftools")
     port = 6379 if broker.startswith("redis") else 5672
-    if not port_open("127.0.0.1", port):
-        pytest.skip(f"no broker on 127.0.0.1:{port} (scripts/services.sh starts it)")
+    require_service("Redis" if port == 6379 else "RabbitMQ", "127.0.0.1", port)
     out = run_demo("--quick", "--broker", broker, "--workdir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-4000:]
     check_reports_match_metrics(tmp_path, 4)

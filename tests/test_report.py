@@ -27,7 +27,7 @@ from taskmeter.format import bytes_h, seconds_h
 from taskmeter.sizing.recommend import Options, recommend
 from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
 
-from helpers import child
+from helpers import child, require_module, require_path
 from workerkit import free_port
 
 MiB = 2**20
@@ -135,11 +135,8 @@ def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (Debian package 'chromium'; scripts/setup.sh)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
-    )
+    require_path(CHROMIUM, "Debian package 'chromium'; scripts/setup.sh")
+    sync_api: Any = require_module("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -136,9 +135,7 @@ def test_table_shows_the_reasoning_and_concurrency_comes_from_the_data(ledger: P
 
 
 def test_kustomize_patch_applies_to_a_base_deployment(ledger: Path, tmp_path: Path):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (it bundles Kustomize; scripts/setup.sh)")
+    kubectl = require("kubectl")  # it bundles Kustomize
     patch = tmp_path / "overlay" / "resources.yaml"
     patch.parent.mkdir()
     out = tm("recommend", "--ledger", str(ledger), "--concurrency", "2", "--format",

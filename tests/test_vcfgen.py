@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import pytest
 
 from taskmeter.demo.vcfgen import MissingToolError, generate_vcf, sample_names
 
-needs_tools = pytest.mark.skipif(
-    shutil.which("bcftools") is None or shutil.which("bgzip") is None,
-    reason="bcftools and bgzip (Debian packages bcftools, tabix) are not on PATH; "
-    "scripts/setup.sh installs them",
-)
+from helpers import requires
+
+# bcftools and bgzip (Debian packages bcftools, tabix): skip locally, fail under CI=true
+needs_tools = requires("bcftools", "bgzip")
 
 SAMPLES = 7
 VARIANTS = 250

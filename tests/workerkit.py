@@ -6,7 +6,6 @@ from __future__ import annotations
 import calendar
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from taskmeter.demo.services import free_port, http_get, port_open
 from taskmeter.export.ledger import read_ledgers
 from taskmeter.measure.report import TaskReport
 
+from helpers import require, require_service
+
 APPS = Path(__file__).parent / "apps"
 CELERY = [sys.executable, "-m", "celery"]
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -33,11 +34,9 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 def broker_url(kind: str) -> str:
     if kind == "redis":
-        if not port_open("127.0.0.1", 6379):
-            pytest.skip("Redis is not running on 127.0.0.1:6379 (scripts/services.sh starts it)")
+        require_service("Redis", "127.0.0.1", 6379)  # fails under CI=true, else skips
         return REDIS_URL
-    if not port_open("127.0.0.1", 5672):
-        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672 (scripts/services.sh starts it)")
+    require_service("RabbitMQ", "127.0.0.1", 5672)
     return AMQP_URL
 
 
@@ -212,9 +211,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.skip("prometheus is not installed (Debian package 'prometheus'; scripts/setup.sh)")
+    exe = require("prometheus")  # Debian package 'prometheus'; fails under CI=true
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(targets: list[str]) -> Prometheus:
