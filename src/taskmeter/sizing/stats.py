@@ -199,8 +199,11 @@ class StatsAccumulator:
                 a.tool_kills += 1
                 if outcome == "oom":
                     a.tool_oom_kills += 1
-        if r.cause is not None:
-            a.causes[r.cause] = a.causes.get(r.cause, 0) + 1
+        # As the worker counts celery_task_kills_total: a killed or lost task without a
+        # cause is "unknown".
+        cause = r.cause or ("unknown" if r.state in ("killed", "lost") else None)
+        if cause is not None:
+            a.causes[cause] = a.causes.get(cause, 0) + 1
         a.wall += r.wall_s
         a.wall_overhead += r.overhead.wall_s
         a.wall_tool += r.tool_totals.wall_s
