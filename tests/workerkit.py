@@ -214,7 +214,9 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
     exe = require("prometheus")  # Debian package 'prometheus'; fails under CI=true
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(targets: list[str]) -> Prometheus:
+    def start(targets: list[str], exemplars: bool = False) -> Prometheus:
+        """A Prometheus scraping ``targets`` every second; ``exemplars`` turns on its
+        exemplar storage (then /api/v1/query_exemplars answers)."""
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(
@@ -229,6 +231,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
                 f"--config.file={cfg}",
                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                *(["--enable-feature=exemplar-storage"] if exemplars else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
