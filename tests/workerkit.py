@@ -13,7 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,17 +210,22 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     exe = require("prometheus")  # Debian package 'prometheus'; fails under CI=true
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(targets: list[str], exemplars: bool = False) -> Prometheus:
+    def start(
+        targets: list[str], exemplars: bool = False, rule_files: Sequence[Path] = ()
+    ) -> Prometheus:
         """A Prometheus scraping ``targets`` every second; ``exemplars`` turns on its
-        exemplar storage (then /api/v1/query_exemplars answers)."""
+        exemplar storage (then /api/v1/query_exemplars answers); ``rule_files`` are
+        loaded (evaluated every second unless a group sets its own interval)."""
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+            "  evaluation_interval: 1s\n"
+            f"rule_files: {json.dumps([str(f) for f in rule_files])}\n"
             "scrape_configs:\n  - job_name: worker\n    static_configs:\n"
             f"      - targets: {json.dumps(targets)}\n"
         )
