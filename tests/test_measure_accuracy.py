@@ -135,8 +135,11 @@ def test_python_busy_loop_is_overhead_cpu_and_sleep_is_wall_only():
 def test_unattributed_child_cpu_catches_subprocesses_not_run_through_taskmeter():
     with taskmeter.measure("other-lib") as m:
         subprocess.run(burn_child(0.2), check=True)  # plain subprocess, not taskmeter
-    assert m.report.tools == ()
-    assert m.report.unattributed_child_cpu_s >= 0.2
+    # The sampler may list it as untracked (its sampled CPU then is not unattributed);
+    # either way none of its CPU is lost.
+    assert all(not t.tracked for t in m.report.tools)
+    untracked_cpu = sum(t.cpu_s for t in m.report.tools)
+    assert m.report.unattributed_child_cpu_s + untracked_cpu >= 0.2
 
 
 @linux_only

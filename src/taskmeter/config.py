@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ ENV_TLS_CERT = "TASKMETER_TLS_CERT"
 ENV_TLS_KEY = "TASKMETER_TLS_KEY"
 ENV_AUTH_USER = "TASKMETER_BASIC_AUTH_USER"
 ENV_AUTH_PASSWORD = "TASKMETER_BASIC_AUTH_PASSWORD"
+ENV_PATCH_SUBPROCESS = "TASKMETER_PATCH_SUBPROCESS"
 
 DEFAULT_PORT = 8101
 DEFAULT_LEDGER_MAX_BYTES = 100 * 2**20
@@ -55,6 +56,8 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     basic_auth: tuple[str, str] | None = None
+    # route subprocess.Popen inside measured tasks through taskmeter (measure/patch.py)
+    patch_subprocess: bool = False
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -155,7 +158,13 @@ def load_settings(
         tls_cert=cert,
         tls_key=key,
         basic_auth=None if user is None or password is None else (user, password),
+        patch_subprocess=_bool_setting(raw, ENV_PATCH_SUBPROCESS),
     )
+
+
+def _bool_setting(raw: Callable[[str], str | None], name: str) -> bool:
+    value = raw(name)
+    return False if value is None else parse_bool(name, value)
 
 
 def journal_dir(value: str | None, ledger: str | None) -> str | None:

@@ -82,3 +82,12 @@ def threads() -> list[str]:
     import threading
 
     return sorted(t.name for t in threading.enumerate())
+
+
+@app.task(name="sub.run")
+def sub_run(argv: list[str]) -> str:
+    """A tool through plain subprocess.run, no taskmeter call: found by the sampler as
+    untracked, or a tracked tool under TASKMETER_PATCH_SUBPROCESS=1."""
+    import subprocess
+
+    return subprocess.run(argv, capture_output=True, check=True).stdout.decode()

@@ -73,11 +73,16 @@ class _Worker:
         self.runs: dict[tuple[str | None, int], tuple[str, Measurement]] = {}
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
+        self.patched = False  # subprocess.Popen routed through taskmeter (patch.py)
 
     # -- main process ---------------------------------------------------------------
     def open(self) -> None:
         s = self.settings
         configure(interval_s=s.sample_interval_s)
+        if s.patch_subprocess:  # before the pool forks: every child inherits it
+            from taskmeter.measure.patch import patch
+
+            self.patched = patch()
         sinks: list[Callable[[TaskReport], None]] = [self.metrics.observe]
         if s.ledger:
             self.ledger = open_ledger(
@@ -114,6 +119,11 @@ class _Worker:
             self.listener.start()
 
     def close(self) -> None:
+        if self.patched:
+            from taskmeter.measure.patch import unpatch
+
+            unpatch()
+            self.patched = False
         if self.listener is not None:
             self.listener.close()
         if self.hub is not None:
@@ -364,13 +374,19 @@ def _add_option(app: Any) -> None:
         )
 
 
-def instrument(app: Any) -> None:
+def instrument(app: Any, *, patch_subprocess: bool | None = None) -> None:
     """Measure every task of ``app``'s workers and serve the metrics from each worker.
 
     One line in the Celery module; reversible with :func:`uninstrument`. The worker
     decides at start-up from ENABLE_WORKER_METRICS (on unless set false) and the other
     TASKMETER_* settings (environment first, then ``app.conf``).
+
+    ``patch_subprocess=True`` routes every ``subprocess.Popen`` a task starts through
+    taskmeter (``app.conf.taskmeter_patch_subprocess``; TASKMETER_PATCH_SUBPROCESS
+    in the environment still wins).
     """
+    if patch_subprocess is not None:
+        app.conf.taskmeter_patch_subprocess = patch_subprocess
     steps = app.steps["worker"]
     if not any(issubclass(s, TaskmeterStep) for s in steps):
         steps.add(TaskmeterStep)

@@ -28,6 +28,7 @@ from taskmeter.measure.report import (
 from taskmeter.measure.sampler import SAMPLER
 from taskmeter.measure.span import Span, SpanStats, children_cpu
 from taskmeter.measure.tools import REAPED, ToolWatch
+from taskmeter.measure.untracked import UntrackedScan
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +71,9 @@ class Measurement(Span):
         self._started = False
         self._epoch0 = 0.0
         self._children0 = self._reaped0 = 0.0
+        self._untracked: UntrackedScan | None = None  # made at the first sample
+        self._native_tid = 0
+        self._untracked_rss = 0  # untracked processes' RSS at the last sample
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> Measurement:
@@ -79,6 +83,7 @@ class Measurement(Span):
         self.parent = _current.get()
         self._token = _current.set(self)
         self._epoch0 = time.time()
+        self._native_tid = threading.get_native_id()
         self._children0, self._reaped0 = children_cpu(), REAPED.total_s
         self.begin()
         self._footprint = self.rss.peak
@@ -104,7 +109,7 @@ class Measurement(Span):
         state = state or self.state or ("failure" if exc is not None else "success")
         if state not in STATES:
             raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
-        self._report = self._build(stats, state, epoch1, max(children - reaped, 0.0))
+        self._report = self._build(stats, state, epoch1, children - reaped)
         if self.on_report is not None:
             self.on_report(self._report)
         return self._report
@@ -176,13 +181,29 @@ class Measurement(Span):
         peak, _ = watch.peak()
         with self._tools_lock:
             others = sum(w.last_rss for w in self._watches if not w.done and w is not watch)
+            others += self._untracked_rss
             self._footprint = max(self._footprint, self_rss + peak + others)
 
     def sample(self, now: float, self_rss: int) -> None:
         super().sample(now, self_rss)
+        # Descendants not started through taskmeter (plain subprocess.run): at the
+        # sampler's interval only, never on the task's start/end path. While tasks
+        # overlap in threads, only the children of this task's thread are its own.
+        if self._untracked is None:
+            self._untracked = UntrackedScan(self.t0)
+        tracked: set[int] = set()
+        for m in self.lineage():  # an outer task's tools are not this one's untracked
+            with m._tools_lock:
+                tracked.update(w.pid for w in m._watches)
+        untracked, gone_peak = self._untracked.scan(
+            now, tracked, self._native_tid if self.shared else None
+        )
         with self._tools_lock:
             tools = sum(w.last_rss for w in self._watches if not w.done)
-            self._footprint = max(self._footprint, self_rss + tools)
+            # An untracked run that ended since the last sample: its peak (VmHWM, perhaps
+            # between two samples) while the rest stood at about their latest.
+            self._untracked_rss = untracked
+            self._footprint = max(self._footprint, self_rss + tools + untracked + gone_peak)
 
     # -- the record ---------------------------------------------------------------
     def _build(
@@ -191,6 +212,15 @@ class Measurement(Span):
         end = self.t0 + stats.wall_s
         with self._tools_lock:
             tools = tuple(w.to_run(self.t0, end) for w in self._watches)
+        if self._untracked is not None:
+            # Sampled lower bounds, listed with the tools (tracked=False). The CPU of
+            # those this process reaped is in its RUSAGE_CHILDREN: not unattributed.
+            extra, reaped_untracked = self._untracked.finish(
+                self.t0, end, {t.pid for t in tools}
+            )
+            tools += tuple(extra)
+            unattributed -= reaped_untracked
+        unattributed = max(unattributed, 0.0)
         totals = ToolTotals.of(tools)
         overhead = ProcessStats(
             wall_s=max(stats.wall_s - totals.wall_s, 0.0),

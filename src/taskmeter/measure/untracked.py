@@ -1,0 +1,291 @@
+"""Descendants of a task's process that were not started through taskmeter.
+
+A task that calls plain ``subprocess.run`` (or a library that does) starts processes
+taskmeter never sees start or end. Their memory still counts against the container's
+limit, so the sampler looks for them: at each of a measurement's samples (the
+sampler's interval, never on the per-task start/end path) it lists the children of
+the task's process and walks their descendants through
+``/proc/PID/task/TID/children``, skipping the task's tracked tools (whose trees their
+own accounting already covers). What it finds becomes a :class:`ToolRun` with
+``tracked=False`` (outcome ``untracked``), one per child of the task's process, its
+descendants included; their RSS is added to the task's footprint.
+
+Figures are sampled, so lower bounds: CPU is ``utime+stime+cutime+cstime`` of the
+child and its live descendants at the last sample (``/proc/PID/stat``); the peak is
+the largest ``VmHWM`` (or summed tree RSS) read while they lived (``peak_method``
+``sampled``); the wall runs from the child's kernel start time to the last sample
+that saw it alive. A task shorter than one interval is never sampled, so its
+untracked children are not seen.
+
+Rules that keep the figures honest:
+
+- Only children started after the task started are the task's (their kernel start
+  time, ``/proc/PID/stat`` field 22, against the task's start on the same clock, to
+  the kernel's tick of 10 ms): a pool process's earlier children are not.
+- A child between ``fork`` and ``exec`` still maps the worker's memory (copy-on-write,
+  or the very same pages under ``vfork``): its RSS is the worker's. A process's
+  memory counts only once its command line differs from its parent's (it has
+  exec'd). A child that never execs (``os.fork``, multiprocessing's ``fork`` start
+  method) shares most pages with the worker: its CPU counts, its memory does not.
+- The CPU of a direct child the worker reaped during the task is in the worker's
+  ``RUSAGE_CHILDREN``: it is subtracted from ``unattributed_child_cpu_s`` once (the
+  child's own total at its last sample), and not at all while it is a zombie or still
+  running at the end (then it is not in ``RUSAGE_CHILDREN`` yet).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from taskmeter.measure.report import ToolRun
+from taskmeter.measure.sampler import RssSeries
+
+_HZ = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+    except OSError:  # gone (ENOENT, ESRCH), or not ours to read
+        return None
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What one read of /proc/PID/stat tells: enough to count a process."""
+
+    state: str
+    start_tick: int
+    user_s: float  # utime + cutime: its own and its reaped descendants'
+    sys_s: float  # stime + cstime
+    rss_bytes: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    data = _read(f"/proc/{pid}/stat")
+    if data is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    f = data[data.rindex(b")") + 2 :].split()
+    return ProcStat(
+        state=f[0].decode(),
+        start_tick=int(f[19]),
+        user_s=(int(f[11]) + int(f[13])) / _HZ,
+        sys_s=(int(f[12]) + int(f[14])) / _HZ,
+        rss_bytes=int(f[21]) * _PAGE,
+    )
+
+
+def children_of(pid: int, tid: int | None = None) -> list[int]:
+    """Children forked by thread ``tid`` of ``pid`` (its main thread by default)."""
+    data = _read(f"/proc/{pid}/task/{tid or pid}/children")
+    return [int(p) for p in data.split()] if data else []
+
+
+def process_children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (a child is listed under the thread that
+    forked it, so a task's helper threads count too)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tids:
+        out.extend(children_of(pid, int(tid)))
+    return out
+
+
+def _hwm(pid: int) -> int | None:
+    data = _read(f"/proc/{pid}/status")
+    if data is None:
+        return None
+    i = data.find(b"\nVmHWM:")
+    return int(data[i + 7 : data.index(b"kB", i)]) * 1024 if i >= 0 else None
+
+
+def boot_offset() -> float:
+    """CLOCK_BOOTTIME minus CLOCK_MONOTONIC, in seconds (the time spent suspended)."""
+    if _BOOTTIME is None:
+        return 0.0
+    return time.clock_gettime(_BOOTTIME) - time.monotonic()
+
+
+@dataclass
+class _Proc:
+    """One process of an untracked run, as last seen."""
+
+    start_tick: int
+    execd: bool = False
+
+
+@dataclass
+class _Run:
+    pid: int
+    start_tick: int
+    t_start: float  # monotonic, from the kernel's start time
+    t_last: float
+    argv: tuple[str, ...] = ()
+    exe: str = ""
+    rss: RssSeries = field(default_factory=RssSeries)
+    hwm_max: int = 0
+    last_rss: int = 0
+    user_s: float = 0.0
+    sys_s: float = 0.0
+    own_cpu_s: float = 0.0  # the child's own stat total at its last sample (it, when reaped)
+    scans: int = 0
+    execd: bool = False  # some process of the run was seen after its exec
+    alive: bool = True
+    procs: dict[int, _Proc] = field(default_factory=dict)
+
+
+def _cmdline(pid: int) -> bytes | None:
+    return _read(f"/proc/{pid}/cmdline") or None  # empty: a zombie or a kernel thread
+
+
+class UntrackedScan:
+    """The untracked descendants one measurement has seen (fed by its samples)."""
+
+    def __init__(self, t0: float) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        # The task's start on the kernel's process clock, in ticks (rounded down, so a
+        # child started in the task's first tick is the task's).
+        self._start_tick = int((t0 + boot_offset()) * _HZ)
+        self._runs: dict[tuple[int, int], _Run] = {}  # by (pid, kernel start tick)
+        self._closed = False
+
+    def scan(self, now: float, tracked: set[int], tid: int | None) -> tuple[int, int]:
+        """Sample the task's untracked processes; ``tracked`` are the pids of its tools,
+        ``tid`` the native thread id to look under (None: every thread).
+
+        Returns (RSS of the live untracked processes now, largest peak of the runs seen
+        gone since the last scan).
+        """
+        with self._lock:
+            if self._closed:
+                return 0, 0
+            top = children_of(self._pid, tid) if tid else process_children(self._pid)
+            offset = boot_offset()
+            seen: set[tuple[int, int]] = set()
+            live = gone_peak = 0
+            my_cmd: bytes | None = None
+            for pid in top:
+                if pid in tracked:
+                    continue
+                st = read_stat(pid)
+                if st is None or st.start_tick < self._start_tick:
+                    continue  # gone, or a child of the process from before the task
+                key = (pid, st.start_tick)
+                run = self._runs.get(key)
+                if run is None:
+                    t = st.start_tick / _HZ - offset
+                    run = self._runs[key] = _Run(pid, st.start_tick, t, now)
+                seen.add(key)
+                if my_cmd is None:
+                    my_cmd = _cmdline(self._pid)
+                live += self._sample(run, now, st, my_cmd)
+            for key, run in self._runs.items():
+                if run.alive and key not in seen:
+                    run.alive = False
+                    gone_peak = max(gone_peak, run.hwm_max)
+            return live, gone_peak
+
+    def _sample(self, run: _Run, now: float, top: ProcStat, parent_cmd: bytes | None) -> int:
+        """Walk one child's tree; returns its counted RSS now."""
+        rss = hwm = 0
+        user = sys_ = 0.0
+        counted = False
+        todo: list[tuple[int, ProcStat | None, bytes | None]] = [(run.pid, top, parent_cmd)]
+        while todo:
+            pid, st, pcmd = todo.pop()
+            st = st or read_stat(pid)
+            if st is None:
+                continue  # gone since its parent listed it
+            proc = run.procs.get(pid)
+            if proc is None or proc.start_tick != st.start_tick:
+                proc = run.procs[pid] = _Proc(st.start_tick)
+            user += st.user_s
+            sys_ += st.sys_s
+            if pid == run.pid:
+                run.own_cpu_s = st.user_s + st.sys_s
+            cmd: bytes | None = None
+            if not proc.execd and st.state != "Z":
+                cmd = _cmdline(pid)
+                proc.execd = cmd is not None and pcmd is not None and cmd != pcmd
+                if cmd is not None and pid == run.pid and (proc.execd or not run.argv):
+                    run.argv = tuple(a.decode(errors="replace") for a in cmd.split(b"\0")[:-1])
+                    run.exe = os.path.basename(run.argv[0]) if run.argv else ""
+            if proc.execd:
+                counted = True
+                rss += st.rss_bytes
+                hwm = max(hwm, _hwm(pid) or 0)
+            kids = children_of(pid)
+            if kids:
+                if cmd is None:
+                    cmd = _cmdline(pid)
+                todo.extend((k, None, cmd) for k in kids)
+        run.scans += 1
+        run.t_last = now
+        # CPU only grows; a descendant reaped by someone outside the tree takes its
+        # CPU away from the sum, so keep the largest total seen.
+        if user + sys_ > run.user_s + run.sys_s:
+            run.user_s, run.sys_s = user, sys_
+        if counted:
+            run.execd = True
+            run.rss.add(now, rss)
+            run.last_rss = rss
+            run.hwm_max = max(run.hwm_max, hwm, rss)
+        return rss
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for run in self._runs.values():
+                run.rss.close()
+
+    def finish(self, origin: float, now: float, tracked: set[int]) -> tuple[list[ToolRun], float]:
+        """The runs to report and the CPU of those the task's process reaped meanwhile
+        (already in its RUSAGE_CHILDREN, so not unattributed). Call once, at the end."""
+        self.close()
+        runs: list[ToolRun] = []
+        reaped = 0.0
+        for run in self._runs.values():
+            if run.pid in tracked:
+                continue  # seen in the instant between its exec and its tracking
+            if not (run.execd or run.scans >= 2):
+                continue  # seen only between fork and exec: nothing known
+            st = read_stat(run.pid)
+            running = st is not None and st.start_tick == run.start_tick
+            if not running:
+                reaped += run.own_cpu_s  # in RUSAGE_CHILDREN once, from its reap
+            end = now if running and st is not None and st.state != "Z" else run.t_last
+            peak = max(run.hwm_max, run.rss.peak)
+            runs.append(
+                ToolRun(
+                    argv=run.argv,
+                    exe=run.exe,
+                    pid=run.pid,
+                    exit_code=None,
+                    signal=None,
+                    start_s=max(run.t_start - origin, 0.0),
+                    end_s=max(end - origin, 0.0),
+                    wall_s=max(end - run.t_start, 0.0),
+                    cpu_s=run.user_s + run.sys_s,
+                    user_s=run.user_s,
+                    sys_s=run.sys_s,
+                    rss_avg_bytes=run.rss.avg,
+                    rss_peak_bytes=peak,
+                    peak_method="sampled" if run.rss.n else "none",
+                    samples=run.rss.n,
+                    read_bytes=0,
+                    write_bytes=0,
+                    tracked=False,
+                )
+            )
+        return runs, reaped
