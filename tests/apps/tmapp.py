@@ -84,6 +84,24 @@ def threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate())
 
 
+@app.task(name="phased", bind=True, max_retries=1, default_retry_delay=0)
+def phased(self, mode: str = "ok", seconds: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+    """Three phases, one tool (`true`), then ``seconds`` of sleep in the last phase;
+    mode "fail" raises, "retry" retries once. Used by the series budget test."""
+    m = taskmeter.current()
+    assert m is not None, "the task must run inside a taskmeter measurement"
+    with m.phase("fetch"):
+        pass
+    with m.phase("compute"):
+        taskmeter.run(["true"], check=True)
+    with m.phase("store"):
+        time.sleep(seconds)
+    if mode == "fail":
+        raise RuntimeError("phased: asked to fail")
+    if mode == "retry" and self.request.retries == 0:
+        raise self.retry(countdown=0)
+
+
 @app.task(name="sub.run")
 def sub_run(argv: list[str]) -> str:
     """A tool through plain subprocess.run, no taskmeter call: found by the sampler as
