@@ -155,3 +155,19 @@ def test_bad_sample_interval_is_a_clean_config_error(tmp_path: Path) -> None:
             "and 60 (default 0.1)\n"
         )
         assert not marker.exists()
+
+
+def test_bad_sample_interval_in_library_use_is_the_config_error() -> None:
+    code = (
+        "import taskmeter\n"
+        "from taskmeter.config import ConfigError\n"
+        "try:\n"
+        "    with taskmeter.measure('t'):\n"
+        "        pass\n"
+        "except ConfigError as exc:\n"
+        "    print('ConfigError:', exc)\n"
+    )
+    env = {**os.environ, "TASKMETER_SAMPLE_INTERVAL": "fast"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ConfigError: TASKMETER_SAMPLE_INTERVAL='fast'")

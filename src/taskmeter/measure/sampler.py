@@ -37,7 +37,9 @@ def interval_from_env(environ: dict[str, str] | None = None) -> float:
     except ValueError:
         value = -1.0
     if not 0.001 <= value <= 60:
-        raise ValueError(
+        from taskmeter.config import ConfigError  # a ValueError; config imports this module
+
+        raise ConfigError(
             f"{ENV_INTERVAL}={raw!r}: expected seconds between 0.001 and 60 "
             f"(default {DEFAULT_INTERVAL_S})"
         )
