@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 import psutil
 
 from taskmeter.export.metrics import InflightTask
+from taskmeter.measure import cgroup, orphans
 from taskmeter.measure.proc import READER
 from taskmeter.measure.report import (
+    Cause,
     ProcessStats,
     SamplerInfo,
     State,
     TaskReport,
+    ToolRun,
     ToolTotals,
     WorkerInfo,
     iso_utc,
@@ -65,6 +68,30 @@ class Run:
     verdict: tuple[State, float] | None = None
     partial: tuple[TaskReport, float] | None = None
     child_gone_at: float | None = None
+    # OOM named: the cgroup's OOM-kill counter when the run started and when its death
+    # was first seen; the main process's word on the cause (time_limit, signal).
+    oom0: int | None = None
+    oom_end: int | None = None
+    cause_hint: Cause | None = None
+    # No orphaned tools: the tools the pool process started (by pid), and those the
+    # main process killed after the pool process died.
+    tools: dict[int, SeenTool] = field(default_factory=dict)
+    killed_tools: list[ToolRun] = field(default_factory=list)
+
+
+@dataclass
+class SeenTool:
+    """A tool as the main process knows it: identity (pid and start time, from the pool
+    process that started it) and what the hub sampled of it while it lived."""
+
+    pid: int
+    ticks: int | None
+    argv: tuple[str, ...]
+    exe: str
+    started_mono: float
+    rss: RssSeries = field(default_factory=RssSeries)
+    hwm: int = 0
+    handled: bool = False
 
 
 class Hub:
@@ -77,8 +104,12 @@ class Hub:
         interval_s: float,
         count_run: Callable[[str, str], None] | None = None,
         is_revoked: Callable[[str], bool] | None = None,
+        observer: Callable[[list[Run]], None] | None = None,
     ) -> None:
         self._sinks = sinks
+        # called at each tick with the runs in flight, after they were observed (the
+        # in-flight journal records what the main process knows of each)
+        self._observer = observer
         self._count_run = count_run
         self._is_revoked = is_revoked or (lambda _task_id: False)
         self.hostname, self.pool, self.interval_s = hostname, pool, interval_s
@@ -89,6 +120,7 @@ class Hub:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._main_pid = os.getpid()
+        self._death_lock = threading.Lock()
 
     # -- events -----------------------------------------------------------------
     def started(
@@ -100,12 +132,28 @@ class Hub:
         started_epoch: float,
         cpu0_s: float | None = None,
     ) -> None:
+        oom0 = cgroup.oom_kills()
         with self._lock:
             if run_id in self._done_runs:
                 return
             self._runs[run_id] = Run(
-                run_id, task, task_id, pid, started_epoch, time.monotonic(), cpu0_s
+                run_id, task, task_id, pid, started_epoch, time.monotonic(), cpu0_s, oom0=oom0
             )
+
+    def tool_started(
+        self,
+        run_id: str,
+        pid: int,
+        ticks: int | None,
+        argv: tuple[str, ...],
+        exe: str,
+        started_mono: float,
+    ) -> None:
+        """A pool process started a tool for a run (its pid and start time: identity)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.tools[pid] = SeenTool(pid, ticks, argv, exe, started_mono)
 
     def ended(self, run_id: str, report: TaskReport, final: bool) -> None:
         """A run's report from the process that ran it. ``final`` is False when Celery
@@ -120,14 +168,16 @@ class Hub:
             elif run.verdict is not None:
                 del self._runs[run_id]
                 state = run.verdict[0]
-                finished = [self._finish_locked(run_id, dataclasses.replace(report, state=state))]
+                finished = [self._finish_locked(run_id, self._final(run, report, state))]
             else:
                 run.partial = (report, time.monotonic())
                 finished = []
         self._emit(finished)
 
-    def verdict(self, task_id: str, task: str, state: State) -> None:
-        """The main process's word on how a task ended (killed, revoked)."""
+    def verdict(self, task_id: str, task: str, state: State, cause: Cause | None = None) -> None:
+        """The main process's word on how a task ended (killed, revoked), and why when
+        it knows (``time_limit``; ``signal`` for a child that died of another signal
+        than SIGKILL, which cannot be the OOM killer)."""
         with self._lock:
             if task_id in self._done_tasks:
                 return  # e.g. Celery 5.7 sends task_failure twice on a hard time limit
@@ -140,6 +190,7 @@ class Hub:
                 count = None
                 for run in runs:
                     run.verdict = (state, time.monotonic())
+                    run.cause_hint = run.cause_hint or cause
         if count is not None:
             count(task, state)
         self.tick()
@@ -148,9 +199,11 @@ class Hub:
         """A pool process exited or closed its channel."""
         now = time.monotonic()
         with self._lock:
-            for run in self._runs.values():
-                if run.pid == pid and run.child_gone_at is None:
-                    run.child_gone_at = now
+            gone = [r for r in self._runs.values() if r.pid == pid and r.child_gone_at is None]
+            for run in gone:
+                run.child_gone_at = now
+        for run in gone:
+            self._after_death(run)
 
     # -- periodic work ----------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +231,14 @@ class Hub:
         for run in runs:
             if run.pid != self._main_pid and run.child_gone_at is None:
                 self._observe(run, now)
+        if self._observer is not None:
+            try:
+                self._observer(runs)
+            except Exception:
+                log.exception("taskmeter: updating the in-flight journal failed")
+        for run in runs:
+            if run.pid != self._main_pid and (run.child_gone_at or run.verdict or run.partial):
+                self._after_death(run)
         finished = []
         with self._lock:
             for run in list(self._runs.values()):
@@ -202,6 +263,8 @@ class Hub:
         # task's exact peak up to now.
         run.hwm = max(run.hwm, worker.hwm_bytes or 0, worker.rss_bytes)
         run.footprint = max(run.footprint, worker.rss_bytes + tools)
+        if run.tools:
+            self._observe_tools(run, now)
         try:
             t = psutil.Process(run.pid).cpu_times()
             run.cpu_s = t.user + t.system
@@ -212,14 +275,14 @@ class Hub:
         if run.verdict is not None:
             state, at = run.verdict
             if run.partial is not None:
-                return dataclasses.replace(run.partial[0], state=state)
+                return self._final(run, run.partial[0], state)
             waited = now - at
             if final or waited > VERDICT_GRACE_S or (run.child_gone_at and waited > 0.2):
                 return self._observed_report(run, state)
             return None
         if run.partial is not None and (final or now - run.partial[1] > VERDICT_GRACE_S):
             revoked = run.task_id is not None and self._is_revoked(run.task_id)
-            return dataclasses.replace(run.partial[0], state="revoked" if revoked else "killed")
+            return self._final(run, run.partial[0], "revoked" if revoked else "killed")
         if run.child_gone_at is not None and (final or now - run.child_gone_at > VERDICT_GRACE_S):
             return self._observed_report(run, "killed")
         return None
@@ -243,7 +306,7 @@ class Hub:
             rss_peak_bytes=peak,
             peak_method="sampled",  # the high-water mark as last read, not at death
         )
-        return TaskReport(
+        report = TaskReport(
             task=run.task,
             task_id=run.task_id,
             state=state,
@@ -259,6 +322,114 @@ class Hub:
             unattributed_child_cpu_s=0.0,
             worker=WorkerInfo(hostname=self.hostname, pid=run.pid, pool=self.pool),
             sampler=SamplerInfo(interval_s=self.interval_s),
+        )
+        return self._final(run, report, state)
+
+    # -- deaths: OOM named, no orphaned tools ------------------------------------------
+    def _observe_tools(self, run: Run, now: float) -> None:
+        """Sample each live tool of a run (its tree), dropping the tools that ended."""
+        for tool in list(run.tools.values()):
+            if tool.handled:
+                continue
+            if orphans.still_running(tool.pid, tool.ticks, run.pid) is False:
+                with self._lock:
+                    run.tools.pop(tool.pid, None)  # ended (and reaped): forget it
+                continue
+            sub = READER.tree(tool.pid)
+            if sub:
+                tool.rss.add(now, sum(p.rss_bytes for p in sub))
+                tool.hwm = max(tool.hwm, max(p.hwm_bytes or p.rss_bytes for p in sub))
+
+    def _after_death(self, run: Run) -> None:
+        """The run's pool process died or was judged: note the OOM-kill counter, and
+        kill the tools it left running (verified by pid and start time). Runs again at
+        each tick until the run is final: a dying process's children are re-parented a
+        moment after its channel closes."""
+        with self._death_lock:
+            if run.oom_end is None:
+                run.oom_end = cgroup.oom_kills()
+            with self._lock:
+                tools = [t for t in run.tools.values() if not t.handled]
+            for tool in tools:
+                orphaned = orphans.still_running(tool.pid, tool.ticks, run.pid)
+                if orphaned is None:
+                    continue  # still its pool process's child: that process lives
+                tool.handled = True
+                if not orphaned:
+                    continue
+                killed = orphans.kill_tool(tool.pid, tool.ticks, run.pid)
+                if killed is None:
+                    continue
+                log.warning(
+                    "taskmeter: killed tool %s (pid %d, %d process(es), %d MiB) left running "
+                    "by the dead pool process %d of task %s[%s]",
+                    tool.exe, tool.pid, killed.processes, killed.rss_bytes >> 20, run.pid,
+                    run.task, run.task_id,
+                )  # fmt: skip
+                tool_run = self._killed_tool_run(run, tool, killed, time.monotonic())
+                with self._lock:
+                    run.killed_tools.append(tool_run)
+
+    @staticmethod
+    def _killed_tool_run(run: Run, tool: SeenTool, k: orphans.Killed, end: float) -> ToolRun:
+        """A tool run from the main process's view: its last figures before the kill."""
+        tool.rss.add(end, k.rss_bytes)
+        tool.rss.close()
+        peak = max(k.hwm_bytes, tool.hwm, tool.rss.peak)
+        return ToolRun(
+            argv=tool.argv,
+            exe=tool.exe,
+            pid=tool.pid,
+            exit_code=None,
+            signal=9,
+            start_s=max(tool.started_mono - run.started_mono, 0.0),
+            end_s=max(end - run.started_mono, 0.0),
+            wall_s=max(end - tool.started_mono, 0.0),
+            cpu_s=k.cpu_s,
+            user_s=k.cpu_s,  # /proc CPU of the tree: no user/sys split kept
+            sys_s=0.0,
+            rss_avg_bytes=tool.rss.avg,
+            rss_peak_bytes=peak,
+            # one process: its VmHWM read while stopped is its exact peak
+            peak_method="hwm" if k.processes == 1 and k.hwm_bytes >= peak else "sampled",
+            samples=tool.rss.n,
+            read_bytes=k.read_bytes,
+            write_bytes=k.write_bytes,
+            cause="orphan-killed",
+        )
+
+    def _cause(self, run: Run, state: State) -> Cause | None:
+        """Why a killed run's process died: Celery's hard time limit, else the OOM
+        killer when the cgroup's counter rose while it ran, else a signal."""
+        if state != "killed":
+            return None
+        if run.cause_hint == "time_limit":
+            return "time_limit"
+        end = run.oom_end if run.oom_end is not None else cgroup.oom_kills()
+        if run.cause_hint is None and cgroup.rose(run.oom0, end):
+            return "oom"
+        return run.cause_hint or "signal"
+
+    def _final(self, run: Run, report: TaskReport, state: State) -> TaskReport:
+        """``report`` in its final state, with its cause and the tools killed as orphans
+        (replacing what the pool process last knew of them)."""
+        cause = self._cause(run, state)
+        if not run.killed_tools:
+            return dataclasses.replace(report, state=state, cause=cause)
+        killed = {t.pid for t in run.killed_tools}
+        tools = tuple(t for t in report.tools if t.pid not in killed) + tuple(run.killed_tools)
+        totals = ToolTotals.of(tools)
+        return dataclasses.replace(
+            report,
+            state=state,
+            cause=cause,
+            tools=tools,
+            tool_totals=totals,
+            cpu_s=report.overhead.cpu_s + totals.cpu_s,
+            overhead=dataclasses.replace(
+                report.overhead, wall_s=max(report.wall_s - totals.wall_s, 0.0)
+            ),
+            footprint_peak_bytes=max(report.footprint_peak_bytes, totals.rss_peak_bytes),
         )
 
     # -- bookkeeping ------------------------------------------------------------------

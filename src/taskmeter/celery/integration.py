@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
+import re
+import signal
 import socket
 import threading
 import time
@@ -24,16 +27,19 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from taskmeter.celery import otel, queuewait
 from taskmeter.celery.hub import Hub
+from taskmeter.celery.journal import Journal
 from taskmeter.celery.transport import Listener, Message, Sender
 from taskmeter.config import ConfigError, Settings, load_settings
 from taskmeter.export.ledger import AnyLedger, open_ledger
-from taskmeter.export.metrics import TaskMetrics
+from taskmeter.export.metrics import JOURNAL_RECOVERED, TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure.core import Measurement
-from taskmeter.measure.report import State, TaskReport
+from taskmeter.measure.report import Cause, State, TaskReport
 from taskmeter.measure.sampler import configure
 from taskmeter.measure.span import process_cpu
+from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
 
 log = logging.getLogger("taskmeter.celery")
 
@@ -58,6 +64,8 @@ class _Worker:
         self.settings, self.pool = settings, pool
         self.main_pid = os.getpid()
         self.hostname = socket.gethostname()
+        self.node = f"celery@{self.hostname}"  # the Celery node name (the step sets it)
+        self.journal: Journal | None = None
         self.hub: Hub | None = None
         self.server: MetricsServer | None = None
         self.listener: Listener | None = None
@@ -72,6 +80,8 @@ class _Worker:
         ProcessCollector(registry=self.registry)
         self.runs: dict[tuple[str | None, int], tuple[str, Measurement]] = {}
         self.seq = itertools.count(1)
+        # queue wait of the runs in flight (stamped messages only), by the runs' keys
+        self.waits: dict[tuple[str | None, int], float] = {}
         self.lock = threading.Lock()
         self.patched = False  # subprocess.Popen routed through taskmeter (patch.py)
 
@@ -89,6 +99,18 @@ class _Worker:
                 s.ledger, max_bytes=s.ledger_max_bytes, backups=s.ledger_backups
             )
             sinks.append(self.ledger.write)
+        if s.journal:
+            self.journal = Journal.open(s.journal, self.node)
+        if self.journal is not None:
+            # Tasks a previous incarnation left in flight: reported lost, before any
+            # child starts (and may reuse a recorded pid).
+            lost = self.journal.recover(
+                list(sinks), hostname=self.hostname, pool=self.pool,
+                interval_s=s.sample_interval_s,
+            )  # fmt: skip
+            if lost:
+                JOURNAL_RECOVERED.inc(len(lost))
+            sinks.append(self.journal.report_done)  # last: after metrics and ledger
         self.hub = Hub(
             sinks,
             hostname=self.hostname,
@@ -96,9 +118,10 @@ class _Worker:
             interval_s=s.sample_interval_s,
             count_run=self.metrics.count_run,
             is_revoked=_is_revoked,
+            observer=self.journal.observe if self.journal is not None else None,
         )
         if self.pool == "prefork":
-            self.listener = Listener(self._on_message, self.hub.process_gone)
+            self.listener = Listener(self._on_message, self._process_gone)
         self.server = start_server(
             self.registry,
             ServerConfig(
@@ -132,6 +155,14 @@ class _Worker:
             self.server.close()
         if self.ledger is not None:
             self.ledger.close()
+        if self.journal is not None:
+            self.journal.close()
+
+    def _process_gone(self, pid: int) -> None:
+        if self.hub is not None:
+            self.hub.process_gone(pid)
+        if self.journal is not None:
+            self.journal.child_gone(pid)
 
     def _inflight_json(self) -> list[dict[str, Any]]:
         rows = self.hub.inflight() if self.hub else []
@@ -157,6 +188,12 @@ class _Worker:
             )  # fmt: skip
         elif msg.get("type") == "end":
             self.hub.ended(msg["run"], TaskReport.from_dict(msg["report"]), bool(msg["final"]))
+        elif msg.get("type") == "tool":
+            ticks = msg.get("ticks")
+            self.hub.tool_started(
+                msg["run"], int(msg["pid"]), None if ticks is None else int(ticks),
+                tuple(msg["argv"]), str(msg["exe"]), float(msg["mono"]),
+            )  # fmt: skip
 
     # -- pool process (after fork) ---------------------------------------------------
     def after_fork_in_child(self) -> None:
@@ -167,18 +204,48 @@ class _Worker:
             self.listener.drop_in_child()
             self.sender = Sender(self.listener.address, self.listener.token)
         self.hub = self.server = self.listener = self.ledger = None
+        if self.journal is not None:
+            self.journal.after_fork_in_child()
         self.runs = {}
         self.lock = threading.Lock()
+        if self.sender is not None and self._tool_started not in TOOL_STARTED:
+            TOOL_STARTED.append(self._tool_started)
+
+    def _tool_started(self, watch: ToolWatch) -> None:
+        """Tell the main process which tools a run started (pid and start time), so it
+        can kill them if this process dies before they end."""
+        with self.lock:
+            run_id = next((r for r, m in self.runs.values() if m in watch.owners), None)
+        if run_id is not None:
+            self._deliver(
+                {
+                    "type": "tool",
+                    "run": run_id,
+                    "pid": watch.pid,
+                    "ticks": watch.start_ticks,
+                    "argv": list(watch.argv),
+                    "exe": watch.exe,
+                    "mono": watch.t_start,
+                }
+            )
 
     # -- every process: task signals -------------------------------------------------
-    def task_started(self, task_name: str, task_id: str | None) -> None:
+    def task_started(self, task_name: str, task_id: str | None, request: Any = None) -> None:
         pid = os.getpid()
-        run_id = f"{pid}:{next(self.seq)}"
+        seq = next(self.seq)
+        run_id = f"{pid}:{seq}"
         m = Measurement(task_name, task_id, pool=self.pool)
         cpu0 = sum(process_cpu())
         m.start()
         with self.lock:
             self.runs[(task_id, threading.get_ident())] = (run_id, m)
+        epoch = time.time()
+        if request is not None:
+            wait = queuewait.wait_s(request, epoch)
+            if wait is not None:
+                self.waits[(task_id, threading.get_ident())] = wait
+        if self.journal is not None:
+            self.journal.begin(seq, task_name, task_id, epoch, cpu0)  # memory writes only
         self._deliver(
             {
                 "type": "start",
@@ -186,7 +253,7 @@ class _Worker:
                 "task": task_name,
                 "task_id": task_id,
                 "pid": pid,
-                "epoch": time.time(),
+                "epoch": epoch,
                 "cpu0_s": cpu0,
             }
         )
@@ -199,6 +266,16 @@ class _Worker:
         run_id, m = entry
         state = _STATES.get(celery_state or "")
         report = m.finish(state=state or "killed")
+        if self.waits:
+            wait = self.waits.pop((task_id, threading.get_ident()), None)
+            if wait is not None:
+                report = dataclasses.replace(report, queue_wait_s=wait)
+        if otel.AVAILABLE:
+            otel.annotate(report)  # the task's span, when one is current (otel.py)
+        if self.journal is not None:
+            # Cleared before the report is sent: if the whole worker dies in between,
+            # the task is missing rather than recorded twice.
+            self.journal.end()
         self._deliver(
             {"type": "end", "run": run_id, "report": report.to_dict(), "final": state is not None}
         )
@@ -222,7 +299,9 @@ _WORKER: _Worker | None = None
 # -- signal handlers (connected only while a worker has taskmeter enabled) ---------------
 def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if _WORKER is not None:
-        _WORKER.task_started(getattr(task, "name", None) or str(sender), task_id)
+        _WORKER.task_started(
+            getattr(task, "name", None) or str(sender), task_id, getattr(task, "request", None)
+        )
 
 
 def _on_postrun(
@@ -250,7 +329,20 @@ def _on_task_failure(
     )
 
     if isinstance(exception, (WorkerLostError, TimeLimitExceeded)) and task_id:
-        _WORKER.hub.verdict(task_id, getattr(sender, "name", str(sender)), "killed")
+        cause = "time_limit" if isinstance(exception, TimeLimitExceeded) else _lost_cause(exception)
+        _WORKER.hub.verdict(task_id, getattr(sender, "name", str(sender)), "killed", cause)
+
+
+def _lost_cause(exc: BaseException) -> Cause | None:
+    """What billiard's WorkerLostError says of the child's death ("Worker exited
+    prematurely: signal 9 (SIGKILL) Job: 3."). SIGKILL, or nothing said: None (the hub
+    decides oom or signal from the cgroup's counter); another signal cannot be the OOM
+    killer; an exit code is no kill at all."""
+    text = str(exc)
+    found = re.search(r"signal (\d+)", text)
+    if found:
+        return None if int(found.group(1)) == signal.SIGKILL else "signal"
+    return "unknown" if "exitcode" in text else None
 
 
 def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -316,6 +408,7 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         global _WORKER
         names = sorted(n for n in parent.app.tasks if not n.startswith("celery."))
         self.worker = _Worker(settings, _pool_name(parent), names)
+        self.worker.node = str(getattr(parent, "hostname", None) or self.worker.node)
         # taskmeter_worker_info{pool,concurrency}: solo runs one task at a time whatever -c says.
         concurrency = int(getattr(parent, "concurrency", 1) or 1)
         if self.worker.pool == "solo":
@@ -374,6 +467,9 @@ def _add_option(app: Any) -> None:
         )
 
 
+_STAMP_UID = "taskmeter.queuewait.stamp"
+
+
 def instrument(app: Any, *, patch_subprocess: bool | None = None) -> None:
     """Measure every task of ``app``'s workers and serve the metrics from each worker.
 
@@ -391,6 +487,8 @@ def instrument(app: Any, *, patch_subprocess: bool | None = None) -> None:
     if not any(issubclass(s, TaskmeterStep) for s in steps):
         steps.add(TaskmeterStep)
     _add_option(app)
+    # Senders stamp each message with its publish time (queue wait; queuewait.py).
+    signals.before_task_publish.connect(queuewait.stamp, weak=False, dispatch_uid=_STAMP_UID)
 
 
 def uninstrument(app: Any) -> None:
@@ -401,5 +499,6 @@ def uninstrument(app: Any) -> None:
     options = app.user_options["worker"]
     for opt in [o for o in options if "--metrics-port" in getattr(o, "opts", ())]:
         options.discard(opt)
+    signals.before_task_publish.disconnect(dispatch_uid=_STAMP_UID)
     if _WORKER is not None:
         _disconnect()
