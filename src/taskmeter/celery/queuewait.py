@@ -21,8 +21,9 @@ HEADER = "taskmeter_published"
 
 def stamp(headers: Any = None, **_: Any) -> None:
     """``before_task_publish`` receiver: add the publish time to the message headers
-    (protocol 2: ``headers`` is the message's own header dict)."""
-    if isinstance(headers, dict) and HEADER not in headers:
+    (protocol 2: ``headers`` is the message's own header dict). Always overwritten: a
+    retry re-publishes with the old request's headers, and waits from its own publish."""
+    if isinstance(headers, dict):
         headers[HEADER] = time.time()
 
 
