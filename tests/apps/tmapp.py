@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from celery import Celery
 
@@ -102,6 +103,27 @@ def phased(self, mode: str = "ok", seconds: float = 0.0) -> None:  # type: ignor
         raise self.retry(countdown=0)
 
 
+
+# A tool (a Python child) holding ``mib`` MiB for ``seconds``, itself starting
+# ``children`` grandchildren that hold as much: a tool tree. Used by the OOM and orphan tests.
+_HOLD_ONE = "import sys, time; b = b'x' * (int(sys.argv[1]) << 20); time.sleep(float(sys.argv[2]))"
+_HOLD = f"""
+import subprocess, sys, time
+mib, seconds, children = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kids = [subprocess.Popen([sys.executable, "-c", {_HOLD_ONE!r}, mib, seconds])
+        for _ in range(children)]
+exec({_HOLD_ONE!r})
+"""
+
+
+@app.task(name="tool.hold")
+def tool_hold(mib: int, seconds: float, children: int = 0) -> int:
+    import sys
+
+    argv = [sys.executable, "-c", _HOLD, str(mib), str(seconds), str(children)]
+    return taskmeter.run(argv).returncode
+
+
 @app.task(name="sub.run")
 def sub_run(argv: list[str]) -> str:
     """A tool through plain subprocess.run, no taskmeter call: found by the sampler as
@@ -109,3 +131,50 @@ def sub_run(argv: list[str]) -> str:
     import subprocess
 
     return subprocess.run(argv, capture_output=True, check=True).stdout.decode()
+
+
+@app.task(name="clock.now")
+def clock_now() -> float:
+    """The worker's clock when the task body starts: a queue-wait ground truth."""
+    return time.time()
+
+
+# OpenTelemetry (TM_OTEL=1): each pool child gets a tracer provider that keeps finished
+# spans in memory, and the official Celery instrumentor (one span per task).
+_SPANS: Any = None
+
+
+def _otel_init(**_: Any) -> None:
+    global _SPANS
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    _SPANS = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+    trace.set_tracer_provider(provider)
+    CeleryInstrumentor().instrument()
+
+
+if os.environ.get("TM_OTEL") == "1":
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(_otel_init, weak=False)
+
+
+@app.task(name="otel.spans")
+def otel_spans() -> list[dict[str, Any]]:
+    """The spans this pool child finished so far, as plain data."""
+    spans = [] if _SPANS is None else _SPANS.get_finished_spans()
+    return [
+        {
+            "name": s.name,
+            "attributes": dict(s.attributes or {}),
+            "events": [{"name": e.name, "attributes": dict(e.attributes or {})}
+                       for e in s.events],
+        }
+        for s in spans
+    ]

@@ -1,0 +1,204 @@
+"""No orphaned tools: when a pool child dies mid-task, the main worker process kills the
+tools it left running (their whole tree), lists them in the task's report as
+``orphan-killed``, and never signals a process that merely reused a tool's pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from taskmeter.celery.hub import Hub
+from taskmeter.measure import orphans
+from taskmeter.measure.report import TaskReport
+
+from helpers import linux_only
+from workerkit import wait_for
+
+pytestmark = linux_only
+DEAD_PID = 2**22 + 12345  # above any pid_max: a pool process that died
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants, from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if orphans.read_stat(p) is None:
+            continue
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def alive(pid: int, ticks: int | None) -> bool:
+    """``pid`` is still the same live process (a reused pid is another process)."""
+    st = orphans.read_stat(pid)
+    return st is not None and st.state != "Z" and st.start_ticks == ticks
+
+
+def test_kill_9_of_a_pool_child_leaves_no_process_of_its_task(start_worker):
+    w = start_worker("redis", "prefork", 2)
+    w.send("tool.hold", 100, 120, 1)  # a tool holding 100 MiB, its child another 100
+    row = wait_for(
+        lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 190 << 20],
+        40,
+        "the tool tree holding its 200 MiB",
+    )[0]
+    seen_at = time.time()
+    child = row["pid"]
+    task_procs = {p: orphans.start_ticks(p) for p in tree(child) if p != child}
+    assert len(task_procs) == 2, task_procs  # the tool and its own child
+    (tool_pid,) = [p for p in task_procs if orphans.read_stat(p).ppid == child]  # type: ignore[union-attr]
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.time()
+
+    # Nothing of that task survives: the tool and its child are gone within a few ticks.
+    wait_for(
+        lambda: not any(alive(p, t) for p, t in task_procs.items()),
+        10,
+        f"the orphaned tools {sorted(task_procs)} to be killed",
+        interval=0.05,
+    )
+    gone_after = time.time() - killed_at
+    (report,) = w.wait_reports(1, timeout=30)
+    assert report.task == "tool.hold" and report.state == "killed"
+    assert report.cause == "signal", "a kill -9 with no OOM kill in the cgroup"
+    (tool,) = report.tools
+    assert (tool.pid, tool.cause, tool.outcome, tool.signal) == (
+        tool_pid, "orphan-killed", "orphan-killed", 9,
+    )  # fmt: skip
+    assert tool.exe.startswith("python")
+    # Its last figures: the tree held 200 MiB when stopped; its own peak 100 MiB.
+    assert tool.rss_peak_bytes >= 95 << 20
+    assert tool.rss_avg_bytes >= 150 << 20, "the tree's RSS as sampled and when killed"
+    # It ran from before it was seen holding its memory until after the child's death.
+    assert killed_at - seen_at - 0.05 <= tool.wall_s <= killed_at + gone_after - seen_at + 30
+    assert tool.cpu_s > 0
+    assert report.tool_totals.runs == 1
+    assert report.footprint_peak_bytes >= 190 << 20
+    assert gone_after < 5
+    text = w.log_text()
+    assert "left running by the dead pool process" in text
+
+
+def test_hard_time_limit_with_a_tool_running_kills_the_tool(start_worker):
+    w = start_worker("redis", "prefork", 1)
+    w.send("tool.hold", 20, 120, 0, time_limit=3)
+    row = wait_for(
+        lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 15 << 20], 40, "tool"
+    )[0]
+    procs = {p: orphans.start_ticks(p) for p in tree(row["pid"]) if p != row["pid"]}
+    (report,) = w.wait_reports(1, timeout=30)
+    assert (report.state, report.cause) == ("killed", "time_limit")
+    # Celery's SIGTERM first lets taskmeter.run kill its tool on the way out ("killed");
+    # when SIGKILL follows too soon, the main process kills it ("orphan-killed").
+    (tool,) = report.tools
+    assert tool.signal == 9 and tool.outcome in ("killed", "orphan-killed"), tool
+    assert not any(alive(p, t) for p, t in procs.items())
+
+
+# -- the pid-reuse guard ---------------------------------------------------------------------
+@pytest.fixture
+def orphan() -> tuple[int, int]:
+    """A real orphan: a `sleep` whose parent (a shell) has exited, re-parented away from
+    this process; (pid, start ticks). Killed at the end if still there."""
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(out.stdout)
+    ticks = orphans.start_ticks(pid)
+    assert ticks is not None
+    yield pid, ticks
+    if alive(pid, ticks):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_pid_whose_start_time_differs_is_never_killed(orphan):
+    pid, ticks = orphan
+    me = os.getpid()
+    # The recorded start time is not this process's: the pid was reused.
+    assert orphans.still_running(pid, ticks + 1, me) is False
+    assert orphans.kill_tool(pid, ticks + 1, me) is None
+    assert orphans.kill_tool(pid, ticks - 50, me) is None
+    assert orphans.kill_tool(pid, None, me) is None
+    time.sleep(0.05)
+    assert alive(pid, ticks), "a process that merely reused a tool's pid was signalled"
+    # Its pool process still lives (it is still its parent's): not an orphan either.
+    parent = orphans.read_stat(pid).ppid  # type: ignore[union-attr]
+    assert orphans.still_running(pid, ticks, parent) is None
+    assert orphans.kill_tool(pid, ticks, parent) is None
+    assert alive(pid, ticks)
+    # The recorded identity, orphaned: killed, with its figures.
+    assert orphans.still_running(pid, ticks, me) is True
+    killed = orphans.kill_tool(pid, ticks, me)
+    assert killed is not None and killed.processes == 1 and killed.rss_bytes > 0
+    wait_for(lambda: not alive(pid, ticks), 5, "the verified orphan to die", interval=0.02)
+
+
+def test_hub_kills_only_the_dead_childs_verified_tools(orphan):
+    """The hub, told a pool child is gone, kills its recorded tool only when pid and
+    start time both match, and lists it in the killed task's report."""
+    pid, ticks = orphan
+    reports: list[TaskReport] = []
+    hub = Hub([reports.append], hostname="h", pool="prefork", interval_s=0.05)
+    dead_child = DEAD_PID
+    now = time.monotonic()
+    for run_id, tool_ticks in (("reused", ticks + 7), ("real", ticks)):
+        hub.started(run_id, "t." + run_id, run_id + "-id", dead_child, time.time())
+        hub.tool_started(run_id, pid, tool_ticks, ("sleep", "60"), "sleep", now)
+    hub.process_gone(dead_child)
+    hub.tick(final=True)
+    by_task = {r.task: r for r in reports}
+    assert set(by_task) == {"t.reused", "t.real"}
+    assert by_task["t.reused"].tools == ()
+    assert [t.cause for t in by_task["t.real"].tools] == ["orphan-killed"]
+    assert by_task["t.real"].state == "killed" and by_task["t.real"].cause == "signal"
+    wait_for(lambda: not alive(pid, ticks), 5, "the verified tool to die", interval=0.02)
+
+
+def test_a_tool_in_its_own_process_group_has_its_group_killed():
+    """A tool that leads its own group (start_new_session) takes its group with it,
+    including a member that left its tree (re-parented after its parent exited)."""
+    code = (
+        "import subprocess, sys, time\n"
+        "sh = ['sh', '-c', 'sleep 60 >/dev/null 2>&1 & echo $!']\n"
+        "out = subprocess.run(sh, capture_output=True)\n"
+        "print(int(out.stdout), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    tool = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert tool.stdout is not None
+    sleeper = int(tool.stdout.readline())
+    ticks, sleeper_ticks = orphans.start_ticks(tool.pid), orphans.start_ticks(sleeper)
+    try:
+        st, sleeper_st = orphans.read_stat(tool.pid), orphans.read_stat(sleeper)
+        assert st is not None and sleeper_st is not None
+        assert st.pgid == tool.pid == sleeper_st.pgid and sleeper_st.ppid != tool.pid
+        assert sleeper not in tree(tool.pid), "the sleeper left the tool's tree"
+        killed = orphans.kill_tool(tool.pid, ticks, DEAD_PID)
+        assert killed is not None and killed.processes == 1
+        wait_for(
+            lambda: not alive(tool.pid, ticks) and not alive(sleeper, sleeper_ticks),
+            5,
+            "the tool and the rest of its group to die",
+            interval=0.02,
+        )
+    finally:
+        for p, t in ((tool.pid, ticks), (sleeper, sleeper_ticks)):
+            if alive(p, t):
+                os.kill(p, signal.SIGKILL)
+        tool.wait()
