@@ -69,6 +69,7 @@ __all__ = [
     "ReadSummary",
     "RecordError",
     "RecordReader",
+    "WarningPrinter",
     "check_sources",
     "ledger_paths",
     "parse_record",
@@ -78,6 +79,7 @@ __all__ = [
 STDIN = "-"
 MARKER = b"taskmeter.task/"
 MAX_NUMBER = 2**63
+_MAX_FLOAT = float(MAX_NUMBER)
 _PEAK_METHODS = ("hwm", "sampled", "none")
 _CPU_METHODS = ("process", "thread")
 
@@ -117,8 +119,9 @@ class ReadSummary:
             parts.append(f"{self.bad} bad record{'s' if self.bad != 1 else ''} (warnings above)")
         if self.skipped:
             parts.append(
-                f"{self.skipped} line{'s' if self.skipped != 1 else ''} that "
-                f"{'are' if self.skipped != 1 else 'is'} not taskmeter records"
+                f"{self.skipped} lines that are not taskmeter records"
+                if self.skipped != 1
+                else "1 line that is not a taskmeter record"
             )
         if parts:
             out += "; skipped " + " and ".join(parts)
@@ -265,6 +268,28 @@ class RecordReader:
             yield report
 
 
+class WarningPrinter:
+    """An ``on_bad`` callback that writes ``warning: file:line: why`` lines, the first
+    ``limit`` of them (a stream of a million bad lines should not bury the answer);
+    :meth:`tail` says how many more there were."""
+
+    def __init__(self, write: Callable[[str], None], limit: int = 1000) -> None:
+        self.write = write
+        self.limit = limit
+        self.count = 0
+
+    def __call__(self, problem: LedgerProblem) -> None:
+        self.count += 1
+        if self.count <= self.limit:
+            self.write(f"warning: {problem}")
+
+    def tail(self) -> str | None:
+        more = self.count - self.limit
+        if more <= 0:
+            return None
+        return f"warning: {more} more bad record{'s' if more != 1 else ''} not shown"
+
+
 def read_ledgers(
     paths: Iterable[str | os.PathLike[str]],
 ) -> tuple[list[TaskReport], list[LedgerProblem]]:
@@ -303,6 +328,17 @@ def _constant(name: str) -> float:
 
 def _num(d: Mapping[str, Any], key: str, where: str) -> float:
     """A finite, non-negative number below 2**63."""
+    v: Any = d.get(key)
+    kind = type(v)  # the fast path: exactly float or int (not bool, not NaN's subclass)
+    if kind is float:
+        if 0.0 <= v < _MAX_FLOAT:  # False for NaN and infinity
+            return float(v)
+    elif kind is int and 0 <= v < MAX_NUMBER:
+        return float(v)
+    return _num_checked(d, key, where)
+
+
+def _num_checked(d: Mapping[str, Any], key: str, where: str) -> float:
     try:
         v = d[key]
     except KeyError:
@@ -322,8 +358,10 @@ def _num(d: Mapping[str, Any], key: str, where: str) -> float:
 
 def _int(d: Mapping[str, Any], key: str, where: str) -> int:
     """A non-negative integer below 2**63 (an integral float is accepted)."""
-    v = _num(d, key, where)
-    raw = d[key]
+    raw: Any = d.get(key)
+    if type(raw) is int and 0 <= raw < MAX_NUMBER:
+        return raw
+    v = _num_checked(d, key, where)
     if isinstance(raw, int):
         return raw
     if not v.is_integer():

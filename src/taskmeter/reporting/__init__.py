@@ -11,16 +11,38 @@ plotly is imported when a page is rendered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from taskmeter.measure.report import TaskReport
+from taskmeter.measure.report import TaskReport, ToolRun
 from taskmeter.sizing.recommend import Options, Recommendation, SizingError, recommend
-from taskmeter.sizing.stats import TaskStats
+from taskmeter.sizing.stats import StreamQuantiles, TaskStats
 
-__all__ = ["ConcurrencySource", "ReportData", "Sizing", "render", "size"]
+__all__ = [
+    "BOX_ALL_POINTS_MAX",
+    "TABLE_MAX_ROWS",
+    "ConcurrencySource",
+    "LedgerDigest",
+    "ReportData",
+    "Sizing",
+    "TableRow",
+    "TypeDigest",
+    "render",
+    "size",
+]
+
+# A task type with at most this many tasks has every task drawn as a point in its
+# memory box plots; beyond, the boxes are drawn from streaming quantiles, no points.
+BOX_ALL_POINTS_MAX = 500
+# At most this many rows in the table of all tasks: every task up to it; beyond, a
+# uniform sample (reservoir sampling with a fixed seed: the same input gives the same
+# page) plus the heaviest tasks of every type, in input order.
+TABLE_MAX_ROWS = 2000
 
 ConcurrencySource = Literal["given", "observed", "unknown"]
 
@@ -78,12 +100,159 @@ def size(
     return Sizing(concurrency, concurrency_source, parent_bytes, margin, min_tasks, rec)
 
 
+def tool_name(t: ToolRun) -> str:
+    """A tool's executable name, as the page shows it."""
+    return t.exe.rsplit("/", 1)[-1] or (t.argv[0] if t.argv else "?")
+
+
+def tools_summary(tools: Sequence[ToolRun]) -> str:
+    """``bcftools ×3 (bcftools killed)``: the tools a task ran, and how the bad ones ended."""
+    if not tools:
+        return "none"
+    counts = Counter(tool_name(t) for t in tools)
+    bad = Counter(f"{tool_name(t)} {t.outcome}" for t in tools if t.outcome not in ("ok",))
+    text = ", ".join(f"{name} ×{n}" if n > 1 else name for name, n in counts.items())
+    if bad:
+        text += " (" + ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in bad.items()) + ")"
+    return text
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of the table of all tasks (what it shows, not the whole record)."""
+
+    index: int  # position in the input: rows are shown in input order
+    task: str
+    task_id: str | None
+    state: str
+    started_at: str
+    wall_s: float
+    cpu_overhead_s: float
+    cpu_tools_s: float
+    rss_avg_bytes: int
+    rss_peak_bytes: int
+    footprint_bytes: int
+    tools: str
+
+    @classmethod
+    def of(cls, index: int, r: TaskReport) -> TableRow:
+        return cls(
+            index, r.task, r.task_id, r.state, r.started_at, r.wall_s, r.overhead.cpu_s,
+            r.tool_totals.cpu_s, r.overhead.rss_avg_bytes, r.overhead.rss_peak_bytes,
+            r.footprint_peak_bytes, tools_summary(r.tools),
+        )  # fmt: skip
+
+
+@dataclass
+class TypeDigest:
+    """What the page draws for one task type, in memory bounded whatever its runs."""
+
+    runs: int = 0
+    # Sums for the mean time split.
+    wall_overhead_s: float = 0.0
+    wall_tools_s: float = 0.0
+    cpu_overhead_s: float = 0.0
+    cpu_tools_s: float = 0.0
+    cpu_other_s: float = 0.0
+    # Memory distributions: every task's figures up to BOX_ALL_POINTS_MAX, quantiles
+    # always (exact up to StreamQuantiles.EXACT_MAX tasks, within 0.5 % beyond).
+    points: list[tuple[tuple[int, int, int], str]] | None = field(default_factory=list)
+    rss_avg: StreamQuantiles = field(default_factory=StreamQuantiles)
+    rss_peak: StreamQuantiles = field(default_factory=StreamQuantiles)
+    footprint: StreamQuantiles = field(default_factory=StreamQuantiles)
+    # The heaviest tasks: a min-heap of (footprint, -index, index, report).
+    heavy: list[tuple[int, int, int, TaskReport]] = field(default_factory=list)
+
+    def heaviest(self) -> list[TaskReport]:
+        """Largest footprint first; ties: the earlier task first."""
+        return [h[3] for h in sorted(self.heavy, key=lambda h: (-h[0], h[2]))]
+
+
+class LedgerDigest:
+    """Everything the page shows about per-task records, fed one record at a time.
+
+    Memory is bounded by the number of task types (and ``heaviest``), not of records:
+    sums per type, at most :data:`BOX_ALL_POINTS_MAX` points and a few quantile
+    summaries per type, the ``heaviest`` whole records per type, and at most
+    :data:`TABLE_MAX_ROWS` table rows (a reservoir sample with a fixed seed).
+    """
+
+    def __init__(self, heaviest: int = 5, table_max: int = TABLE_MAX_ROWS, seed: int = 0) -> None:
+        self.heaviest = heaviest
+        self.table_max = table_max
+        self.total = 0
+        self.states: Counter[str] = Counter()
+        self.types: dict[str, TypeDigest] = {}
+        self._sample: list[TableRow] = []
+        self._rng = random.Random(seed)
+
+    def add(self, r: TaskReport) -> None:
+        index = self.total
+        self.total += 1
+        self.states[r.state] += 1
+        d = self.types.get(r.task)
+        if d is None:
+            d = self.types[r.task] = TypeDigest()
+        d.runs += 1
+        d.wall_overhead_s += r.overhead.wall_s
+        d.wall_tools_s += r.tool_totals.wall_s
+        d.cpu_overhead_s += r.overhead.cpu_s
+        d.cpu_tools_s += r.tool_totals.cpu_s
+        d.cpu_other_s += r.unattributed_child_cpu_s
+        o = r.overhead
+        if d.points is not None:
+            if d.runs <= BOX_ALL_POINTS_MAX:
+                label = f"task {r.task_id or '(no id)'} ({r.state})"
+                values = (o.rss_avg_bytes, o.rss_peak_bytes, r.footprint_peak_bytes)
+                d.points.append((values, label))
+            else:
+                d.points = None
+        d.rss_avg.add(float(o.rss_avg_bytes))
+        d.rss_peak.add(float(o.rss_peak_bytes))
+        d.footprint.add(float(r.footprint_peak_bytes))
+        if self.heaviest:
+            item = (r.footprint_peak_bytes, -index, index, r)
+            if len(d.heavy) < self.heaviest:
+                heapq.heappush(d.heavy, item)
+            elif item[:2] > d.heavy[0][:2]:
+                heapq.heapreplace(d.heavy, item)
+        # Reservoir sampling (algorithm R) of the table's rows.
+        if len(self._sample) < self.table_max:
+            self._sample.append(TableRow.of(index, r))
+        else:
+            j = self._rng.randrange(index + 1)
+            if j < self.table_max:
+                self._sample[j] = TableRow.of(index, r)
+
+    def add_all(self, reports: Iterable[TaskReport]) -> LedgerDigest:
+        for r in reports:
+            self.add(r)
+        return self
+
+    @property
+    def sampled(self) -> bool:
+        """True when the table holds a sample, not every task."""
+        return self.total > self.table_max
+
+    def table_rows(self) -> list[TableRow]:
+        """Every task when they fit, else the sample plus each type's heaviest, in
+        input order."""
+        rows = {row.index: row for row in self._sample}
+        if self.sampled:
+            for d in self.types.values():
+                for _, _, index, r in d.heavy:
+                    rows.setdefault(index, TableRow.of(index, r))
+        return [rows[i] for i in sorted(rows)]
+
+
 @dataclass(frozen=True)
 class ReportData:
     """Everything one page shows.
 
-    ``reports`` is None when only aggregated figures exist (Prometheus): the page then
-    shows what ``stats`` supports and says that per-task plots need a ledger.
+    Per-task records come as a :class:`LedgerDigest` (``digest``, what ``taskmeter
+    report`` builds while streaming) or as a list (``reports``, turned into a digest);
+    with neither only aggregated figures exist (Prometheus): the page then shows what
+    ``stats`` supports and says that per-task plots need a ledger.
     """
 
     source: str
@@ -93,6 +262,16 @@ class ReportData:
     sizing: Sizing
     warnings: Sequence[str] = field(default=())
     heaviest: int = 5
+    digest: LedgerDigest | None = None
+    # Lines skipped while reading: (bad records, lines that are not records).
+    skipped: tuple[int, int] = (0, 0)
+
+    def per_task(self) -> LedgerDigest | None:
+        if self.digest is not None:
+            return self.digest
+        if self.reports is None:
+            return None
+        return LedgerDigest(self.heaviest).add_all(self.reports)
 
 
 def render(data: ReportData) -> str:

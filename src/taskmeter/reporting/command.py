@@ -16,12 +16,12 @@ from pathlib import Path
 import click
 
 from taskmeter.format import bytes_h
-from taskmeter.measure.report import TaskReport
 from taskmeter.options import DURATION_UNITS, duration_s, memory_bytes
 
 __all__ = ["report", "write_atomic"]
 
 MiB = 2**20
+MAX_PAGE_WARNINGS = 50  # bad records listed on the page (all are counted)
 
 
 @click.command("report")
@@ -29,9 +29,10 @@ MiB = 2**20
     "--ledger",
     "ledgers",
     multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Ledger file(s) written by workers (TASKMETER_LEDGER); repeatable. Rotated "
-    "files (ledger.jsonl.1, ...) are read only when listed.",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Ledger file(s) written by workers (TASKMETER_LEDGER), or - for records on "
+    "standard input (e.g. kubectl logs); repeatable, read as a stream. Rotated files "
+    "(ledger.jsonl.1, ...) are read only when listed.",
 )
 @click.option(
     "--prometheus",
@@ -108,7 +109,7 @@ def report(
     from taskmeter import extras, reporting
 
     extras.require("report", "report")
-    from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
+    from taskmeter.sizing.stats import ConcurrencyTracker, StatsAccumulator
 
     if bool(ledgers) == bool(prometheus_url):
         raise click.UsageError("give either --ledger PATH... or --prometheus URL")
@@ -118,27 +119,55 @@ def report(
     _check_output(output)
 
     warnings: list[str] = []
+    skipped = (0, 0)
+    digest: reporting.LedgerDigest | None = None
     if ledgers:
-        from taskmeter.export.ledger import read_ledgers
+        from taskmeter.export.records import (
+            LedgerProblem,
+            RecordReader,
+            WarningPrinter,
+            check_sources,
+        )
 
-        reports, problems = read_ledgers(ledgers)
-        unreadable = [p for p in problems if p.line == 0]
+        unreadable = check_sources(ledgers)
         if unreadable:
             raise click.ClickException(
                 "; ".join(f"cannot read ledger {p.path}: {p.message}" for p in unreadable)
             )
-        for problem in problems:
-            warnings.append(str(problem))
-            click.echo(f"warning: {problem}", err=True)
-        if not reports:
-            what = "only unreadable lines" if problems else "no task records (empty)"
-            raise click.ClickException(f"ledger {', '.join(ledgers)}: {what}; nothing to report")
-        stats = stats_from_reports(reports)
-        source = ", ".join(ledgers)
+        warn = WarningPrinter(lambda text: click.echo(text, err=True))
+
+        def on_bad(problem: LedgerProblem) -> None:
+            warn(problem)
+            if len(warnings) < MAX_PAGE_WARNINGS:
+                warnings.append(str(problem))
+
+        reader = RecordReader(ledgers, on_bad=on_bad)
+        acc, tracker = StatsAccumulator(), ConcurrencyTracker()
+        digest = reporting.LedgerDigest(heaviest)
+        for r in reader:  # one pass, memory bounded by task types (see LedgerDigest)
+            acc.add(r)
+            tracker.add(r)
+            digest.add(r)
+        summary = reader.summary
+        for line in (warn.tail(), summary.text()):
+            if line:
+                click.echo(line, err=True)
+        skipped = (summary.bad, summary.skipped)
+        if not summary.records:
+            if summary.bad or summary.skipped:
+                what = (
+                    f"no valid task record ({summary.bad} bad, {summary.skipped} not taskmeter "
+                    "records)"
+                )
+            else:
+                what = "no task records (empty)"
+            where = ", ".join("standard input" if x == "-" else x for x in ledgers)
+            raise click.ClickException(f"ledger {where}: {what}; nothing to report")
+        stats = acc.result()
+        source = ", ".join("standard input" if x == "-" else x for x in ledgers)
         conc_source: reporting.ConcurrencySource = "given"
         if concurrency is None:
-            concurrency, conc_source = max(1, observed_concurrency(reports)), "observed"
-        per_task: list[TaskReport] | None = reports
+            concurrency, conc_source = max(1, tracker.value), "observed"
     else:
         from taskmeter.sizing.prometheus import (
             SourceError,
@@ -162,7 +191,6 @@ def report(
                 f"{_duration_h(since)} (check the URL, the window and that it scrapes the workers)"
             )
         conc_source = "given" if concurrency is not None else "unknown"
-        per_task = None
 
     sizing = reporting.size(
         stats,
@@ -178,10 +206,12 @@ def report(
         source=source,
         generated_at=datetime.now(timezone.utc),
         stats=stats,
-        reports=per_task,
+        reports=None,
         sizing=sizing,
         warnings=warnings,
         heaviest=heaviest,
+        digest=digest,
+        skipped=skipped,
     )
     page = reporting.render(data)
     try:

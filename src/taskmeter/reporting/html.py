@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,14 +26,21 @@ from plotly import offline, subplots
 
 from taskmeter.format import bytes_h, seconds_h
 from taskmeter.measure.report import STATES, TaskReport, ToolRun
-from taskmeter.reporting import ReportData, Sizing
+from taskmeter.reporting import (
+    BOX_ALL_POINTS_MAX,
+    LedgerDigest,
+    ReportData,
+    Sizing,
+    TableRow,
+    TypeDigest,
+    tool_name,
+)
 from taskmeter.sizing.recommend import Recommendation
-from taskmeter.sizing.stats import TaskStats
+from taskmeter.sizing.stats import StreamQuantiles, TaskStats
 
 __all__ = ["render_page"]
 
 MiB = 2**20
-BOX_ALL_POINTS_MAX = 500  # above this many tasks a box shows only its outliers
 MAX_WARNINGS_SHOWN = 50
 
 OVERHEAD_COLOR = "#4c78a8"
@@ -56,28 +63,29 @@ _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 def render_page(data: ReportData) -> str:
     types = sorted(data.stats)
     anchors = {task: f"type-{i}" for i, task in enumerate(types, start=1)}
-    by_task: dict[str, list[TaskReport]] = {}
-    for r in data.reports or ():
-        by_task.setdefault(r.task, []).append(r)
-    tool_colors = _tool_colors(data.reports or ())
+    digest = data.per_task()
+    per_task = digest is not None
+    tool_colors = _tool_colors(
+        r for d in (digest.types.values() if digest else ()) for r in d.heaviest()
+    )
 
-    body: list[str] = [_header(data, types), _nav(types, anchors, data.reports is not None)]
-    if data.warnings:
-        body.append(_warnings(data.warnings))
-    body.append(_sizing_section(data.sizing, data.reports is not None))
+    body: list[str] = [_header(data, types, digest), _nav(types, anchors, per_task)]
+    if data.warnings or any(data.skipped):
+        body.append(_warnings(data.warnings, data.skipped))
+    body.append(_sizing_section(data.sizing, per_task))
     body.append(_summary_section(data, types, anchors))
     for task in types:
         anchor = anchors[task]
-        if data.reports is not None:
+        if digest is not None:
             body.append(
                 _type_section_ledger(
-                    task, anchor, by_task[task], data.sizing, tool_colors, data.heaviest
+                    task, anchor, digest.types[task], data.sizing, tool_colors, data.heaviest
                 )
             )
         else:
             body.append(_type_section_stats(task, anchor, data.stats[task], data.sizing))
-    if data.reports is not None:
-        body.append(_tasks_section(data.reports))
+    if digest is not None:
+        body.append(_tasks_section(digest))
     body.append(_footer())
     title = f"taskmeter report: {data.source}"
     return (
@@ -93,10 +101,10 @@ def render_page(data: ReportData) -> str:
 
 
 # -- page parts ------------------------------------------------------------------------------
-def _header(data: ReportData, types: Sequence[str]) -> str:
-    if data.reports is not None:
-        states: Counter[str] = Counter(r.state for r in data.reports)
-        total = len(data.reports)
+def _header(data: ReportData, types: Sequence[str], digest: LedgerDigest | None) -> str:
+    if digest is not None:
+        states: Counter[str] = Counter(digest.states)
+        total = digest.total
     else:
         states = Counter()
         for s in data.stats.values():
@@ -109,7 +117,7 @@ def _header(data: ReportData, types: Sequence[str]) -> str:
         if states[state]
     )
     generated = data.generated_at.isoformat(timespec="seconds")
-    kind = "per-task records" if data.reports is not None else "aggregated metrics only"
+    kind = "per-task records" if digest is not None else "aggregated metrics only"
     return (
         "<header>\n<h1>taskmeter report</h1>\n"
         f'<p class="meta">Generated {_esc(generated)} · source: <code>{_esc(data.source)}'
@@ -127,14 +135,25 @@ def _nav(types: Sequence[str], anchors: dict[str, str], per_task: bool) -> str:
     return f"<nav>{' · '.join(links)}</nav>"
 
 
-def _warnings(warnings: Sequence[str]) -> str:
+def _warnings(warnings: Sequence[str], skipped: tuple[int, int] = (0, 0)) -> str:
+    bad, other = skipped
+    bad = max(bad, len(warnings))
     shown = "".join(f"<li><code>{_esc(w)}</code></li>" for w in warnings[:MAX_WARNINGS_SHOWN])
-    more = len(warnings) - MAX_WARNINGS_SHOWN
+    more = bad - min(len(warnings), MAX_WARNINGS_SHOWN)
     tail = f"<li>… and {more} more</li>" if more > 0 else ""
+    lines = (
+        f"<p>{other} line{'s' if other != 1 else ''} that {'are' if other != 1 else 'is'} "
+        "not taskmeter records (log lines, other JSON, blank lines) were skipped too.</p>"
+        if other
+        else ""
+    )
+    listed = (
+        f"<p>These bad records were skipped; everything else was used.</p><ul>{shown}{tail}</ul>"
+        if bad
+        else "<p>Every taskmeter record was valid.</p>"
+    )
     return (
-        f'<section class="warnings"><h2>Warnings ({len(warnings)})</h2>'
-        f"<p>These lines were skipped; everything else was used.</p><ul>{shown}{tail}</ul>"
-        "</section>"
+        f'<section class="warnings"><h2>Skipped lines ({bad + other})</h2>{listed}{lines}</section>'
     )
 
 
@@ -231,21 +250,28 @@ def _summary_section(data: ReportData, types: Sequence[str], anchors: dict[str, 
 def _type_section_ledger(
     task: str,
     anchor: str,
-    reports: Sequence[TaskReport],
+    d: TypeDigest,
     sizing: Sizing,
     tool_colors: dict[str, str],
     heaviest: int,
 ) -> str:
-    heavy = sorted(reports, key=lambda r: (-r.footprint_peak_bytes, r.started_at))[:heaviest]
+    heavy = d.heaviest()[:heaviest]
+    if d.points is not None:
+        points = "each point is one task."
+    else:
+        points = (
+            f"with {d.runs} tasks (more than {BOX_ALL_POINTS_MAX}) no point is drawn: each box "
+            "spans the quartiles around the median, its whiskers the smallest and largest "
+            "task, computed while the records streamed (exact up to 4096 tasks of a type, "
+            "within 0.5 % beyond)."
+        )
     parts = [
-        *_section_head(
-            task, anchor, len(reports), _time_figure(reports), _memory_figure(reports, sizing)
-        ),
+        *_section_head(task, anchor, d.runs, _time_figure(d), _memory_figure(d, sizing)),
         '<p class="caption">Left: mean time per task. Overhead wall is the task\'s wall time '
         "minus the time covered by tool runs; overhead CPU is the worker process's own CPU; "
         "tools' CPU is the sum over their processes. Right: per-task memory of the worker "
         "process (time-weighted RSS average and its peak) and the footprint (worker + tools "
-        "alive at the same moment); each point is one task.</p>",
+        f"alive at the same moment); {_esc(points)}</p>",
     ]
     if heavy:
         height = 110 + 200 * len(heavy)
@@ -293,12 +319,13 @@ def _type_section_stats(task: str, anchor: str, s: TaskStats, sizing: Sizing) ->
     )
 
 
-def _tasks_section(reports: Sequence[TaskReport]) -> str:
+def _tasks_section(digest: LedgerDigest) -> str:
     heads = [("task", "str"), ("state", "str"), ("started at (UTC)", "num"), ("wall", "num"),
              ("CPU overhead", "num"), ("CPU tools", "num"), ("worker RSS avg", "num"),
              ("worker RSS peak", "num"), ("footprint", "num"), ("tools", "str")]  # fmt: skip
     rows = []
-    for r in reports:
+    shown: list[TableRow] = digest.table_rows()
+    for r in shown:
         started = _epoch(r.started_at)
         rows.append(
             "<tr>"
@@ -307,18 +334,29 @@ def _tasks_section(reports: Sequence[TaskReport]) -> str:
             + f"</span>{_esc(r.state)}</td>"
             + _num(started, _short_time(r.started_at))
             + _num(r.wall_s, seconds_h(r.wall_s))
-            + _num(r.overhead.cpu_s, seconds_h(r.overhead.cpu_s))
-            + _num(r.tool_totals.cpu_s, seconds_h(r.tool_totals.cpu_s))
-            + _num(r.overhead.rss_avg_bytes, bytes_h(r.overhead.rss_avg_bytes))
-            + _num(r.overhead.rss_peak_bytes, bytes_h(r.overhead.rss_peak_bytes))
-            + _num(r.footprint_peak_bytes, bytes_h(r.footprint_peak_bytes))
-            + f"<td>{_esc(_tools_summary(r.tools))}</td>"
+            + _num(r.cpu_overhead_s, seconds_h(r.cpu_overhead_s))
+            + _num(r.cpu_tools_s, seconds_h(r.cpu_tools_s))
+            + _num(r.rss_avg_bytes, bytes_h(r.rss_avg_bytes))
+            + _num(r.rss_peak_bytes, bytes_h(r.rss_peak_bytes))
+            + _num(r.footprint_bytes, bytes_h(r.footprint_bytes))
+            + f"<td>{_esc(r.tools)}</td>"
             + "</tr>"
         )
+    if digest.sampled:
+        title = f"Tasks: a sample of {len(shown)} of {digest.total}"
+        how = (
+            f"<strong>{digest.total} tasks are too many for one page: the table shows "
+            f"{len(shown)} of them</strong>, a uniform random sample of {digest.table_max} "
+            "(reservoir sampling with a fixed seed: the same ledger gives the same rows) plus "
+            "the tasks with the largest footprint of every type, in ledger order. The other "
+            "sections count every task. "
+        )
+    else:
+        title, how = "All tasks", ""
     return (
-        '<section id="all-tasks"><h2>All tasks</h2>'
-        '<p class="caption">Click a column header to sort (again to reverse). Hover a task '
-        "name for its id.</p>" + _table("tasks", heads, rows) + "</section>"
+        f'<section id="all-tasks"><h2>{_esc(title)}</h2>'
+        f'<p class="caption">{how}Click a column header to sort (again to reverse). Hover a '
+        "task name for its id.</p>" + _table("tasks", heads, rows) + "</section>"
     )
 
 
@@ -345,15 +383,16 @@ class _TimeSplit:
     other_cpu: float = 0.0  # children not run through taskmeter (ledger only)
 
 
-def _time_figure(reports: Sequence[TaskReport]) -> Any:
+def _time_figure(d: TypeDigest) -> Any:
+    runs = max(d.runs, 1)
     return _split_figure(
         _TimeSplit(
-            len(reports),
-            _mean(r.overhead.wall_s for r in reports),
-            _mean(r.tool_totals.wall_s for r in reports),
-            _mean(r.overhead.cpu_s for r in reports),
-            _mean(r.tool_totals.cpu_s for r in reports),
-            _mean(r.unattributed_child_cpu_s for r in reports),
+            d.runs,
+            d.wall_overhead_s / runs,
+            d.wall_tools_s / runs,
+            d.cpu_overhead_s / runs,
+            d.cpu_tools_s / runs,
+            d.cpu_other_s / runs,
         )
     )
 
@@ -404,23 +443,34 @@ def _split_figure(t: _TimeSplit) -> Any:
     return fig
 
 
-def _memory_figure(reports: Sequence[TaskReport], sizing: Sizing) -> Any:
-    series: list[tuple[str, Callable[[TaskReport], int], str]] = [
-        ("worker RSS average", lambda r: r.overhead.rss_avg_bytes, OVERHEAD_COLOR),
-        ("worker RSS peak", lambda r: r.overhead.rss_peak_bytes, "#1f3f66"),
-        ("footprint (worker + tools)", lambda r: r.footprint_peak_bytes, TOOL_COLOR),
+def _memory_figure(d: TypeDigest, sizing: Sizing) -> Any:
+    series: list[tuple[str, int, StreamQuantiles, str]] = [
+        ("worker RSS average", 0, d.rss_avg, OVERHEAD_COLOR),
+        ("worker RSS peak", 1, d.rss_peak, "#1f3f66"),
+        ("footprint (worker + tools)", 2, d.footprint, TOOL_COLOR),
     ]
-    points = "all" if len(reports) <= BOX_ALL_POINTS_MAX else "outliers"
-    labels = [_ptext(f"task {r.task_id or '(no id)'} ({r.state})") for r in reports]
     fig = go.Figure()
-    for name, get, color in series:
-        fig.add_trace(
-            go.Box(
-                name=name, y=[get(r) / MiB for r in reports], marker_color=color,
-                boxpoints=points, jitter=0.4, pointpos=0, text=labels,
-                hoverinfo="y+text", showlegend=False,
-            )
-        )  # fmt: skip
+    if d.points is not None:
+        labels = [_ptext(label) for _, label in d.points]
+        for name, k, _, color in series:
+            fig.add_trace(
+                go.Box(
+                    name=name, y=[v[k] / MiB for v, _ in d.points], marker_color=color,
+                    boxpoints="all", jitter=0.4, pointpos=0, text=labels,
+                    hoverinfo="y+text", showlegend=False,
+                )
+            )  # fmt: skip
+    else:
+        # Precomputed boxes: three numbers and two whiskers per series, however many tasks.
+        for name, _, q, color in series:
+            fig.add_trace(
+                go.Box(
+                    name=name, x=[name], q1=[q.quantile(0.25) / MiB],
+                    median=[q.quantile(0.5) / MiB], q3=[q.quantile(0.75) / MiB],
+                    lowerfence=[q.min / MiB], upperfence=[q.max / MiB], marker_color=color,
+                    boxpoints=False, hoverinfo="y", showlegend=False,
+                )
+            )  # fmt: skip
     _sizing_lines(fig, sizing)
     fig.update_layout(title="Memory per task", yaxis_title="MiB", yaxis_rangemode="tozero")
     return fig
@@ -605,24 +655,8 @@ def _tool_colors(reports: Iterable[TaskReport]) -> dict[str, str]:
     return {name: TOOL_PALETTE[i % len(TOOL_PALETTE)] for i, name in enumerate(names)}
 
 
-def _tools_summary(tools: Sequence[ToolRun]) -> str:
-    if not tools:
-        return "none"
-    counts = Counter(_exe(t) for t in tools)
-    bad = Counter(f"{_exe(t)} {t.outcome}" for t in tools if t.outcome not in ("ok",))
-    text = ", ".join(f"{name} ×{n}" if n > 1 else name for name, n in counts.items())
-    if bad:
-        text += " (" + ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in bad.items()) + ")"
-    return text
-
-
 def _exe(t: ToolRun) -> str:
-    return t.exe.rsplit("/", 1)[-1] or (t.argv[0] if t.argv else "?")
-
-
-def _mean(values: Iterable[float]) -> float:
-    items = list(values)
-    return sum(items) / len(items) if items else 0.0
+    return tool_name(t)
 
 
 def _per_run(total: float, s: TaskStats) -> float:
