@@ -220,7 +220,13 @@ def test_clean_close_leaves_nothing(tmp_path):
     j.begin(1, "noop", "a", time.time(), 0.0)
     j.end()
     j.close()
-    assert list((tmp_path / "journal").iterdir()) == []
+    assert not (tmp_path / "journal").exists()  # it made the folder: it removes it
+    (tmp_path / "mine").mkdir()
+    j = Journal.open(tmp_path / "mine", "w1@host")
+    assert j is not None
+    j.recover([], hostname="h", pool="solo", interval_s=0.1)
+    j.close()
+    assert list((tmp_path / "mine").iterdir()) == []  # a folder it did not make stays
 
 
 def test_settings(tmp_path):
@@ -326,7 +332,7 @@ def test_whole_worker_sigkilled_its_tasks_in_flight_are_recorded_lost_once(start
 
         # A clean stop and another restart: nothing is recorded twice.
         assert w2.stop() == 0
-        assert not list(folder.iterdir())  # a clean stop leaves no record, no folder
+        assert not list(folder.iterdir())  # a clean stop leaves no record, no node folder
         w3 = start_worker("redis", "prefork", 2, ("-n", node), TM_QUEUE=w1.queue)
         w3.send("noop")
         reports = w3.wait_reports(4)
@@ -336,3 +342,20 @@ def test_whole_worker_sigkilled_its_tasks_in_flight_are_recorded_lost_once(start
         assert not any(lost_now.values()), lost_now
     finally:
         _kill_all(pids)  # leftover tool processes, whatever happened
+
+
+def test_solo_worker_killed_its_task_is_recorded_lost(start_worker):
+    """solo (and threads): tasks run in the main process, whose own record survives."""
+    node = f"h5s-{uuid.uuid4().hex[:6]}@%h"
+    w1 = start_worker("redis", "solo", 1, ("-n", node))
+    task = w1.send("sleep", 60)
+    wait_for(lambda: [r for r in w1.inflight() if r["task_id"] == task.id], 30, "the task")
+    time.sleep(0.5)  # heartbeats of the main process after the start
+    w1.proc.kill()
+    w1.proc.wait(10)
+    assert w1.reports() == []
+    w2 = start_worker("redis", "solo", 1, ("-n", node), TM_QUEUE=w1.queue)
+    (r,) = w2.wait_reports(1)
+    assert (r.task, r.task_id, r.state, r.worker.pid) == ("sleep", task.id, "lost", w1.proc.pid)
+    assert 0.3 <= r.wall_s < 30  # until the last heartbeat: a lower bound
+    assert r.overhead.peak_method == "none"  # never observed by a tick: no figures

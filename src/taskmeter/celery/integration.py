@@ -99,7 +99,10 @@ class _Worker:
                 s.ledger, max_bytes=s.ledger_max_bytes, backups=s.ledger_backups
             )
             sinks.append(self.ledger.write)
-        if s.journal:
+        if s.journal and self.pool in ("gevent", "eventlet"):
+            # one record per OS thread: green threads would each need their own
+            log.info("taskmeter: no in-flight journal with the %s pool", self.pool)
+        elif s.journal:
             self.journal = Journal.open(s.journal, self.node)
         if self.journal is not None:
             # Tasks a previous incarnation left in flight: reported lost, before any

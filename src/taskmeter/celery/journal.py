@@ -69,6 +69,7 @@ LOCK_NAME = "lock"
 STATE_NAME = "main.state"
 SLOT_SUFFIX = ".slot"
 MAX_TOOLS = 8  # the largest tools running, per task
+MAX_SLOTS_PER_PROCESS = 256  # threads of one process with a record (threads pool)
 _MAX_NAME, _MAX_ID, _MAX_ARGV = 400, 255, 240
 
 _RUNNING = 1
@@ -353,6 +354,9 @@ class Journal:
         self._oom_at = 0.0
         self._watched: dict[int, _Watched] = {}
         self._gone: set[int] = set()  # exited children whose record waits for a report
+        # the main process's hub, listener and sink threads share the maps above
+        self._mlock = threading.Lock()
+        self._made_root = False  # removed at a clean close when empty
         self._local = threading.local()
         self._threads = 0
         self._tlock = threading.Lock()
@@ -371,6 +375,7 @@ class Journal:
         when it cannot be used: another live worker of that name holds it, or the folder
         cannot be made private to this user."""
         folder = Path(root) / node_folder_name(node)
+        made_root = not os.path.lexists(root)
         try:
             _private_dirs(Path(root), folder)
             fd = _lock(folder / LOCK_NAME)
@@ -389,7 +394,9 @@ class Journal:
                 folder,
             )
             return None
-        return cls(folder, fd, oom_reading=oom_reading)
+        journal = cls(folder, fd, oom_reading=oom_reading)
+        journal._made_root = made_root
+        return journal
 
     # -- main process: recovery ------------------------------------------------------------
     def recover(
@@ -491,6 +498,10 @@ class Journal:
     def observe(self, runs: Sequence[Run]) -> None:
         """The hub's tick: write what it observed of each pool child's task into that
         child's record, and the heartbeat."""
+        with self._mlock:
+            self._observe(runs)
+
+    def _observe(self, runs: Sequence[Run]) -> None:
         self.heartbeat()
         now = time.time()
         for run in runs:
@@ -552,6 +563,10 @@ class Journal:
         restart does not report it again."""
         if report.state not in ("killed", "revoked") or report.worker.pid == self._main_pid:
             return
+        with self._mlock:
+            self._report_done(report)
+
+    def _report_done(self, report: TaskReport) -> None:
         pid = report.worker.pid
         path = self._slot_path(pid, 0)
         w = self._watched.get(pid)
@@ -575,6 +590,10 @@ class Journal:
     def child_gone(self, pid: int) -> None:
         """A pool child exited: remove its record unless it holds a task not yet
         reported (the hub's report for it clears it through :meth:`report_done`)."""
+        with self._mlock:
+            self._child_gone(pid)
+
+    def _child_gone(self, pid: int) -> None:
         path = self._slot_path(pid, 0)
         w = self._watched.get(pid)
         try:
@@ -597,6 +616,10 @@ class Journal:
     def close(self) -> None:
         """Clean shutdown: remove the records holding no task; when none is left, the
         whole node folder. Then release the lock."""
+        with self._mlock:
+            self._close()
+
+    def _close(self) -> None:
         for pid in list(self._watched):
             self._forget(pid)
         for s in self._mine:
@@ -622,6 +645,8 @@ class Journal:
                 _unlink(self.folder / LOCK_NAME)  # while locked: see _lock()
                 with contextlib.suppress(OSError):
                     self.folder.rmdir()
+                    if self._made_root:
+                        self.folder.parent.rmdir()
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -648,6 +673,8 @@ class Journal:
         """A task starts in this thread: memory writes into this thread's record."""
         slot: Slot | None = getattr(self._local, "slot", None)
         if slot is None:
+            if getattr(self._local, "tried", False):
+                return  # this thread could not have a record (logged once)
             slot = self._new_slot()
             if slot is None:
                 return
@@ -660,15 +687,23 @@ class Journal:
             slot.end()
 
     def _new_slot(self) -> Slot | None:
+        self._local.tried = True
         pid = os.getpid()
         with self._tlock:
             n = self._threads
             self._threads += 1
+        if n >= MAX_SLOTS_PER_PROCESS:
+            if n == MAX_SLOTS_PER_PROCESS:
+                log.warning(
+                    "taskmeter: more than %d threads ran tasks in pid %d; the in-flight "
+                    "journal records the tasks of the first %d only",
+                    MAX_SLOTS_PER_PROCESS, pid, MAX_SLOTS_PER_PROCESS,
+                )  # fmt: skip
+            return None
         try:
             slot = Slot(self._slot_path(pid, n), pid)
         except OSError as exc:
             log.warning("taskmeter: no in-flight journal record for pid %d: %s", pid, exc)
-            self._local.slot = None
             return None
         self._local.slot = slot
         self._mine.append(slot)
