@@ -48,12 +48,24 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
 
-def _read(path: str) -> bytes | None:
+def _read(path: str, to_eof: bool = False) -> bytes | None:
+    # os.open/os.read: half the cost of open() and its file object, per read measured
+    # (benchmarks/bench_untracked.py). stat and status come whole in one read; a
+    # command line or a list of children may need more (to_eof).
     try:
-        with open(path, "rb", buffering=0) as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # gone (ENOENT, ESRCH), or not ours to read
         return None
+    try:
+        data = os.read(fd, 8192)
+        if data and to_eof:
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        return data
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,7 @@ def read_stat(pid: int) -> ProcStat | None:
 
 def children_of(pid: int, tid: int | None = None) -> list[int]:
     """Children forked by thread ``tid`` of ``pid`` (its main thread by default)."""
-    data = _read(f"/proc/{pid}/task/{tid or pid}/children")
+    data = _read(f"/proc/{pid}/task/{tid or pid}/children", to_eof=True)
     return [int(p) for p in data.split()] if data else []
 
 
@@ -144,8 +156,13 @@ class _Run:
     procs: dict[int, _Proc] = field(default_factory=dict)
 
 
-def _cmdline(pid: int) -> bytes | None:
-    return _read(f"/proc/{pid}/cmdline") or None  # empty: a zombie or a kernel thread
+class _Cmdlines(dict[int, bytes | None]):
+    """Command lines read during one scan, each at most once, only when needed."""
+
+    def __missing__(self, pid: int) -> bytes | None:
+        # Empty for a zombie or a kernel thread: unknown.
+        cmd = self[pid] = _read(f"/proc/{pid}/cmdline", to_eof=True) or None
+        return cmd
 
 
 class UntrackedScan:
@@ -174,7 +191,7 @@ class UntrackedScan:
             offset = boot_offset()
             seen: set[tuple[int, int]] = set()
             live = gone_peak = 0
-            my_cmd: bytes | None = None
+            cmds = _Cmdlines()
             for pid in top:
                 if pid in tracked:
                     continue
@@ -187,36 +204,37 @@ class UntrackedScan:
                     t = st.start_tick / _HZ - offset
                     run = self._runs[key] = _Run(pid, st.start_tick, t, now)
                 seen.add(key)
-                if my_cmd is None:
-                    my_cmd = _cmdline(self._pid)
-                live += self._sample(run, now, st, my_cmd)
+                live += self._sample(run, now, st, cmds)
             for key, run in self._runs.items():
                 if run.alive and key not in seen:
                     run.alive = False
                     gone_peak = max(gone_peak, run.hwm_max)
             return live, gone_peak
 
-    def _sample(self, run: _Run, now: float, top: ProcStat, parent_cmd: bytes | None) -> int:
+    def _sample(self, run: _Run, now: float, top: ProcStat, cmds: _Cmdlines) -> int:
         """Walk one child's tree; returns its counted RSS now."""
         rss = hwm = 0
         user = sys_ = 0.0
         counted = False
-        todo: list[tuple[int, ProcStat | None, bytes | None]] = [(run.pid, top, parent_cmd)]
+        procs: dict[int, _Proc] = {}  # only the live ones: a long task may run thousands
+        todo: list[tuple[int, ProcStat | None, int]] = [(run.pid, top, self._pid)]
         while todo:
-            pid, st, pcmd = todo.pop()
+            pid, st, parent = todo.pop()
             st = st or read_stat(pid)
             if st is None:
                 continue  # gone since its parent listed it
             proc = run.procs.get(pid)
             if proc is None or proc.start_tick != st.start_tick:
-                proc = run.procs[pid] = _Proc(st.start_tick)
+                proc = _Proc(st.start_tick)
+            procs[pid] = proc
             user += st.user_s
             sys_ += st.sys_s
             if pid == run.pid:
                 run.own_cpu_s = st.user_s + st.sys_s
-            cmd: bytes | None = None
             if not proc.execd and st.state != "Z":
-                cmd = _cmdline(pid)
+                # Compared with its parent's now: equal until it execs (forked, it still
+                # shows the parent's memory, and so its command line).
+                cmd, pcmd = cmds[pid], cmds[parent]
                 proc.execd = cmd is not None and pcmd is not None and cmd != pcmd
                 if cmd is not None and pid == run.pid and (proc.execd or not run.argv):
                     run.argv = tuple(a.decode(errors="replace") for a in cmd.split(b"\0")[:-1])
@@ -225,11 +243,8 @@ class UntrackedScan:
                 counted = True
                 rss += st.rss_bytes
                 hwm = max(hwm, _hwm(pid) or 0)
-            kids = children_of(pid)
-            if kids:
-                if cmd is None:
-                    cmd = _cmdline(pid)
-                todo.extend((k, None, cmd) for k in kids)
+            todo.extend((k, None, pid) for k in children_of(pid))
+        run.procs = procs
         run.scans += 1
         run.t_last = now
         # CPU only grows; a descendant reaped by someone outside the tree takes its

@@ -1,0 +1,199 @@
+"""What finding untracked subprocesses costs, and what the subprocess patch costs.
+
+    .venv/bin/python benchmarks/bench_untracked.py            # about 1 minute
+    .venv/bin/python benchmarks/bench_untracked.py --quick    # about 20 seconds
+
+Prints markdown tables to stdout. Variants are interleaved in one run (A, B, A, B, ...,
+the order alternating between rounds) and medians reported.
+
+(a) One untracked scan (``UntrackedScan.scan``: what each of a measurement's samples
+    adds, once per interval, in the sampler thread) with 0, 1 and 10 untracked
+    children (``sleep`` processes started after the task began, already seen once, so
+    past their exec check), side by side with one /proc read (``READER.self_rss()``,
+    the pread of /proc/self/statm every sampler tick makes) and with one tracked-tool
+    sample of one process (``READER.tree``). Also as % of one core at the default
+    100 ms interval.
+(b) The per-task path: an empty ``with taskmeter.measure("x"): pass`` with this source
+    tree against a baseline tree (``--baseline REV``, by default the commit before the
+    untracked scan landed), in alternating subprocesses (each its own warm loop).
+(c) ``subprocess.run(["true"])`` outside any measurement with ``subprocess.Popen``
+    patched (TASKMETER_PATCH_SUBPROCESS) and not: the patch must cost nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from _common import machine, median, table
+from taskmeter.measure import patch as patch_module
+from taskmeter.measure.proc import READER
+from taskmeter.measure.sampler import DEFAULT_INTERVAL_S
+from taskmeter.measure.untracked import UntrackedScan
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASELINE = "ec502a0^"  # the commit before untracked scanning
+
+
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    names = list(variants)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            results[name].append(variants[name]())
+    return results
+
+
+def per_call(fn: Callable[[], object], calls: int) -> Callable[[], float]:
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+
+    return timed
+
+
+# -- (a) one scan ---------------------------------------------------------------------
+def bench_scan(calls: int, rounds: int) -> str:
+    variants: dict[str, Callable[[], float]] = {
+        "one /proc read (self_rss)": per_call(READER.self_rss, calls),
+    }
+    children: list[subprocess.Popen[bytes]] = []
+    scans: dict[int, UntrackedScan] = {}
+    try:
+        # One pool of ten sleeps, started after every scan's task began; a scan meant to
+        # see n of them is told the others are tracked tools (skipped before any read).
+        for n in (0, 1, 10):
+            scans[n] = UntrackedScan(time.monotonic())
+        pool = [subprocess.Popen(["sleep", "600"]) for _ in range(10)]
+        children.extend(pool)
+        time.sleep(0.05)  # all exec'd
+        pids = [p.pid for p in pool]
+        variants["one tool sample (READER.tree of 1 process)"] = per_call(
+            lambda: READER.tree(pids[0]), calls
+        )
+        skip = {0: set(pids), 1: set(pids[1:]), 10: set()}
+        for n, scan in scans.items():
+            now = time.monotonic()
+            scan.scan(now, skip[n], None)  # first sight: reads command lines once
+            variants[f"untracked scan, {n} children"] = per_call(
+                lambda scan=scan, s=skip[n]: scan.scan(time.monotonic(), s, None), calls
+            )
+        res = interleaved(variants, rounds)
+    finally:
+        for p in children:
+            p.kill()
+            p.wait()
+    rows = []
+    for name, values in res.items():
+        us = median(values) * 1e6
+        core = us / (DEFAULT_INTERVAL_S * 1e6) * 100
+        rows.append((name, f"{us:.1f}", f"{min(values) * 1e6:.1f}-{max(values) * 1e6:.1f}",
+                     f"{core:.3f}"))  # fmt: skip
+    return table(["what", "µs per call", "range over rounds", "% of a core at 100 ms"], rows)
+
+
+# -- (b) the per-task path ----------------------------------------------------------------
+LOOP = """
+import time, taskmeter
+for _ in range(300):
+    with taskmeter.measure("x"):
+        pass
+t0 = time.perf_counter()
+for _ in range({n}):
+    with taskmeter.measure("x"):
+        pass
+print((time.perf_counter() - t0) / {n})
+"""
+
+
+def export_tree(rev: str, dest: Path) -> Path:
+    archive = dest / "src.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "src"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "src"
+
+
+def bench_task_path(baseline: str, calls: int, rounds: int) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        old = export_tree(baseline, Path(tmp))
+        trees = {"this tree": ROOT / "src", f"baseline {baseline}": old}
+
+        def runner(src: Path) -> Callable[[], float]:
+            def run() -> float:
+                env = {**os.environ, "PYTHONPATH": str(src)}
+                out = subprocess.run(
+                    [sys.executable, "-c", LOOP.format(n=calls)],
+                    env=env, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                return float(out.stdout.split()[-1])
+
+            return run
+
+        res = interleaved({name: runner(src) for name, src in trees.items()}, rounds)
+    base = median(res[f"baseline {baseline}"])
+    rows = [
+        (
+            f'`with taskmeter.measure("x"): pass`, {name}',
+            f"{median(v) * 1e6:.1f}",
+            f"{min(v) * 1e6:.1f}-{max(v) * 1e6:.1f}",
+            f"{median(v) / base:.3f}",
+        )
+        for name, v in res.items()
+    ]
+    return table(["block", "µs per call", "range over rounds", "vs baseline"], rows)
+
+
+# -- (c) the patch outside a task ----------------------------------------------------------
+def bench_patch(calls: int, rounds: int) -> str:
+    argv = ["true"]
+
+    def unpatched() -> float:
+        return per_call(lambda: subprocess.run(argv), calls)()
+
+    def patched() -> float:
+        patch_module.patch()
+        try:
+            return per_call(lambda: subprocess.run(argv), calls)()
+        finally:
+            patch_module.unpatch()
+
+    res = interleaved({"plain": unpatched, "patched": patched}, rounds)
+    base = median(res["plain"])
+    rows = [
+        (f"`subprocess.run(['true'])`, {name}, outside a measurement",
+         f"{median(v) * 1e6:.0f}", f"{min(v) * 1e6:.0f}-{max(v) * 1e6:.0f}",
+         f"{median(v) / base:.3f}")
+        for name, v in res.items()
+    ]  # fmt: skip
+    return table(["call", "µs per call", "range over rounds", "ratio"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare (b) with")
+    a = ap.parse_args()
+    scan_calls, scan_rounds = (300, 5) if a.quick else (2000, 9)
+    task_calls, task_rounds = (1000, 4) if a.quick else (3000, 8)
+    run_calls, run_rounds = (30, 4) if a.quick else (100, 8)
+    print(f"Machine: {machine()}\n")
+    print("### (a) One untracked scan per sample\n")
+    print(bench_scan(scan_calls, scan_rounds) + "\n")
+    print("### (b) The per-task path\n")
+    print(bench_task_path(a.baseline, task_calls, task_rounds) + "\n")
+    print("### (c) The subprocess patch outside a measurement\n")
+    print(bench_patch(run_calls, run_rounds) + "\n")
+
+
+if __name__ == "__main__":
+    main()
