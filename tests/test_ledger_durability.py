@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ import taskmeter
 from taskmeter.export import metrics
 from taskmeter.export.ledger import Ledger
 from taskmeter.measure.report import TaskReport
+
+from workerkit import wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -179,3 +182,46 @@ def test_a_torn_tail_left_by_someone_else_never_swallows_the_next_record(
     assert json.loads(lines[0])["task_id"] == "task-00000"
     assert lines[1].endswith(b"half a rec")
     assert json.loads(lines[2])["task_id"] == "task-00001"
+
+
+def _sample(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of the series ``name`` with these labels (in any order), 0 if absent."""
+    for found in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", metrics_text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
+        if have == labels:
+            return float(found.group(2))
+    return 0.0
+
+
+def test_a_real_worker_on_a_full_disk_counts_in_metrics_and_resumes(
+    small_fs: Path, start_worker: Any, tmp_path: Path
+) -> None:
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (12 * PAGE))  # 4 pages left: about 20 records
+    ledger = small_fs / "ledger.jsonl"
+    w = start_worker(
+        "redis", "prefork", 1,
+        TASKMETER_LEDGER=str(ledger),
+        TASKMETER_JOURNAL=str(tmp_path / "journal"),  # only the ledger on the small disk
+    )  # fmt: skip
+    sent = [w.send("noop").id for _ in range(40)]
+
+    def runs() -> float:
+        return _sample(w.metrics(), "celery_task_runs_total", state="success", task="noop")
+
+    wait_for(lambda: runs() >= 40, 90, "40 noop runs counted")
+    kept = strict_records(ledger)
+    errors = _sample(w.metrics(), "taskmeter_ledger_errors_total")
+    assert 0 < len(kept) < 40, "the disk did not fill up"
+    assert errors == 40 - len(kept)
+    assert [r["task_id"] for r in kept] == sent[: len(kept)]
+    log = w.log_text()
+    assert log.count("cannot write the ledger") == 1 and str(ledger) in log
+
+    filler.unlink()
+    more = [w.send("noop").id for _ in range(5)]
+    wait_for(lambda: len(strict_records(ledger)) >= len(kept) + 5, 60, "records after space")
+    after = strict_records(ledger)
+    assert [r["task_id"] for r in after] == sent[: len(kept)] + more
+    assert _sample(w.metrics(), "taskmeter_ledger_errors_total") == errors
+    assert w.stop() == 0
