@@ -77,9 +77,9 @@ def test_kill_9_of_a_pool_child_leaves_no_process_of_its_task(start_worker):
         tool_pid, "orphan-killed", "orphan-killed", 9,
     )  # fmt: skip
     assert tool.exe.startswith("python")
-    # Its last figures: the tree held 200 MiB when stopped; its own peak 100 MiB.
-    assert tool.rss_peak_bytes >= 95 << 20
-    assert tool.rss_avg_bytes >= 150 << 20, "the tree's RSS as sampled and when killed"
+    # Its last figures: the tree held its 200 MiB (as the test saw) until it was killed.
+    assert tool.rss_peak_bytes >= 190 << 20
+    assert 0 < tool.rss_avg_bytes <= tool.rss_peak_bytes
     # It ran from before it was seen holding its memory until after the child's death.
     assert killed_at - seen_at - 0.05 <= tool.wall_s <= killed_at + gone_after - seen_at + 30
     assert tool.cpu_s > 0

@@ -1,0 +1,232 @@
+"""OOM named: a real prefork worker inside a real memory cgroup limited to 300 MiB.
+
+A tool that allocates 500 MiB and a task whose Python body does are both killed by the
+kernel's OOM killer, and recorded as such (tool ``cause="oom"``; task ``state="killed",
+cause="oom"``), distinct from a ``kill -9`` of a tool (``outcome="killed"``, no cause)
+and from Celery's hard time limit (``cause="time_limit"``). The ground truth is the
+cgroup's own OOM-kill counter, read by the test.
+
+Needs root and a memory cgroup controller (v1 ``/sys/fs/cgroup/memory`` or v2 with the
+memory controller); without them the test says so, and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from taskmeter.measure import cgroup, orphans
+from taskmeter.measure.report import TaskReport
+
+from helpers import unavailable
+from workerkit import CELERY, Worker, broker_url, wait_for, worker_env
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 300 << 20
+
+
+@dataclass
+class Cgroup:
+    path: Path
+    version: int
+
+    @property
+    def counter_file(self) -> Path:
+        return self.path / ("memory.oom_control" if self.version == 1 else "memory.events")
+
+    def oom_kills(self) -> int:
+        for line in self.counter_file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        raise AssertionError(f"no oom_kill in {self.counter_file}")
+
+    def procs(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+
+def _make_cgroup() -> Cgroup:
+    if not sys.platform.startswith("linux"):
+        unavailable("memory cgroups need Linux")
+    name = f"taskmeter-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    v1 = Path("/sys/fs/cgroup/memory")
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if (v1 / "memory.limit_in_bytes").exists():
+            path = v1 / name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(LIMIT))
+            with contextlib.suppress(OSError):  # no swap to escape to, where it exists
+                (path / "memory.memsw.limit_in_bytes").write_text(str(LIMIT))
+            return Cgroup(path, 1)
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
+            subtree = (v2 / "cgroup.subtree_control").read_text().split()
+            if "memory" not in subtree:
+                (v2 / "cgroup.subtree_control").write_text("+memory")
+            path = v2 / name
+            path.mkdir()
+            (path / "memory.max").write_text(str(LIMIT))
+            with contextlib.suppress(OSError):
+                (path / "memory.swap.max").write_text("0")
+            return Cgroup(path, 2)
+    except OSError as exc:
+        unavailable(f"no memory cgroup can be made here ({exc}; needs root)")
+    unavailable("no memory cgroup controller is mounted (v1 memory or v2 with memory)")
+
+
+def _remove(cg: Cgroup) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        for pid in cg.procs():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            cg.path.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worker, Cgroup]]:
+    """A prefork worker (-c 1) started inside a fresh 300 MiB memory cgroup: a shell
+    moves itself into the cgroup, then execs `celery worker`."""
+    url = broker_url("redis")
+    cg = _make_cgroup()
+    tmp = tmp_path_factory.mktemp("oom")
+    env = worker_env(tmp, url)
+    log = tmp / "worker.log"
+    cmd = [
+        "sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg.path / "cgroup.procs"),
+        *CELERY, "-A", "tmapp", "worker", "-P", "prefork", "-c", "1",
+        "-Q", env["TM_QUEUE"], "-n", f"tm-oom-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp)
+    w = Worker(
+        proc, int(env["TASKMETER_PORT"]), Path(env["TASKMETER_LEDGER"]), log,
+        env["TM_QUEUE"], url, env,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or "ready." in w.log_text(), 60, "the worker ready"
+        )
+        assert proc.poll() is None, f"worker exited: {w.log_text()[-3000:]}"
+        assert proc.pid in cg.procs(), "the worker runs inside the test's cgroup"
+        yield w, cg
+    finally:
+        w.stop()
+        _remove(cg)
+
+
+def report_of(w: Worker, task_id: str, timeout: float = 40) -> TaskReport:
+    found = wait_for(
+        lambda: [r for r in w.reports() if r.task_id == task_id],
+        timeout,
+        f"the report of {task_id} (log: {w.log_text()[-2000:]})",
+    )
+    assert len(found) == 1, found
+    return found[0]
+
+
+def kills_metric(w: Worker, task: str, cause: str) -> float:
+    """celery_task_kills_total{task,cause} as the worker exposes it (0 when absent)."""
+    for line in w.metrics().splitlines():
+        if (
+            line.startswith("celery_task_kills_total{")
+            and f'task="{task}"' in line
+            and f'cause="{cause}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_worker_reads_its_cgroups_counter(worker):
+    _w, cg = worker
+    # This process's own cgroup (not the test's): the reader finds a counter here too.
+    found = cgroup.find()
+    assert found is not None and found.version in (1, 2)
+    # The worker's cgroup, as the worker sees it.
+    pid = _w.proc.pid
+    seen = cgroup.find(f"/proc/{pid}/cgroup", f"/proc/{pid}/mountinfo")
+    assert seen is not None and Path(seen.directory) == cg.path
+    assert seen.version == cg.version and Path(seen.file) == cg.counter_file
+
+
+def test_a_tool_killed_by_the_oom_killer_is_named_oom(worker):
+    w, cg = worker
+    before = cg.oom_kills()
+    result = w.send("tool.hold", 500, 30)
+    report = report_of(w, result.id)
+    assert cg.oom_kills() > before, "ground truth: the kernel OOM-killed something"
+    # The task survived its tool: it returned the tool's exit code (-9).
+    assert (report.state, report.cause) == ("success", None)
+    (tool,) = report.tools
+    assert (tool.signal, tool.cause, tool.outcome) == (9, "oom", "oom")
+    # Killed at the limit: its peak lies below 300 MiB and well above the worker's share.
+    assert 100 << 20 < tool.rss_peak_bytes <= LIMIT
+    assert kills_metric(w, "tool.hold", "oom") == 0, "the task itself was not killed"
+
+
+def test_a_task_whose_python_body_is_oom_killed_is_killed_with_cause_oom(worker):
+    w, cg = worker
+    before = cg.oom_kills()
+    result = w.send("hog", 500, 5)
+    report = report_of(w, result.id)
+    assert cg.oom_kills() > before
+    assert (report.state, report.cause) == ("killed", "oom")
+    assert report.overhead.rss_peak_bytes > 100 << 20, "its last observed memory"
+    wait_for(lambda: kills_metric(w, "hog", "oom") == 1, 10, "celery_task_kills_total oom")
+
+
+def test_kill_9_of_a_tool_is_killed_not_oom(worker):
+    w, cg = worker
+    wait_for(lambda: not w.inflight(), 30, "the worker idle")
+    before = cg.oom_kills()
+    result = w.send("tool.hold", 50, 60)
+    row = wait_for(
+        lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 45 << 20], 30, "the tool"
+    )[0]
+    with open(f"/proc/{row['pid']}/task/{row['pid']}/children") as f:
+        (tool_pid,) = (int(p) for p in f.read().split())
+    os.kill(tool_pid, signal.SIGKILL)
+    report = report_of(w, result.id)
+    assert cg.oom_kills() == before
+    assert (report.state, report.cause) == ("success", None)
+    (tool,) = report.tools
+    assert (tool.pid, tool.signal, tool.cause, tool.outcome) == (tool_pid, 9, None, "killed")
+
+
+def test_a_hard_time_limit_is_time_limit_not_oom(worker):
+    w, cg = worker
+    wait_for(lambda: not w.inflight(), 30, "the worker idle")
+    before = cg.oom_kills()
+    result = w.send("sleep", 30, time_limit=2)
+    report = report_of(w, result.id)
+    assert cg.oom_kills() == before
+    assert (report.state, report.cause) == ("killed", "time_limit")
+    wait_for(lambda: kills_metric(w, "sleep", "time_limit") == 1, 10, "kills time_limit")
+    assert kills_metric(w, "sleep", "oom") == 0
+    # No process of the worker was left behind by any of these deaths.
+    main = w.proc.pid
+    strays = [
+        p
+        for p in cg.procs()
+        if p != main and (st := orphans.read_stat(p)) is not None and st.ppid != main
+    ]
+    assert not strays, f"processes left in the cgroup: {strays}"
