@@ -25,16 +25,10 @@ from taskmeter.export import metrics
 from taskmeter.export.ledger import Ledger
 from taskmeter.measure.report import TaskReport
 
+from helpers import unavailable
 from workerkit import wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _unavailable(reason: str) -> None:
-    """Locally a missing capability skips; under CI (CI=true) it fails the run."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI must run this test)")
-    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -43,14 +37,14 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "fs"
     mnt.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
-        _unavailable("mounting a small tmpfs needs root and mount(8)")
+        unavailable("mounting a small tmpfs needs root and mount(8)")
     out = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
         capture_output=True,
         text=True,
     )
     if out.returncode != 0:
-        _unavailable(f"cannot mount a tmpfs: {out.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs: {out.stderr.strip()}")
     try:
         yield mnt
     finally:
