@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import fields
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 from taskmeter.demo.vcfgen import generate_vcf
 from taskmeter.export.metrics import MEMORY_BUCKETS
 from taskmeter.sizing.prometheus import (
+    SERVER_QUERIES,
     SourceError,
     bucket_quantile,
     counter_increase,
@@ -152,7 +154,14 @@ def matrix(*series: tuple[dict[str, str], list[tuple[float, float]]]) -> bytes:
     ).encode()
 
 
-def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_prometheus):
+def vector(*series: tuple[dict[str, str], float | str]) -> bytes:
+    result = [{"metric": m, "value": [1.0, str(v)]} for m, v in series]
+    return json.dumps(
+        {"status": "success", "data": {"resultType": "vector", "result": result}}
+    ).encode()
+
+
+def test_exact_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_prometheus):
     now = 1_700_000_000.0
     runs = ({"__name__": "celery_task_runs_total", "task": "a.b", "state": "success"},
             [(now - 5, 1.0), (now - 4, 3.0)])  # fmt: skip
@@ -160,7 +169,7 @@ def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_pr
     seen: list[str] = []
     stats = stats_from_prometheus(
         fake.url, since_s=90.5, tasks=["a.b", 'we"ird|name'], selector=' {job="celery",} ',
-        progress=seen.append, now=now, percentile=0.9,
+        progress=seen.append, now=now, method="exact",
     )  # fmt: skip
     assert list(stats) == ["a.b"]
     assert stats["a.b"].runs == 3 and stats["a.b"].runs_by_state == {"success": 3}
@@ -168,16 +177,74 @@ def test_queries_carry_the_selector_the_task_filter_and_the_exact_window(fake_pr
     queries = [q["query"] for q in fake.queries]
     assert len(queries) == len(seen) == 12
     assert seen[0] == "querying celery_task_runs_total (1/12)"
-    assert seen[-1] == "querying celery_task_memory_avg_bytes_bucket (12/12)"
+    assert seen[-1] == "querying celery_task_footprint_peak_bytes_bucket (12/12)"
     assert queries[0] == (
         r'celery_task_runs_total{task=~"a\\.b|we\"ird\\|name",job="celery"}[90500ms]'
     )
     # Restarts of the workers (any task), then only the tasks that ran.
     assert queries[1] == 'process_start_time_seconds{job="celery"}[90500ms]'
-    assert queries[2] == (
-        r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome="killed"}[90500ms]'
+    assert queries[2] == r'celery_task_kills_total{task=~"a\\.b",job="celery"}[90500ms]'
+    assert queries[3] == (
+        r'celery_task_tool_runs_total{task=~"a\\.b",job="celery",outcome=~"killed|oom"}[90500ms]'
     )
     assert all(q["time"] == f"{now:.3f}" for q in fake.queries)
+
+
+def test_server_queries_aggregate_inside_prometheus(fake_prometheus):
+    """Method server: every query is an aggregation returning one value per task type
+    (and label), never raw samples."""
+    now = 1_700_000_000.0
+
+    def answer(q: str) -> tuple[int, bytes]:
+        if q.startswith("count("):
+            return 200, vector(({}, 10_000))  # many series: auto picks "server"
+        if "increase(celery_task_runs_total" in q:
+            return 200, vector(({"task": "a", "state": "success"}, 40.2),
+                               ({"task": "a", "state": "failure"}, "NaN"))  # fmt: skip
+        if "min_over_time(celery_task_runs_total" in q:
+            return 200, vector(({"task": "a", "state": "killed"}, 1.0))  # born in the window
+        if "increase(celery_task_kills_total" in q:
+            return 200, vector(({"task": "a", "cause": "oom"}, 0.0))
+        if "min_over_time(celery_task_kills_total" in q:
+            return 200, vector(({"task": "a", "cause": "oom"}, 1.0))
+        if "increase(celery_task_memory_avg_bytes_sum" in q:
+            return 200, vector(({"task": "a", "component": "overhead"}, 4e9))
+        if "increase(celery_task_memory_avg_bytes_count" in q:
+            return 200, vector(({"task": "a", "component": "overhead"}, 40.0))
+        if "celery_task_footprint_peak_bytes_max" in q:
+            return 200, vector(({"task": "a"}, 3e8), ({"task": "a"}, "+Inf"))
+        if "increase(celery_task_footprint_peak_bytes_bucket" in q:
+            return 200, vector(({"task": "a", "le": "1e+08"}, 30.0),
+                               ({"task": "a", "le": "+Inf"}, 41.0))  # fmt: skip
+        return 200, vector()
+
+    fake = fake_prometheus(answer)
+    seen: list[str] = []
+    notes: list[str] = []
+    got = stats_from_prometheus(fake.url, since_s=7 * 86400, now=now, selector='ns="p"',
+                                progress=seen.append, notes=notes)  # fmt: skip
+    queries = [q["query"] for q in fake.queries]
+    assert queries[0] == 'count({__name__=~"celery_task_.+",ns="p"})'
+    assert queries[1] == (
+        'sum by (task, state) (increase(celery_task_runs_total{ns="p"}[604800000ms]))'
+    )
+    assert queries[2] == (
+        'sum by (task, state) (min_over_time(celery_task_runs_total{ns="p"}[604800000ms]) '
+        'unless celery_task_runs_total{ns="p"} offset 604800000ms)'
+    )
+    peak = 'celery_task_memory_peak_bytes_max{task=~"a",ns="p"}[604800000ms]'
+    assert f"max by (task, component) (max_over_time({peak}))" in queries
+    assert all("[604800000ms]))" in q or q.startswith("count(") or "unless" in q for q in queries)
+    assert len(queries) == 1 + SERVER_QUERIES and seen[-1].endswith(
+        f"({SERVER_QUERIES}/{SERVER_QUERIES})"
+    )
+    a = got["a"]
+    assert a.runs_by_state == {"success": 40, "killed": 1}
+    assert a.kills_by_cause == {"oom": 1} and a.kills == 1
+    assert a.mem_overhead_avg_mean_bytes == 1e8
+    assert a.footprint_max_bytes == 300_000_000  # +Inf skipped
+    assert a.footprint_median_bytes == pytest.approx(1e8 * 20.5 / 30)  # rank 20.5 of 41
+    assert "2 NaN or infinite value(s) in Prometheus' answers skipped" in notes
 
 
 def test_a_known_restart_is_a_reset_even_when_the_value_did_not_drop():
@@ -189,25 +256,46 @@ def test_a_known_restart_is_a_reset_even_when_the_value_did_not_drop():
 
 def test_no_data_in_the_window_is_an_empty_result(fake_prometheus):
     fake = fake_prometheus(lambda q: (200, matrix()))
-    assert stats_from_prometheus(fake.url, since_s=60) == {}
+    assert stats_from_prometheus(fake.url, since_s=60, method="exact") == {}
     assert len(fake.queries) == 1, "nothing else is asked once no task ran"
     idle = ({"task": "a", "state": "success"}, [(T0 + i, 5.0) for i in range(30)])
     fake = fake_prometheus(lambda q: (200, matrix(idle)))
-    assert stats_from_prometheus(fake.url, since_s=30, now=T0 + 30) == {}
+    assert stats_from_prometheus(fake.url, since_s=30, now=T0 + 30, method="exact") == {}
     assert len(fake.queries) == 2  # runs, then restarts (a restart could hide runs)
     assert stats_from_prometheus(fake.url, since_s=60, tasks=[]) == {}
+    fake = fake_prometheus(lambda q: (200, vector()))
+    assert stats_from_prometheus(fake.url, since_s=60, method="server") == {}
+    assert len(fake.queries) == 2  # increase and born series of runs_total
 
 
-def test_too_many_samples_suggests_a_shorter_window(fake_prometheus):
-    error = {"status": "error", "errorType": "execution",
-             "error": "query processing would load too many samples into memory in query "
-                      "execution"}  # fmt: skip
-    fake = fake_prometheus(lambda q: (422, json.dumps(error).encode()))
-    with pytest.raises(SourceError) as exc:
-        stats_from_prometheus(fake.url, since_s=30 * 86400)
-    message = str(exc.value)
-    assert fake.url in message and "too many samples" in message
-    assert "shorter --since" in message
+def test_percentile_needs_the_ledger(fake_prometheus):
+    fake = fake_prometheus(lambda q: (200, vector()))
+    with pytest.raises(SourceError, match="only ledgers keep"):
+        stats_from_prometheus(fake.url, since_s=60, percentile=0.9)
+    assert not fake.queries
+
+
+@pytest.mark.parametrize(
+    ("error", "limit"),
+    [
+        ("query processing would load too many samples into memory in query execution",
+         "--query.max-samples"),
+        ("expanding series: the query exceeded the maximum number of chunks fetched (limit: "
+         "2000000)", "chunks one query may fetch"),
+        ("the query hit the max number of series limit (limit: 100000 series)",
+         "a per-query resource limit"),
+    ],
+)  # fmt: skip
+def test_a_query_too_heavy_names_the_server_limit(fake_prometheus, error, limit):
+    body = {"status": "error", "errorType": "execution", "error": error}
+    fake = fake_prometheus(lambda q: (422, json.dumps(body).encode()))
+    for method in ("server", "exact"):
+        with pytest.raises(SourceError) as exc:
+            stats_from_prometheus(fake.url, since_s=30 * 86400, method=method)  # type: ignore[arg-type]
+        message = str(exc.value)
+        assert fake.url in message and error in message
+        assert "too heavy for this server" in message and limit in message, message
+        assert "shorter --since" in message
 
 
 @pytest.mark.parametrize(
@@ -218,9 +306,9 @@ def test_too_many_samples_suggests_a_shorter_window(fake_prometheus):
         (400, json.dumps({"status": "error", "errorType": "bad_data",
                           "error": "parse error"}).encode(), "bad_data): parse error"),
         (200, json.dumps({"status": "error", "error": "boom"}).encode(), "boom"),
-        (200, json.dumps({"status": "success", "data": {"resultType": "vector",
+        (200, json.dumps({"status": "success", "data": {"resultType": "matrix",
                                                         "result": []}}).encode(),
-         "expected a matrix"),
+         "expected a vector"),
     ],
 )  # fmt: skip
 def test_bad_answers_are_source_errors_naming_the_url(fake_prometheus, status, body, expected):
@@ -253,6 +341,8 @@ def test_bad_arguments_are_value_errors():
         stats_from_prometheus("http://127.0.0.1:1", since_s=0)
     with pytest.raises(ValueError, match="percentile"):
         stats_from_prometheus("http://127.0.0.1:1", since_s=60, percentile=90)
+    with pytest.raises(ValueError, match="method"):
+        stats_from_prometheus("http://127.0.0.1:1", since_s=60, method="fast")  # type: ignore[arg-type]
 
 
 # -- a real worker, a real Prometheus ---------------------------------------------------------
@@ -290,7 +380,9 @@ def assert_in_buckets(estimate: float | None, values: list[float], q: float, wha
     assert low <= estimate <= high, (what, estimate, ordered)
 
 
-def assert_same_stats(got: TaskStats, truth: TaskStats, *, quantiles: bool = True) -> None:
+def assert_same_stats(
+    got: TaskStats, truth: TaskStats, *, quantiles: bool = True, rel: float = 1e-9
+) -> None:
     for f in fields(TaskStats):
         a, b = getattr(got, f.name), getattr(truth, f.name)
         if f.name in QUANTILES:
@@ -303,7 +395,7 @@ def assert_same_stats(got: TaskStats, truth: TaskStats, *, quantiles: bool = Tru
             # a value under 1 MiB is only known to lie in (0, 1 MiB].
             assert a == pytest.approx(b, rel=0.25, abs=MIB), (truth.task, f.name, a, b)
         elif isinstance(b, float):
-            assert a == pytest.approx(b, rel=1e-9, abs=1e-9), (truth.task, f.name, a, b)
+            assert a == pytest.approx(b, rel=rel, abs=1e-9), (truth.task, f.name, a, b)
         else:
             assert a == b, (truth.task, f.name, a, b)
 
@@ -425,3 +517,88 @@ def test_a_worker_restart_inside_the_window_is_counted_across(start_worker, prom
     # What Prometheus itself reports now only covers the second worker.
     now = prom.by('sum(celery_task_runs_total{task="cpu.burn"})')
     assert now == {(): 2.0}
+
+
+# -- a synthetic fleet backfilled into a real Prometheus -------------------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_fleet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, list[Any]]]:
+    """2 workers x 6 task types x 6 hours at a 60 s scrape (with failures, OOM kills, lost
+    tasks and time-limit kills), backfilled with promtool and served by Prometheus; and
+    the same fleet's ledger."""
+    require("prometheus", "promtool")
+    tmp = tmp_path_factory.mktemp("fleet")
+    fleet = bench_fleet.Fleet(workers=2, types=6, days=0.25)
+    ledger: list[Any] = []
+    bench_fleet.simulate(fleet, tmp / "om", ledger)
+    bench_fleet.backfill(tmp / "om", tmp / "tsdb")
+    server = bench_fleet.start_prometheus(tmp / "tsdb", tmp / "prometheus.log")
+    yield fleet, server.url, ledger
+    server.stop()
+
+
+def test_fleet_figures_computed_inside_prometheus_equal_the_ledger(fleet, tmp_path):
+    spec, url, reports = fleet
+    since = spec.end - spec.start + 10 * spec.interval_s  # the window starts before the data
+    truth = stats_from_reports(reports)
+    assert any(s.kills_by_cause.get("oom") for s in truth.values())
+    assert any(s.runs_by_state.get("lost") for s in truth.values())
+    assert any(s.kills_by_cause.get("time_limit") for s in truth.values())
+    for method in ("server", "exact"):
+        notes: list[str] = []
+        got = stats_from_prometheus(url, since_s=since, now=spec.end, method=method, notes=notes)
+        assert set(got) == set(truth), method
+        for task, want in truth.items():
+            # Every series starts inside the window, which ends on the last scrape. Exact:
+            # to float rounding. Server: increase() of a series born with a value (a
+            # histogram at its first observation) also extrapolates back toward the
+            # window start by at most half a scrape interval (docs/sizing.md): sums and
+            # means within interval / (2 x the series' span); counts still exact.
+            bound = 1e-9 if method == "exact" else spec.interval_s / (since - 15 * spec.interval_s)
+            assert_same_stats(got[task], want, quantiles=False, rel=bound)
+            rs = [r for r in reports if r.task == task]
+            assert_in_buckets(got[task].footprint_median_bytes,
+                              [float(r.footprint_peak_bytes) for r in rs], 0.5, task)  # fmt: skip
+        assert notes and ("inside Prometheus" in notes[0]) == (method == "server")
+
+    # `taskmeter recommend`: the same pod from the ledger and from Prometheus (pool and
+    # concurrency from taskmeter_worker_info, parent from process_resident_memory_bytes).
+    ledger = tmp_path / "fleet.jsonl"
+    ledger.write_text("".join(r.to_json() + "\n" for r in reports))
+    common = ["--concurrency", "4", "--parent-memory", "120Mi", "--format", "json"]
+    from_ledger = recommend_json("--ledger", str(ledger), *common)
+    since_now = time.time() - spec.start + 10 * spec.interval_s
+    from_prom = recommend_json("--prometheus", url, "--since", f"{since_now:.0f}s", *common)
+    for key in ("memory_limit_bytes", "max_memory_per_child_kib", "celery_flags", "pool"):
+        assert from_prom[key] == from_ledger[key], key  # maxima: exact
+    # Means: within increase()'s extrapolation bound (see above).
+    assert from_prom["memory_request_bytes"] == pytest.approx(
+        from_ledger["memory_request_bytes"], rel=spec.interval_s / (spec.end - spec.start)
+    )
+    # The window now ends after the last scrape: increase() extrapolates up to one scrape
+    # interval past it, which ratios (CPU / wall) cancel to well within a 10m step.
+    assert abs(from_prom["cpu_request_millicores"] - from_ledger["cpu_request_millicores"]) <= 10
+    assert any("VPA" in line for line in from_prom["reasoning"])
+    bumped = {t["task"] for t in from_prom["tasks"] if t["oom_bumped"]}
+    assert bumped == {t for t, s in truth.items()
+                      if s.kills_by_cause.get("oom") or s.runs_by_state.get("lost")}  # fmt: skip
+    assert any("time limit" in n for n in from_prom["notes"])
+    # No --concurrency: taskmeter_worker_info says 4.
+    auto = recommend_json("--prometheus", url, "--since", f"{since_now:.0f}s", "--format", "json",
+                          "--parent-memory", "120Mi")  # fmt: skip
+    assert auto["options"]["concurrency"] == 4
+    assert auto["memory_limit_bytes"] == from_ledger["memory_limit_bytes"]
+
+
+def recommend_json(*args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "taskmeter.cli", "recommend", "--min-tasks", "1",
+                          *args], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout, parse_constant=_no_constant))
+
+
+def _no_constant(name: str) -> Any:
+    raise AssertionError(f"not strict JSON: {name}")

@@ -109,8 +109,9 @@ def run(
     "--ledger",
     "ledgers",
     multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Ledger file(s) written by workers (TASKMETER_LEDGER); repeatable.",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Ledger file(s) written by workers (TASKMETER_LEDGER), or - for records on "
+    "standard input (e.g. kubectl logs); repeatable. Read as a stream.",
 )
 @click.option(
     "--prometheus",
@@ -180,6 +181,20 @@ def run(
     help="Set a CPU limit (cores).",
 )
 @click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo", "threads"]),
+    default=None,
+    help="Celery pool to size for [default: the pool the workers ran with].",
+)
+@click.option(
+    "--prometheus-method",
+    type=click.Choice(["auto", "server", "exact"]),
+    default="auto",
+    show_default=True,
+    help="server: aggregate inside Prometheus (any fleet, any window); exact: count raw "
+    "samples (small windows); auto: exact only when the window holds few samples.",
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(["table", "json", "kustomize"]),
@@ -210,61 +225,120 @@ def recommend(
     ledgers: tuple[str, ...], prometheus_url: str | None, since: float, tasks: tuple[str, ...],
     selector: str, concurrency: int | None, margin: float | None,
     request_margin: float | None, limit_margin: float | None, percentile: float | None,
-    min_tasks: int, parent_memory: int | None, cpu_limit: float | None, fmt: str,
-    deployment: str, container: str, output: str | None,
+    min_tasks: int, parent_memory: int | None, cpu_limit: float | None, pool: str | None,
+    prometheus_method: str, fmt: str, deployment: str, container: str, output: str | None,
 ) -> None:  # fmt: skip
     """Kubernetes requests and limits for a Celery worker, from measured tasks."""
     from taskmeter.sizing import render
-    from taskmeter.sizing.recommend import DEFAULT_MARGIN, MiB, Options, SizingError, recommend
-    from taskmeter.sizing.stats import observed_concurrency, stats_from_reports
+    from taskmeter.sizing.recommend import (
+        DEFAULT_MARGIN,
+        MiB,
+        Options,
+        SizingError,
+        choose_pool,
+        pool_model,
+        recommend,
+    )
 
     if bool(ledgers) == bool(prometheus_url):
         raise click.UsageError("give either --ledger PATH... or --prometheus URL")
     err = Console(stderr=True)
     parent = parent_memory
     if ledgers:
-        from taskmeter.export.ledger import read_ledgers
+        from taskmeter.export.records import RecordReader, WarningPrinter, check_sources
+        from taskmeter.sizing.stats import ConcurrencyTracker, StatsAccumulator
 
-        reports, problems = read_ledgers(ledgers)
-        for problem in problems:
-            err.print(f"[yellow]warning:[/] {problem}", highlight=False)
-        if tasks:
-            reports = [r for r in reports if r.task in tasks]
-        if concurrency is None and reports:
-            concurrency = observed_concurrency(reports)
-            err.print(f"concurrency {concurrency}: the most tasks seen running at once")
-        stats = stats_from_reports(reports, percentile)
+        unreadable = check_sources(ledgers)
+        if unreadable:
+            raise click.ClickException(
+                "; ".join(f"cannot read ledger {p.path}: {p.message}" for p in unreadable)
+            )
+        warn = WarningPrinter(lambda text: click.echo(text, err=True))
+        reader = RecordReader(ledgers, on_bad=warn)
+        # One accumulator per pool's sizing rules (a mixed input is refused or narrowed).
+        by_pool: dict[str, tuple[StatsAccumulator, ConcurrencyTracker]] = {}
+        pools_seen: dict[str | None, int] = {}
+        for r in reader:  # one pass, nothing kept per task: memory ~ task types
+            if tasks and r.task not in tasks:
+                continue
+            pools_seen[r.worker.pool] = pools_seen.get(r.worker.pool, 0) + 1
+            acc, tracker = by_pool.setdefault(
+                pool_model(r.worker.pool), (StatsAccumulator(percentile), ConcurrencyTracker())
+            )
+            acc.add(r)
+            tracker.add(r)
+        for line in (warn.tail(), reader.summary.text()):
+            if line:
+                click.echo(line, err=True)
+        try:
+            pool, why = choose_pool(pool, pools_seen, "task records")
+        except SizingError as exc:
+            raise click.ClickException(str(exc)) from exc
+        err.print(why, highlight=False)
+        acc, tracker = by_pool.get(pool) or (
+            next(iter(by_pool.values()))
+            if len(by_pool) == 1
+            else (StatsAccumulator(percentile), ConcurrencyTracker())
+        )
+        if pool == "solo":
+            concurrency = 1
+        if concurrency is None and acc.runs:
+            concurrency = tracker.value
+            click.echo(f"concurrency {concurrency}: the most tasks seen running at once"
+                       + ("" if tracker.exact else " (a lower bound: records far out of "
+                          "order; --concurrency to set it)"), err=True)  # fmt: skip
+        stats = acc.result()
     else:
         from taskmeter.sizing.prometheus import (
             SourceError,
             parent_rss_from_prometheus,
             stats_from_prometheus,
+            worker_pools_from_prometheus,
         )
 
         url = prometheus_url or ""
+        notes: list[str] = []
         try:
             with err.status("querying Prometheus") as status:
                 stats = stats_from_prometheus(
                     url, since_s=since, tasks=tasks or None, selector=selector,
                     percentile=percentile, progress=status.update,
+                    method=prometheus_method, notes=notes,  # type: ignore[arg-type]
                 )  # fmt: skip
-                if parent is None and stats:
+                for note in notes:
+                    err.print(note, highlight=False)
+                status.update("querying the workers' pools")
+                workers = worker_pools_from_prometheus(url, since_s=since, selector=selector)
+                counts: dict[str | None, int] = {
+                    p: sum(by.values()) for p, by in workers.pools.items()
+                }
+                pool, why = choose_pool(pool, counts, "workers")
+                err.print(why, highlight=False)
+                if pool == "solo":
+                    concurrency = 1
+                elif concurrency is None and workers.concurrency:
+                    concurrency = workers.concurrency
+                    err.print(f"concurrency {concurrency}: from taskmeter_worker_info")
+                if parent is None and stats and pool == "prefork":
                     status.update("querying the workers' main-process memory")
                     parent = parent_rss_from_prometheus(url, since_s=since, selector=selector)
                     if parent is not None:
                         err.print(f"parent process memory {parent / 2**20:.0f} MiB: the largest "
                                   "process_resident_memory_bytes of the workers")  # fmt: skip
-        except SourceError as exc:
+        except (SourceError, SizingError) as exc:
             raise click.ClickException(str(exc)) from exc
         if concurrency is None:
-            raise click.UsageError("--concurrency is needed with --prometheus")
+            raise click.UsageError(
+                "--concurrency is needed with --prometheus (the workers export no "
+                "taskmeter_worker_info)"
+            )
     unknown = sorted(set(tasks) - set(stats))
     if unknown:
         known = ", ".join(sorted(stats)) or "none"
         raise click.ClickException(
             f"no data for task(s) {', '.join(unknown)} (tasks in the data: {known})"
         )
-    if parent is None:
+    if parent is None and pool == "prefork":
         parent = 128 * MiB
         err.print("parent process memory assumed 128Mi (--parent-memory to set it)")
     base = DEFAULT_MARGIN if margin is None else margin
@@ -273,7 +347,8 @@ def recommend(
             stats,
             Options(
                 concurrency=concurrency or 1,
-                parent_bytes=parent,
+                parent_bytes=parent or 0,
+                pool=pool or "prefork",
                 request_margin=base if request_margin is None else request_margin,
                 limit_margin=base if limit_margin is None else limit_margin,
                 percentile=percentile,

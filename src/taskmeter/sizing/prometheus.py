@@ -1,15 +1,39 @@
 """Per task type figures for sizing, read from a Prometheus server that scrapes workers.
 
-Only the HTTP API (``/api/v1/query``) is used. Every figure is exact, like the one
-:func:`~taskmeter.sizing.stats.stats_from_reports` computes from the ledger, except
-quantiles (within histogram bucket resolution):
+Only the HTTP query API (``/api/v1/query``) is used, so any Prometheus-compatible
+server (Thanos Query, Mimir, Cortex, VictoriaMetrics) works. Two methods give the same
+:class:`~taskmeter.sizing.stats.TaskStats` as
+:func:`~taskmeter.sizing.stats.stats_from_reports` does from ledgers:
 
-* PromQL's ``increase()`` extrapolates to the edges of its window, so it is not used.
-  Each query is a range-vector selector (``metric{...}[600000ms]``) evaluated at one
-  instant, which returns the raw samples of the window; the increase of every series
-  is computed here (:func:`counter_increase`) and summed over series (workers, pods).
-* Maxima are the largest raw sample of the ``*_max`` gauges in the window.
-* Quantiles interpolate linearly within a bucket, as ``histogram_quantile`` does.
+``server`` (any window, any fleet): every figure is aggregated *inside* Prometheus and
+only per task type results travel (a few KB whatever the fleet and window)::
+
+    counts, sums   sum by (task, ...) (increase(x[window]))
+                   + sum by (task, ...) (min_over_time(x[window]) unless x offset window)
+    maxima         max by (task, component) (max_over_time(x_max[window]))
+    median         histogram_quantile(0.5, ...) of the per (task, le) bucket increases
+                   (the same interpolation, done here on those few numbers)
+    means          increase(x_sum[window]) / increase(x_count[window])
+
+``increase()`` handles counter resets (worker restarts) itself. It extrapolates the
+increase between a series' first and last sample in the window to the window's edges:
+by at most ~1.1 scrape interval per edge for a series that spans the window, so the
+relative error is below ~2 x scrape interval / window (60 s / 7 d: < 0.02 %), and never
+below zero toward the start. It cannot see the first value of a series born inside the
+window (a new pod, a histogram or counter created at its first observation such as
+``state="killed"``): that value is added by the second query of each figure,
+``min_over_time(x[window]) unless x offset window`` (a series with no sample within the
+lookback delta before the window start is born; its smallest value is its first unless
+it was also reset inside the window).
+
+``exact`` (short windows on few series): the raw samples of the window are fetched and
+counted here (:func:`counter_increase`), with no extrapolation at all. ``auto`` (the
+default) takes ``exact`` only when the window holds few samples (a short window on a
+small fleet: a bounded transfer), else ``server``.
+
+NaN and infinite values in an answer are skipped (and counted in ``notes``). A query
+that the server refuses as too heavy (``--query.max-samples``, Thanos/Mimir limits)
+raises :class:`SourceError` naming that limit.
 """
 
 from __future__ import annotations
@@ -27,16 +51,20 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from taskmeter.measure.report import STATES
 from taskmeter.sizing.stats import TaskStats
 
 __all__ = [
+    "METHODS",
     "SourceError",
+    "WorkerPools",
     "bucket_quantile",
     "counter_increase",
+    "parent_rss_from_prometheus",
     "stats_from_prometheus",
+    "worker_pools_from_prometheus",
 ]
 
 
@@ -197,6 +225,9 @@ class _Client:
         self.display = base  # never the credentials
         self.endpoint = base + "/api/v1/query"
         self.timeout_s = timeout_s
+        self.queries = 0  # sent so far
+        self.received_bytes = 0  # answers' size, for the benchmarks
+        self.skipped = 0  # NaN / infinite values left out of instant vectors
         self.headers = {"Accept": "application/json", "User-Agent": "taskmeter"}
         if parts.username is not None:
             user = urllib.parse.unquote(parts.username)
@@ -205,6 +236,31 @@ class _Client:
             self.headers["Authorization"] = f"Basic {token}"
 
     def matrix(self, promql: str, at: float) -> list[_Series]:
+        """Raw samples of a range-vector selector evaluated at ``at``."""
+        return [self._series(item) for item in self._result(promql, at, "matrix")]
+
+    def vector(self, promql: str, at: float) -> list[tuple[dict[str, str], float]]:
+        """An instant vector: (labels, value) per series; NaN and infinite values are
+        left out and counted in ``self.skipped``."""
+        out: list[tuple[dict[str, str], float]] = []
+        for item in self._result(promql, at, "vector"):
+            if not isinstance(item, dict) or not isinstance(item.get("metric"), dict):
+                raise SourceError(
+                    f"unexpected series in the answer of Prometheus at {self.display}"
+                )
+            try:
+                value = float(item["value"][1])
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise SourceError(
+                    f"unexpected sample {item.get('value')!r} from Prometheus at {self.display}"
+                ) from exc
+            if not math.isfinite(value):
+                self.skipped += 1
+                continue
+            out.append(({str(k): str(v) for k, v in item["metric"].items()}, value))
+        return out
+
+    def _result(self, promql: str, at: float, kind: str) -> list[Any]:
         form = {"query": promql, "time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}"}
         request = urllib.request.Request(
             self.endpoint,
@@ -212,6 +268,7 @@ class _Client:
             headers={**self.headers, "Content-Type": "application/x-www-form-urlencoded"},
             method="POST",
         )
+        self.queries += 1
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 raw = resp.read()
@@ -230,17 +287,21 @@ class _Client:
             raise SourceError(
                 f"cannot read from Prometheus at {self.display}: {_reason(exc)}"
             ) from exc
+        self.received_bytes += len(raw)
         body = self._json(raw)
         if body.get("status") != "success":
             raise SourceError(self._refusal(body, promql))
         data = body.get("data")
-        if not isinstance(data, dict) or data.get("resultType") != "matrix":
-            kind = data.get("resultType") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("resultType") != kind:
+            got = data.get("resultType") if isinstance(data, dict) else None
             raise SourceError(
                 f"unexpected answer from Prometheus at {self.display} to {_short(promql)}: "
-                f"expected a matrix, got {kind!r}"
+                f"expected a {kind}, got {got!r}"
             )
-        return [self._series(item) for item in data.get("result") or []]
+        result = data.get("result") or []
+        if not isinstance(result, list):
+            raise SourceError(f"unexpected answer from Prometheus at {self.display}: {result!r}")
+        return result
 
     def _json(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -276,10 +337,11 @@ class _Client:
         error = str(body.get("error") or body.get("status") or "no error message")
         http = f"HTTP {code}, " if code is not None else ""
         message = f"Prometheus at {self.display} refused {_short(promql)} ({http}{kind}): {error}"
-        if "too many samples" in error:
+        limit = _server_limit(error)
+        if limit is not None:
             message += (
-                "; the window holds more samples than the server loads in one query "
-                "(its --query.max-samples): use a shorter --since"
+                f"; the query is too heavy for this server (its limit: {limit}): use a "
+                "shorter --since, fewer task types (--task), or ask its operator to raise it"
             )
         elif kind == "timeout" or "timed out" in error:
             message += "; use a shorter --since"
@@ -300,6 +362,36 @@ class _Client:
                 samples.append((ts, value))
         samples.sort()
         return _Series({str(k): str(v) for k, v in item["metric"].items()}, samples)
+
+
+_LIMITS = (
+    ("too many samples", "--query.max-samples, the samples one query may load"),
+    ("max-samples", "--query.max-samples, the samples one query may load"),
+    (
+        "maximum number of series",
+        "the series one query may touch (e.g. Mimir's -querier.max-fetched-series-per-query)",
+    ),
+    (
+        "max-fetched-series",
+        "the series one query may touch (-querier.max-fetched-series-per-query)",
+    ),
+    (
+        "max-fetched-chunk",
+        "the chunks or bytes one query may fetch (-querier.max-fetched-chunks-"
+        "per-query / -querier.max-fetched-chunk-bytes-per-query)",
+    ),
+    ("exceeded the maximum number of chunks", "the chunks one query may fetch"),
+    ("query time range exceeds", "the time range one query may cover (max_query_length)"),
+    ("max_query_length", "the time range one query may cover (max_query_length)"),
+    ("exceeded", "a per-query resource limit"),
+    ("limit:", "a per-query resource limit"),
+)
+
+
+def _server_limit(error: str) -> str | None:
+    """The server limit an error message names (a query too heavy), or None."""
+    low = error.lower()
+    return next((what for pattern, what in _LIMITS if pattern in low), None)
 
 
 def _short(promql: str, limit: int = 160) -> str:
@@ -336,19 +428,58 @@ def _range_ms(since_s: float) -> str:
     return f"{max(1, round(since_s * 1000))}ms"
 
 
+def _selector(*matchers: str) -> str:
+    return "{" + ",".join(m for m in matchers if m) + "}"
+
+
 # -- the figures ---------------------------------------------------------------------------
 _RUNS = "celery_task_runs_total"
+_KILLS = "celery_task_kills_total"
 _START = "process_start_time_seconds"
 _TOOL_RUNS = "celery_task_tool_runs_total"
 _WALL_SUM = "celery_task_wall_seconds_sum"
-_WALL_SPLIT = "celery_task_wall_seconds_total"
+_WALL_SPLIT = "celery_task_component_wall_seconds_total"
 _CPU = "celery_task_cpu_seconds_total"
 _AVG_SUM = "celery_task_memory_avg_bytes_sum"
 _AVG_COUNT = "celery_task_memory_avg_bytes_count"
-_AVG_BUCKET = "celery_task_memory_avg_bytes_bucket"
 _PEAK_MAX = "celery_task_memory_peak_bytes_max"
 _FOOTPRINT_MAX = "celery_task_footprint_peak_bytes_max"
 _FOOTPRINT_BUCKET = "celery_task_footprint_peak_bytes_bucket"
+_WORKER_INFO = "taskmeter_worker_info"
+_TOOL_KILLS = 'outcome=~"killed|oom"'  # SIGKILLed tools: by the OOM killer or not
+
+Method = Literal["auto", "exact", "server"]
+METHODS: tuple[Method, ...] = ("auto", "exact", "server")
+# ``auto`` fetches raw samples only below this many (an upper bound: series x window
+# seconds, i.e. a 1 s scrape): a few tens of MB of client memory at most.
+EXACT_MAX_SAMPLES = 500_000
+
+Key = tuple[str, ...]
+
+
+@dataclass
+class _Figures:
+    """The per task type sums, counts and maxima both methods compute."""
+
+    runs: dict[Key, float]  # (task, state)
+    kills: dict[Key, float]  # (task, cause)
+    tool_kills: dict[Key, float]  # (task, outcome): SIGKILLed tools
+    wall: dict[Key, float]  # (task,)
+    wall_split: dict[Key, float]  # (task, component)
+    cpu: dict[Key, float]
+    avg_sum: dict[Key, float]
+    avg_count: dict[Key, float]
+    peak_max: dict[Key, float]  # (task, component)
+    footprint_max: dict[Key, float]  # (task,)
+    footprint_median: dict[Key, float]  # (task,)
+
+
+def _active(runs: Mapping[Key, float]) -> dict[str, dict[str, int]]:
+    by_task: dict[str, dict[str, int]] = {}
+    for (task, state), n in sorted(runs.items(), key=lambda kv: _state_order(kv[0][1])):
+        if task and round(n) > 0:
+            by_task.setdefault(task, {})[state] = round(n)
+    return by_task
 
 
 def stats_from_prometheus(
@@ -361,134 +492,252 @@ def stats_from_prometheus(
     progress: Callable[[str], None] | None = None,
     timeout_s: float = 30,
     now: float | None = None,
+    method: Method = "auto",
+    notes: list[str] | None = None,
 ) -> dict[str, TaskStats]:
     """Per task figures of the window ``(now - since_s, now]`` from Prometheus at ``url``.
 
     ``selector``: extra label matchers added to every query (``'job="celery",
     namespace="prod"'``); ``tasks``: only these task names (absent from the result when
-    they have no data); ``percentile`` (0..1): also the quantiles of average memory.
-    ``progress`` is called before each query. Returns ``{}`` when no task ran in the
-    window. Raises :class:`SourceError` when Prometheus cannot be read.
+    they have no data). ``percentile`` is refused (:class:`SourceError`): the scrape
+    keeps only the mean of per-task average memory (a summary), its quantiles need the
+    ledger. ``method``: see the module docstring. ``progress`` is called before each
+    query; ``notes`` collects remarks (values skipped, the method used). Returns ``{}``
+    when no task ran in the window. Raises :class:`SourceError` when Prometheus cannot
+    be read.
     """
     if not since_s > 0 or not math.isfinite(since_s):
         raise ValueError(f"since_s must be a positive number of seconds, not {since_s!r}")
     if percentile is not None and not 0 <= percentile <= 1:
         raise ValueError(f"percentile must be within 0..1 (0.9 for p90), not {percentile!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if percentile is not None:
+        raise SourceError(
+            "--percentile needs every task's average memory, which only ledgers keep: the "
+            "workers export its mean (celery_task_memory_avg_bytes is a summary); size from "
+            "the mean (no --percentile) or from ledgers (--ledger)"
+        )
     if tasks is not None and not tasks:
         return {}
     client = _Client(url, timeout_s)
     at = time.time() if now is None else now
-    window_start = at - since_s
     user = _user_matchers(selector)
+    if method == "auto":
+        if progress is not None:
+            progress("counting the series in the window")
+        count = "count(" + _selector('__name__=~"celery_task_.+"', user) + ")"
+        n_series = sum(v for _, v in client.vector(count, at))
+        method = "exact" if n_series * since_s <= EXACT_MAX_SAMPLES else "server"
+    if method == "exact":
+        figures = _exact(client, at, since_s, tasks, user, progress)
+    else:
+        figures = _server(client, at, since_s, tasks, user, progress)
+    if notes is not None:
+        notes.append(
+            "figures computed inside Prometheus (increase, max_over_time, histogram_quantile)"
+            if method == "server"
+            else "figures counted exactly from the raw samples of the window"
+        )
+        if client.skipped:
+            notes.append(
+                f"{client.skipped} NaN or infinite value(s) in Prometheus' answers skipped"
+            )
+    return {} if figures is None else _stats(figures)
 
+
+def _stats(f: _Figures) -> dict[str, TaskStats]:
+    by_task = _active(f.runs)
+
+    def mean(task: str, component: str) -> float:
+        count = f.avg_count.get((task, component), 0.0)
+        return f.avg_sum.get((task, component), 0.0) / count if count > 0 else 0.0
+
+    out: dict[str, TaskStats] = {}
+    for task in sorted(by_task):
+        states = by_task[task]
+        causes = {
+            cause: round(n) for (t, cause), n in sorted(f.kills.items()) if t == task and round(n)
+        }
+        tool_oom = round(f.tool_kills.get((task, "oom"), 0.0))
+        tool_killed = round(f.tool_kills.get((task, "killed"), 0.0))
+        out[task] = TaskStats(
+            task=task,
+            runs=sum(states.values()),
+            runs_by_state=states,
+            kills=states.get("killed", 0) + tool_killed + tool_oom,
+            wall_sum_s=f.wall.get((task,), 0.0),
+            wall_overhead_sum_s=f.wall_split.get((task, "overhead"), 0.0),
+            wall_tool_sum_s=f.wall_split.get((task, "tool"), 0.0),
+            cpu_overhead_sum_s=f.cpu.get((task, "overhead"), 0.0),
+            cpu_tool_sum_s=f.cpu.get((task, "tool"), 0.0),
+            mem_overhead_avg_mean_bytes=mean(task, "overhead"),
+            mem_tool_avg_mean_bytes=mean(task, "tool"),
+            mem_overhead_avg_quantile_bytes=None,
+            mem_tool_avg_quantile_bytes=None,
+            overhead_peak_max_bytes=round(f.peak_max.get((task, "overhead"), 0.0)),
+            footprint_max_bytes=round(f.footprint_max.get((task,), 0.0)),
+            footprint_median_bytes=f.footprint_median.get((task,), 0.0),
+            kills_by_cause=causes,
+            tool_oom_kills=tool_oom,
+            tool_peak_max_bytes=round(f.peak_max.get((task, "tool"), 0.0)),
+        )
+    return out
+
+
+# -- method "server": aggregated by Prometheus -------------------------------------------
+SERVER_QUERIES = 20  # the queries of method "server" (for progress messages)
+
+
+def _server(
+    client: _Client,
+    at: float,
+    since_s: float,
+    tasks: Sequence[str] | None,
+    user: str,
+    progress: Callable[[str], None] | None,
+) -> _Figures | None:
+    w = _range_ms(since_s)
+    step = 0
+
+    def ask(what: str, promql: str, *by: str) -> dict[Key, float]:
+        nonlocal step
+        step += 1
+        if progress is not None:
+            progress(f"querying {what} ({step}/{SERVER_QUERIES})")
+        out: dict[Key, float] = {}
+        for labels, value in client.vector(promql, at):
+            key = tuple(labels.get(b, "") for b in by)
+            out[key] = out.get(key, 0.0) + value
+        return out
+
+    def increase(name: str, sel: str, *by: str) -> dict[Key, float]:
+        """sum of increase() plus the first value of the series born inside the window
+        (which increase() cannot see: it only has the samples of the window)."""
+        grouping = ", ".join(by)
+        inc = ask(name, f"sum by ({grouping}) (increase({name}{sel}[{w}]))", *by)
+        born = ask(
+            f"{name}, series born in the window",
+            f"sum by ({grouping}) (min_over_time({name}{sel}[{w}]) unless {name}{sel} offset {w})",
+            *by,
+        )
+        for key, value in born.items():
+            inc[key] = inc.get(key, 0.0) + value
+        return inc
+
+    def maximum(name: str, sel: str, *by: str) -> dict[Key, float]:
+        return ask(name, f"max by ({', '.join(by)}) (max_over_time({name}{sel}[{w}]))", *by)
+
+    first = _selector(_task_matcher(tasks) if tasks else "", user)
+    runs = increase(_RUNS, first, "task", "state")
+    by_task = _active(runs)
+    if not by_task:
+        return None  # no task ran in the window
+    # Only the tasks that ran: every task name a worker knows has (zero) series.
+    sel = _selector(_task_matcher(sorted(by_task)), user)
+    tool_sel = _selector(_task_matcher(sorted(by_task)), user, _TOOL_KILLS)
+    figures = _Figures(
+        runs=runs,
+        kills=increase(_KILLS, sel, "task", "cause"),
+        tool_kills=increase(_TOOL_RUNS, tool_sel, "task", "outcome"),
+        wall=increase(_WALL_SUM, sel, "task"),
+        wall_split=increase(_WALL_SPLIT, sel, "task", "component"),
+        cpu=increase(_CPU, sel, "task", "component"),
+        avg_sum=increase(_AVG_SUM, sel, "task", "component"),
+        avg_count=increase(_AVG_COUNT, sel, "task", "component"),
+        peak_max=maximum(_PEAK_MAX, sel, "task", "component"),
+        footprint_max=maximum(_FOOTPRINT_MAX, sel, "task"),
+        footprint_median={},
+    )
+    # histogram_quantile's own interpolation (bucket_quantile), over the per (task, le)
+    # increases: a few numbers per task type travel, and born series count too.
+    for key, buckets in _buckets(increase(_FOOTPRINT_BUCKET, sel, "task", "le")).items():
+        median = bucket_quantile(0.5, buckets)
+        if median is not None:
+            figures.footprint_median[key] = median
+    return figures
+
+
+# -- method "exact": raw samples counted here ----------------------------------------------
+def _exact(
+    client: _Client,
+    at: float,
+    since_s: float,
+    tasks: Sequence[str] | None,
+    user: str,
+    progress: Callable[[str], None] | None,
+) -> _Figures | None:
+    window_start = at - since_s
     plan: list[tuple[str, str]] = [
         (_RUNS, ""),
         (_START, ""),  # restarts of the workers' main processes
-        (_TOOL_RUNS, 'outcome="killed"'),  # SIGKILL: what the OOM killer sends
+        (_KILLS, ""),
+        (_TOOL_RUNS, _TOOL_KILLS),
         (_WALL_SUM, ""),
         (_WALL_SPLIT, ""),
         (_CPU, ""),
         (_AVG_SUM, ""),
         (_AVG_COUNT, ""),
-        (_PEAK_MAX, 'component="overhead"'),
+        (_PEAK_MAX, ""),
         (_FOOTPRINT_MAX, ""),
         (_FOOTPRINT_BUCKET, ""),
     ]
-    if percentile is not None:
-        plan.append((_AVG_BUCKET, ""))
 
     def fetch(step: int, names: Sequence[str] | None) -> list[_Series]:
         name, extra = plan[step - 1]
         if progress is not None:
             progress(f"querying {name} ({step}/{len(plan)})")
         matchers = [_task_matcher(names) if names and name != _START else "", user, extra]
-        selector = ",".join(m for m in matchers if m)
-        return client.matrix(f"{name}{{{selector}}}[{_range_ms(since_s)}]", at)
+        return client.matrix(f"{name}{_selector(*matchers)}[{_range_ms(since_s)}]", at)
 
     results = {_RUNS: fetch(1, tasks)}
     # Series with a single sample take the scrape interval seen across other series.
     fallback = _overall_interval(results[_RUNS])
-
     restarts: dict[tuple[str, str], list[float]] = {}
 
-    def inc(name: str, *by: str) -> dict[tuple[str, ...], float]:
+    def inc(name: str, *by: str) -> dict[Key, float]:
         interval = _overall_interval(results[name]) or fallback
         return _increases(results[name], window_start, ("task", *by), interval, restarts)
 
     if not any(v > 0 for series in results[_RUNS] for _, v in series.samples):
-        return {}  # no task ran in the window
+        return None  # no task ran in the window
     results[_START] = fetch(2, None)
     restarts.update(restart_times(results[_START]))
     runs = inc(_RUNS, "state")
-    by_task: dict[str, dict[str, int]] = {}
-    for (task, state), n in sorted(runs.items(), key=lambda kv: _state_order(kv[0][1])):
-        if task and round(n) > 0:
-            by_task.setdefault(task, {})[state] = round(n)
+    by_task = _active(runs)
     if not by_task:
-        return {}  # no task ran in the window
-    # The other queries only fetch the tasks that ran: every task name a worker knows
-    # has (zero) series, and the sample budget of a query is better spent on real ones.
+        return None
     active = sorted(by_task)
     for step in range(3, len(plan) + 1):
         results[plan[step - 1][0]] = fetch(step, active)
-
-    signals = inc(_TOOL_RUNS)
-    wall = inc(_WALL_SUM)
-    wall_split = inc(_WALL_SPLIT, "component")
-    cpu = inc(_CPU, "component")
-    avg_sum = inc(_AVG_SUM, "component")
-    avg_count = inc(_AVG_COUNT, "component")
-    peak_max = _maxima(results[_PEAK_MAX], ("task",))
-    footprint_max = _maxima(results[_FOOTPRINT_MAX], ("task",))
     footprint_buckets = _buckets(inc(_FOOTPRINT_BUCKET, "le"))
-    avg_buckets = _buckets(inc(_AVG_BUCKET, "component", "le")) if percentile is not None else {}
-
-    def mean(task: str, component: str) -> float:
-        count = avg_count.get((task, component), 0.0)
-        return avg_sum.get((task, component), 0.0) / count if count > 0 else 0.0
-
-    def q(buckets: dict[tuple[str, ...], dict[float, float]], key: tuple[str, ...]) -> float | None:
-        assert percentile is not None
-        return bucket_quantile(percentile, buckets.get(key, {}))
-
-    out: dict[str, TaskStats] = {}
-    for task in sorted(by_task):
-        states = by_task[task]
-        has_tool = avg_count.get((task, "tool"), 0.0) > 0
-        out[task] = TaskStats(
-            task=task,
-            runs=sum(states.values()),
-            runs_by_state=states,
-            kills=states.get("killed", 0) + round(signals.get((task,), 0.0)),
-            wall_sum_s=wall.get((task,), 0.0),
-            wall_overhead_sum_s=wall_split.get((task, "overhead"), 0.0),
-            wall_tool_sum_s=wall_split.get((task, "tool"), 0.0),
-            cpu_overhead_sum_s=cpu.get((task, "overhead"), 0.0),
-            cpu_tool_sum_s=cpu.get((task, "tool"), 0.0),
-            mem_overhead_avg_mean_bytes=mean(task, "overhead"),
-            mem_tool_avg_mean_bytes=mean(task, "tool"),
-            mem_overhead_avg_quantile_bytes=(
-                None if percentile is None else q(avg_buckets, (task, "overhead")) or 0.0
-            ),
-            mem_tool_avg_quantile_bytes=(
-                None if percentile is None or not has_tool else q(avg_buckets, (task, "tool"))
-            ),
-            overhead_peak_max_bytes=round(peak_max.get((task,), 0.0)),
-            footprint_max_bytes=round(footprint_max.get((task,), 0.0)),
-            footprint_median_bytes=bucket_quantile(0.5, footprint_buckets.get((task,), {})) or 0.0,
-        )
-    return out
+    medians: dict[Key, float] = {}
+    for key, buckets in footprint_buckets.items():
+        median = bucket_quantile(0.5, buckets)
+        if median is not None:
+            medians[key] = median
+    return _Figures(
+        runs=runs,
+        kills=inc(_KILLS, "cause"),
+        tool_kills=inc(_TOOL_RUNS, "outcome"),
+        wall=inc(_WALL_SUM),
+        wall_split=inc(_WALL_SPLIT, "component"),
+        cpu=inc(_CPU, "component"),
+        avg_sum=inc(_AVG_SUM, "component"),
+        avg_count=inc(_AVG_COUNT, "component"),
+        peak_max=_maxima(results[_PEAK_MAX], ("task", "component")),
+        footprint_max=_maxima(results[_FOOTPRINT_MAX], ("task",)),
+        footprint_median=medians,
+    )
 
 
 def _state_order(state: str) -> tuple[int, str]:
     return (STATES.index(state), "") if state in STATES else (len(STATES), state)
 
 
-def _buckets(
-    increases: Mapping[tuple[str, ...], float],
-) -> dict[tuple[str, ...], dict[float, float]]:
+def _buckets(increases: Mapping[Key, float]) -> dict[Key, dict[float, float]]:
     """``{(task, ..., le): n}`` -> ``{(task, ...): {upper bound: n}}``."""
-    out: dict[tuple[str, ...], dict[float, float]] = {}
+    out: dict[Key, dict[float, float]] = {}
     for key, n in increases.items():
         try:
             le = float(key[-1])
@@ -498,26 +747,60 @@ def _buckets(
     return out
 
 
+# -- the worker processes ------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerPools:
+    """The pools and concurrencies of the workers seen in the window (from
+    ``taskmeter_worker_info{pool,concurrency}``): ``{pool: {concurrency: workers}}``."""
+
+    pools: dict[str, dict[int, int]]
+
+    @property
+    def concurrency(self) -> int | None:
+        values = [c for by in self.pools.values() for c in by]
+        return max(values) if values else None
+
+
+def worker_pools_from_prometheus(
+    url: str, *, since_s: float, selector: str = "", timeout_s: float = 30, now: float | None = None
+) -> WorkerPools:
+    """Which pools (prefork, solo, threads, ...) and concurrencies the workers ran with
+    in the window; empty when they export no ``taskmeter_worker_info``."""
+    client = _Client(url, timeout_s)
+    at = time.time() if now is None else now
+    user = _user_matchers(selector)
+    promql = (
+        f"count by (pool, concurrency) "
+        f"(max_over_time({_WORKER_INFO}{_selector(user)}[{_range_ms(since_s)}]))"
+    )
+    pools: dict[str, dict[int, int]] = {}
+    for labels, n in client.vector(promql, at):
+        try:
+            concurrency = int(labels.get("concurrency", ""))
+        except ValueError:
+            concurrency = 0
+        by = pools.setdefault(labels.get("pool", "") or "unknown", {})
+        by[concurrency] = by.get(concurrency, 0) + round(n)
+    return WorkerPools(pools)
+
+
 def parent_rss_from_prometheus(
     url: str, *, since_s: float, selector: str = "", timeout_s: float = 30, now: float | None = None
 ) -> int | None:
     """The largest RSS of a worker's main process in the window: the "parent" of sizing.
 
-    Read from ``process_resident_memory_bytes`` of the targets that also serve
-    taskmeter's metrics (so Prometheus' own or other exporters' processes never
-    count). None when no such target exposed it.
+    ``max(max_over_time(process_resident_memory_bytes[window]))`` over the targets that
+    also serve taskmeter's metrics (so Prometheus' own or other exporters' processes
+    never count), computed by Prometheus. None when no such target exposed it.
     """
     client = _Client(url, timeout_s)
     at = time.time() if now is None else now
-    user = _user_matchers(selector)
-    window = _range_ms(since_s)
-    workers = client.matrix(f"celery_task_inflight{{{user}}}[{window}]", at)
-    targets = {(w.labels.get("job", ""), w.labels.get("instance", "")) for w in workers}
-    rss = client.matrix(f"process_resident_memory_bytes{{{user}}}[{window}]", at)
-    values = [
-        value
-        for series in rss
-        if (series.labels.get("job", ""), series.labels.get("instance", "")) in targets
-        for _, value in series.samples
-    ]
+    sel = _selector(_user_matchers(selector))
+    w = _range_ms(since_s)
+    promql = (
+        f"max(max_over_time(process_resident_memory_bytes{sel}[{w}]) and on (job, instance) "
+        f"(max_over_time({_WORKER_INFO}{sel}[{w}]) "
+        f"or max_over_time(celery_task_inflight{sel}[{w}])))"
+    )
+    values = [value for _, value in client.vector(promql, at)]
     return int(max(values)) if values else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +25,7 @@ def as_dict(rec: Recommendation) -> dict[str, Any]:
         resources["limits"]["cpu"] = rec.cpu_limit
     return {
         "resources": resources,
+        "pool": rec.options.pool,
         "celery_flags": rec.celery_flags(),
         "options": asdict(rec.options),
         "tasks": [asdict(t) for t in rec.tasks],
@@ -37,8 +39,20 @@ def as_dict(rec: Recommendation) -> dict[str, Any]:
     }
 
 
+def strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
 def as_json(rec: Recommendation) -> str:
-    return json.dumps(as_dict(rec), indent=2) + "\n"
+    """Strict JSON (RFC 8259): never NaN or Infinity, which most parsers refuse."""
+    return json.dumps(strict(as_dict(rec)), indent=2, allow_nan=False) + "\n"
 
 
 def as_kustomize(rec: Recommendation, deployment: str, container: str) -> str:
@@ -61,14 +75,16 @@ def as_kustomize(rec: Recommendation, deployment: str, container: str) -> str:
 
 def as_table(rec: Recommendation) -> Group:
     tasks = Table(title="measured, per task type", title_justify="left")
-    for col in ("task", "runs", "killed", "typical RSS", "largest footprint", "cores busy",
-                "CPU mean", "wall mean", "overhead wall", "wall at this CPU"):  # fmt: skip
+    for col in ("task", "runs", "killed", "OOM / lost", "typical RSS", "largest footprint",
+                "cores busy", "CPU mean", "wall mean", "overhead wall",
+                "wall at this CPU"):  # fmt: skip
         tasks.add_column(col, justify="left" if col == "task" else "right")
     for t in rec.tasks:
         tasks.add_row(
-            t.task + (" (spiky)" if t.spiky else ""),
+            t.task + (" (spiky)" if t.spiky else "") + (" (OOM bump)" if t.oom_bumped else ""),
             str(t.runs),
             str(t.kills),
+            f"{t.oom_kills} / {t.lost}",
             bytes_h(t.typical_bytes),
             bytes_h(t.footprint_max_bytes),
             f"{t.cores_busy:.2f}",
@@ -77,7 +93,13 @@ def as_table(rec: Recommendation) -> Group:
             f"{t.overhead_wall_share:.0%}",
             seconds_h(t.expected_wall_s),
         )
-    pod = Table(title=f"pod: concurrency {rec.options.concurrency}", title_justify="left")
+    pool = rec.options.pool
+    title = (
+        "pod: solo pool"
+        if pool == "solo"
+        else f"pod: {pool}, concurrency {rec.options.concurrency}"
+    )
+    pod = Table(title=title, title_justify="left")
     pod.add_column("resource")
     pod.add_column("request", justify="right")
     pod.add_column("limit", justify="right")
