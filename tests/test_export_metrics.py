@@ -29,7 +29,7 @@ from taskmeter.export.metrics import (
 from taskmeter.export.server import Renderer
 from taskmeter.measure.report import STATES, TaskReport
 
-from helpers import child
+from helpers import child, require
 
 SECRET_ID = "secret-task-id-8d1c"
 SECRET_ARG = "secret-arg-77f0"
@@ -631,3 +631,18 @@ def test_an_unchanged_family_is_served_from_its_cache(reports: list[TaskReport])
     assert other == [
         ln for ln in third["celery_task_wall_seconds"].splitlines() if "tm.alloc" in ln
     ]
+
+
+def test_promtool_lints_the_text_output_clean(reports: list[TaskReport]) -> None:
+    """Prometheus's own linter (naming, units, types, histogram shape) has no complaint."""
+    promtool = require("promtool")
+    metrics = TaskMetrics(inflight=lambda: [], pool="solo", concurrency=1)
+    for r in reports:
+        metrics.observe(dataclasses.replace(r, queue_wait_s=0.2))
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    text = Renderer(registry).render().decode()
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
