@@ -8,8 +8,11 @@ records are needed and measuring real tasks would take hours. Every record is wh
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from taskmeter.measure.report import iso_utc
@@ -109,3 +112,84 @@ def fleet(n: int, seed: int = 7) -> Iterator[dict[str, Any]]:
 
 def line(rec: dict[str, Any]) -> str:
     return json.dumps(rec, separators=(",", ":"))
+
+
+@dataclass
+class Truth:
+    """What a generated ledger holds, per task type, computed as it is written."""
+
+    runs: dict[str, int] = field(default_factory=dict)
+    footprint_max: dict[str, int] = field(default_factory=dict)
+    worker_peak_max: dict[str, int] = field(default_factory=dict)
+    wall_sum: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def concurrency(self) -> int:
+        """The most tasks running at once on one host ([start, end), a sweep)."""
+        best = 0
+        for spans in self.intervals.values():
+            events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+            running = 0
+            for _, delta in events:
+                running += delta
+                best = max(best, running)
+        return best
+
+
+# One record with one tool, as to_json writes it, with the varied figures as fields.
+_TEMPLATE = (
+    '{{"schema":"taskmeter.task/1","task":"{task}","task_id":"id-{i:07d}","state":"{state}",'
+    '"started_at":"{started}","ended_at":"{ended}","wall_s":{wall!r},"cpu_s":{cpu!r},'
+    '"overhead":{{"wall_s":{ow!r},"cpu_s":{ocpu!r},"user_s":{ocpu!r},"sys_s":0.0,'
+    '"rss_avg_bytes":{avg},"rss_peak_bytes":{peak},"peak_method":"hwm","cpu_method":"process"}},'
+    '"tools":[{{"argv":["bcftools","view","in{i}.vcf.gz"],"exe":"bcftools","pid":{pid},'
+    '"exit_code":0,"signal":null,"start_s":{ts!r},"end_s":{te!r},"wall_s":{tw!r},"cpu_s":{tcpu!r},'
+    '"user_s":{tcpu!r},"sys_s":0.0,"rss_avg_bytes":{tavg},"rss_peak_bytes":{tpeak},'
+    '"peak_method":"hwm","samples":12,"read_bytes":4096,"write_bytes":8192,"cause":null,'
+    '"tracked":true}}],"tool_totals":{{"runs":1,"wall_s":{tw!r},"cpu_s":{tcpu!r},'
+    '"rss_peak_bytes":{tpeak}}},"footprint_peak_bytes":{foot},"phases":[],'
+    '"unattributed_child_cpu_s":0.0,"worker":{{"hostname":"{host}","pid":{wpid},'
+    '"pool":"prefork"}},"sampler":{{"interval_s":0.05}},"cause":null,"queue_wait_s":null}}\n'
+)
+
+
+def write_fleet_ledger(path: str | os.PathLike[str], n: int, seed: int = 3) -> Truth:
+    """``n`` one-tool records from ``HOSTS`` x ``CONCURRENCY`` slots, each host giving
+    the next task to its slot free first (as a prefork pool does), written in the order
+    tasks start (a ledger has them in the order they end: a few seconds apart here), fast
+    (a format string, no json.dumps). Returns the truth per task type."""
+    rng = random.Random(seed)
+    truth = Truth()
+    slots = [[T0 + 0.01 * k] * CONCURRENCY for k in range(len(HOSTS))]
+    with open(path, "w") as f:
+        for i in range(n):
+            h = i % len(HOSTS)
+            s = min(range(CONCURRENCY), key=slots[h].__getitem__)  # the slot free first
+            kind = rng.randrange(len(TASKS))
+            task = TASKS[kind]
+            start = slots[h][s] + rng.uniform(0.0, 0.05)
+            wall = round(rng.uniform(0.5, 1.5) * (1 + kind), 6)
+            end = start + wall
+            slots[h][s] = end
+            avg = (40 + 10 * kind) * MiB + rng.randrange(0, 20 * MiB)
+            peak = avg + rng.randrange(0, 40 * MiB)
+            tpeak = rng.randrange(10 * MiB, 300 * MiB)
+            foot = peak + tpeak
+            tw = round(wall * 0.6, 6)
+            f.write(_TEMPLATE.format(
+                task=task, i=i, state="success", started=iso_utc(start), ended=iso_utc(end),
+                wall=wall, cpu=round(wall * 0.1 + tw * 0.9, 6), ow=round(wall - tw, 6),
+                ocpu=round(wall * 0.1, 6), avg=avg, peak=peak, pid=1000 + i % 30000,
+                ts=round(wall * 0.2, 6), te=round(wall * 0.2 + tw, 6), tw=tw,
+                tcpu=round(tw * 0.9, 6), tavg=tpeak * 3 // 4, tpeak=tpeak, foot=foot,
+                host=HOSTS[h], wpid=4000 + s,
+            ))  # fmt: skip
+            truth.runs[task] = truth.runs.get(task, 0) + 1
+            truth.footprint_max[task] = max(truth.footprint_max.get(task, 0), foot)
+            truth.worker_peak_max[task] = max(truth.worker_peak_max.get(task, 0), peak)
+            truth.wall_sum[task] = truth.wall_sum.get(task, 0.0) + wall
+            truth.intervals.setdefault(HOSTS[h], []).append(
+                (datetime.fromisoformat(iso_utc(start)).timestamp(),
+                 datetime.fromisoformat(iso_utc(end)).timestamp())
+            )  # fmt: skip
+    return truth

@@ -38,6 +38,7 @@ accepted for them).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from taskmeter.measure.report import (
     CAUSES,
@@ -433,8 +434,39 @@ def _time(d: Mapping[str, Any], key: str) -> str:
     return text
 
 
+_T = TypeVar("_T")
+# Per dataclass: (plain defaults, or None to always call __init__; fields without one).
+_PLAIN: dict[type, tuple[dict[str, Any] | None, frozenset[str], tuple[str, ...]]] = {}
+
+
+def _new(cls: type[_T], **values: Any) -> _T:
+    """``cls(**values)`` for a frozen dataclass, without its ``__init__`` (which sets each
+    field through ``object.__setattr__``: most of the cost of reading a record). The
+    values were checked here. Falls back to ``cls(**values)`` for a class with a
+    ``__post_init__`` or a field this reader does not fill and that has no plain default
+    (a field added to the schema later)."""
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        plain = _PLAIN[cls] = (
+            None if hasattr(cls, "__post_init__") else defaults,
+            frozenset(f.name for f in fields if f.name not in defaults),
+            tuple(f.name for f in fields),
+        )
+    plain_defaults, required, names = plain
+    if plain_defaults is None or not required.issubset(values):
+        return cls(**values)
+    obj = object.__new__(cls)
+    if len(values) == len(names):
+        obj.__dict__.update(values)
+    else:  # in field order, as __init__ would set them
+        obj.__dict__.update((n, values[n] if n in values else plain_defaults[n]) for n in names)
+    return obj
+
+
 def _process(d: Mapping[str, Any], where: str) -> ProcessStats:
-    return ProcessStats(
+    return _new(ProcessStats,
         wall_s=_num(d, "wall_s", where),
         cpu_s=_num(d, "cpu_s", where),
         user_s=_num(d, "user_s", where),
@@ -457,7 +489,8 @@ def _tool(t: Any, i: int) -> ToolRun:
     tracked = t.get("tracked", True)
     if not isinstance(tracked, bool):
         raise RecordError(f"{where}tracked is {_show(tracked)}, not true or false")
-    return ToolRun(
+    return _new(
+        ToolRun,
         argv=tuple(argv),
         exe=_str(t, "exe", where),
         pid=_int(t, "pid", where),
@@ -484,7 +517,8 @@ def _phase(p: Any, i: int) -> PhaseStats:
     where = f"phases[{i}]."
     if not isinstance(p, dict):
         raise RecordError(f"phases[{i}] is {_show(p)}, not an object")
-    return PhaseStats(
+    return _new(
+        PhaseStats,
         name=_str(p, "name", where),
         wall_s=_num(p, "wall_s", where),
         cpu_s=_num(p, "cpu_s", where),
@@ -507,7 +541,9 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
     if pool is not None and not isinstance(pool, str):
         raise RecordError(f"worker.pool is {_show(pool)}, not a string or null")
     queue_wait = None if d.get("queue_wait_s") is None else _num(d, "queue_wait_s", "")
-    return TaskReport(
+    return _new(
+        TaskReport,
+        schema=SCHEMA,
         task=task,
         task_id=_str(d, "task_id", "", optional=True),
         state=_choice(d, "state", "", STATES),
@@ -517,7 +553,8 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
         cpu_s=_num(d, "cpu_s", ""),
         overhead=_process(_obj(d, "overhead", ""), "overhead."),
         tools=tuple(_tool(t, i) for i, t in enumerate(_list(d, "tools", ""))),
-        tool_totals=ToolTotals(
+        tool_totals=_new(
+            ToolTotals,
             runs=_int(totals, "runs", "tool_totals."),
             wall_s=_num(totals, "wall_s", "tool_totals."),
             cpu_s=_num(totals, "cpu_s", "tool_totals."),
@@ -526,12 +563,15 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
         footprint_peak_bytes=_int(d, "footprint_peak_bytes", ""),
         phases=tuple(_phase(p, i) for i, p in enumerate(_list(d, "phases", ""))),
         unattributed_child_cpu_s=_num(d, "unattributed_child_cpu_s", ""),
-        worker=WorkerInfo(
+        worker=_new(
+            WorkerInfo,
             hostname=_str(worker, "hostname", "worker."),
             pid=_int(worker, "pid", "worker."),
             pool=pool,
         ),
-        sampler=SamplerInfo(interval_s=_num(_obj(d, "sampler", ""), "interval_s", "sampler.")),
+        sampler=_new(
+            SamplerInfo, interval_s=_num(_obj(d, "sampler", ""), "interval_s", "sampler.")
+        ),
         cause=_choice(d, "cause", "", CAUSES, optional=True),
         queue_wait_s=queue_wait,
     )

@@ -136,6 +136,10 @@ class StreamQuantiles:
         if self._values is not None:
             return quantile(self._values, q)
         rank = math.floor(q * (self.count - 1))  # 0-based rank of the value sought
+        if rank <= 0:
+            return self.min
+        if rank >= self.count - 1:
+            return self.max
         seen = self._zeros
         if rank < seen:
             return 0.0
