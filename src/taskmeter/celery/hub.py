@@ -399,16 +399,19 @@ class Hub:
         )
 
     def _cause(self, run: Run, state: State) -> Cause | None:
-        """Why a killed run's process died: Celery's hard time limit, else the OOM
-        killer when the cgroup's counter rose while it ran, else a signal."""
+        """Why a killed run's process died: what the main process was told (Celery's
+        hard time limit; a signal other than SIGKILL or an exit, which the OOM killer
+        never causes), else the OOM killer when the cgroup's OOM-kill counter rose while
+        the run lived, else a plain signal; ``unknown`` where there is no counter to ask
+        (no memory cgroup: macOS, ...)."""
         if state != "killed":
             return None
-        if run.cause_hint == "time_limit":
-            return "time_limit"
+        if run.cause_hint is not None:
+            return run.cause_hint
         end = run.oom_end if run.oom_end is not None else cgroup.oom_kills()
-        if run.cause_hint is None and cgroup.rose(run.oom0, end):
-            return "oom"
-        return run.cause_hint or "signal"
+        if run.oom0 is None or end is None:
+            return "unknown"
+        return "oom" if end > run.oom0 else "signal"
 
     def _final(self, run: Run, report: TaskReport, state: State) -> TaskReport:
         """``report`` in its final state, with its cause and the tools killed as orphans

@@ -339,13 +339,13 @@ def _on_task_failure(
 def _lost_cause(exc: BaseException) -> Cause | None:
     """What billiard's WorkerLostError says of the child's death ("Worker exited
     prematurely: signal 9 (SIGKILL) Job: 3."). SIGKILL, or nothing said: None (the hub
-    decides oom or signal from the cgroup's counter); another signal cannot be the OOM
-    killer; an exit code is no kill at all."""
+    decides from the cgroup's OOM-kill counter); another signal, or an exit code (the
+    child exited mid-task), is never the OOM killer: "signal"."""
     text = str(exc)
     found = re.search(r"signal (\d+)", text)
     if found:
         return None if int(found.group(1)) == signal.SIGKILL else "signal"
-    return "unknown" if "exitcode" in text else None
+    return "signal" if "exitcode" in text else None
 
 
 def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
