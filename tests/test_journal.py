@@ -359,3 +359,18 @@ def test_solo_worker_killed_its_task_is_recorded_lost(start_worker):
     assert (r.task, r.task_id, r.state, r.worker.pid) == ("sleep", task.id, "lost", w1.proc.pid)
     assert 0.3 <= r.wall_s < 30  # until the last heartbeat: a lower bound
     assert r.overhead.peak_method == "none"  # never observed by a tick: no figures
+
+
+def test_recycled_children_leave_no_records(start_worker):
+    """--max-tasks-per-child 1: a new pool process (a new record) per task; the records
+    of exited processes are removed, so the journal never grows."""
+    w = start_worker("redis", "prefork", 2, ("--max-tasks-per-child", "1"))
+    folder = Path(str(w.ledger) + ".inflight")
+    for _ in range(6):
+        w.send("noop")
+    w.wait_reports(6)
+    time.sleep(1.0)  # the last child's exit reaches the main process
+    records = list(folder.glob("*/*.slot"))
+    assert len(records) <= 2, records  # at most one per live pool process
+    assert w.stop() == 0
+    assert not folder.exists()  # a clean stop removes the folder it made

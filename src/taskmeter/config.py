@@ -184,4 +184,4 @@ def journal_dir(value: str | None, ledger: str | None) -> str | None:
     shm = "/dev/shm"
     base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return os.path.join(base, f"taskmeter-{uid}", "journal")
+    return os.path.join(base, f"taskmeter-{uid}")
