@@ -151,9 +151,23 @@ def test_text_by_default_openmetrics_when_asked_exemplars_only_there_and_gzip(
         if smp.exemplar is not None
     ]
     assert exemplars and set(exemplars) == {"tid-0001"}
-    # q=0 is a refusal.
-    _, headers, _ = get(s.url + "/metrics", {"Accept": "application/openmetrics-text;q=0"})
-    assert headers["Content-Type"].startswith("text/plain")
+    # q=0 is a refusal; a scraper preferring the text format gets it.
+    for accept in (
+        "application/openmetrics-text;q=0",
+        "text/plain;version=0.0.4,application/openmetrics-text;version=1.0.0;q=0.5",
+        "application/openmetrics-text;version=9.9.9",
+    ):
+        _, headers, _ = get(s.url + "/metrics", {"Accept": accept})
+        assert headers["Content-Type"].startswith("text/plain"), accept
+    # Prometheus 3's default header: protobuf first (not served), then OpenMetrics.
+    prom3 = (
+        "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+        "encoding=delimited;q=0.5,application/openmetrics-text;version=1.0.0;q=0.4,"
+        "application/openmetrics-text;version=0.0.1;q=0.3,text/plain;version=0.0.4;q=0.2,"
+        "*/*;q=0.1"
+    )
+    _, headers, _ = get(s.url + "/metrics", {"Accept": prom3})
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
 
     for accept, expected in (("", text), (OPENMETRICS, om)):
         status, headers, body = get(

@@ -257,13 +257,17 @@ def _q(params: dict[str, str]) -> float:
 
 
 def wants_openmetrics(accept: str) -> bool:
-    """Whether an ``Accept`` header asks for OpenMetrics 1.0 (any q above 0)."""
-    return any(
-        media == "application/openmetrics-text"
-        and params.get("version", "") in _OPENMETRICS_VERSIONS
-        and _q(params) > 0
-        for media, params in _media_items(accept)
-    )
+    """Whether an ``Accept`` header prefers OpenMetrics 1.0 to the text format: its best
+    q above 0 and not below the text format's (``text/plain``, ``text/*`` or ``*/*``).
+    Prometheus's default header does; one configured to prefer the text format not."""
+    om_q = text_q = 0.0
+    for media, params in _media_items(accept):
+        if media == "application/openmetrics-text":
+            if params.get("version", "") in _OPENMETRICS_VERSIONS:
+                om_q = max(om_q, _q(params))
+        elif media in ("text/plain", "text/*", "*/*"):
+            text_q = max(text_q, _q(params))
+    return om_q > 0 and om_q >= text_q
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
