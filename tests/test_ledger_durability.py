@@ -141,7 +141,7 @@ def test_full_disk_drops_whole_records_counts_them_and_resumes(
     assert [r["task_id"] for r in records] == written + [r.task_id for r in after]
     assert records[-1] == json.loads(after[-1].to_json())
     resumed = [m for m in caplog.messages if "writing the ledger" in m and "again" in m]
-    assert len(resumed) == 1 and f"{len(failed)} record(s) were dropped" in resumed[0]
+    assert len(resumed) == 1 and f"{len(failed)} record(s) dropped so far" in resumed[0]
 
 
 def test_a_removed_directory_is_counted_and_writing_resumes_when_it_is_back(
@@ -160,6 +160,26 @@ def test_a_removed_directory_is_counted_and_writing_resumes_when_it_is_back(
         folder.mkdir()
         ledger.write(numbered(report, 4))
     assert [r["task_id"] for r in strict_records(path)] == ["task-00004"]
+
+
+def test_a_flapping_failure_logs_once_not_once_per_record(
+    tmp_path: Path, report: TaskReport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A nearly full disk takes some records and not others: alternate failing and
+    # succeeding writes (the folder removed and made again) log one error, not twenty.
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    path = folder / "ledger.jsonl"
+    with Ledger(path) as ledger:
+        for i in range(20):
+            shutil.rmtree(folder)
+            ledger.write(numbered(report, 2 * i))  # fails
+            folder.mkdir()
+            ledger.write(numbered(report, 2 * i + 1))  # succeeds
+        assert ledger.health.errors == 20
+    assert sum("cannot write the ledger" in m for m in caplog.messages) == 1
+    assert sum("writing the ledger" in m for m in caplog.messages) == 1
+    assert [r["task_id"] for r in strict_records(path)] == ["task-00039"]
 
 
 def test_a_torn_tail_left_by_someone_else_never_swallows_the_next_record(

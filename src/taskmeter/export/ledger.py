@@ -40,11 +40,11 @@ Durability: a record is written whole or not at all. The line goes out in one
 with ``ftruncate`` to the size before it, so the file always ends with a whole line.
 A write that fails (``ENOSPC``, ``EACCES``, ``EIO``, a removed directory) drops that
 record, counts it (``taskmeter_ledger_errors_total``) and never raises into the
-worker; the first failure is logged once with the path and the error, and the return
-of writing once with the number of records lost. Each write tries again, so records
-flow as soon as there is space. Should a tail ever be torn anyway (a truncate that
-failed, another program), the next record starts on a new line rather than being
-glued to it.
+worker; the first failure is logged once with the path and the error, then at most
+one reminder and one "writing again" every 10 minutes (never one line per record).
+Each write tries again, so records flow as soon as there is space. Should a tail ever
+be torn anyway (a truncate that failed, another program), the next record starts on a
+new line rather than being glued to it.
 
 Standard output
 ---------------
@@ -66,6 +66,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -108,33 +109,47 @@ def _count(counter: str, n: int = 1) -> None:
 
 
 class _Health:
-    """Counts failed writes and logs once per failing spell, not once per record."""
+    """Counts failed writes; logs the first failure once, with the path and the error,
+    then at most one reminder (and one "writing again") per ``REMIND_S``: a disk that
+    is nearly full, taking some records and not others, never logs once per record."""
+
+    REMIND_S = 600.0
 
     def __init__(self, where: str) -> None:
         self.where = where
         self.errors = 0  # records lost to failed writes, since start
-        self._failing = 0  # records lost in the current spell
+        self._spell = 0  # failures since the last write that succeeded
+        self._told = False
+        self._next_fail_log = self._next_ok_log = 0.0
 
     def failed(self, exc: OSError) -> None:
         self.errors += 1
+        self._spell += 1
         _count("LEDGER_ERRORS")
-        if self._failing == 0:
+        now = time.monotonic()
+        if not self._told or now >= self._next_fail_log:
+            self._next_fail_log = now + self.REMIND_S
             log.error(
-                "taskmeter: cannot write the ledger %s: %s; records are dropped (counted in "
-                "taskmeter_ledger_errors_total) until a write succeeds again",
+                "taskmeter: %s the ledger %s: %s; records are dropped (%d so far, counted "
+                "in taskmeter_ledger_errors_total) until a write succeeds again",
+                "still cannot write" if self._told else "cannot write",
                 self.where,
                 exc.strerror or exc,
+                self.errors,
             )
-        self._failing += 1
+            self._told = True
 
     def succeeded(self) -> None:
-        if self._failing:
-            log.warning(
-                "taskmeter: writing the ledger %s again; %d record(s) were dropped",
-                self.where,
-                self._failing,
-            )
-            self._failing = 0
+        if self._spell:
+            self._spell = 0
+            now = time.monotonic()
+            if now >= self._next_ok_log:
+                self._next_ok_log = now + self.REMIND_S
+                log.warning(
+                    "taskmeter: writing the ledger %s again; %d record(s) dropped so far",
+                    self.where,
+                    self.errors,
+                )
 
 
 class Ledger:
