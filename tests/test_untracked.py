@@ -274,13 +274,46 @@ def test_unpatch_restores_the_original_class():
 
 @linux_only
 @pytest.mark.slow
-def test_a_celery_task_calling_subprocess_run_gets_a_tracked_tool(start_worker):
-    w = start_worker("redis", "prefork", 1, TASKMETER_PATCH_SUBPROCESS="1")
-    w.send("sub.run", hold(120, 0.5))
+@pytest.mark.parametrize("patch", ["0", "1"])
+def test_a_celery_task_calling_plain_subprocess_run(start_worker, patch):
+    # Default: the 200 MB tool is found by the sampler. TASKMETER_PATCH_SUBPROCESS=1: it
+    # is a tracked tool run, exact.
+    w = start_worker("redis", "prefork", 1, TASKMETER_PATCH_SUBPROCESS=patch)
+    w.send("sub.run", hold(200, 1.0))
     [r] = w.wait_reports(1, timeout=40)
     assert r.task == "sub.run" and r.state == "success"
     [tool] = r.tools
-    assert tool.tracked and tool.outcome == "ok" and tool.exe.startswith("python")
-    assert tool.rss_peak_bytes >= 115 * MiB and tool.cpu_s > 0
+    assert tool.exe.startswith("python") and tool.cpu_s > 0
+    assert tool.rss_peak_bytes >= 200 * MiB
     assert r.footprint_peak_bytes >= r.overhead.rss_peak_bytes + 0.9 * tool.rss_peak_bytes
-    assert r.unattributed_child_cpu_s < 0.01
+    if patch == "1":
+        assert tool.tracked and tool.outcome == "ok"
+        assert r.unattributed_child_cpu_s < 0.01
+    else:
+        assert not tool.tracked and tool.outcome == "untracked" and tool.samples >= 5
+    outcome = "ok" if patch == "1" else "untracked"
+    labels = {f'outcome="{outcome}"', 'task="sub.run"', 'tool="python"'}
+    [line] = [
+        ln
+        for ln in w.metrics().splitlines()
+        if ln.startswith("celery_task_tool_runs_total{") and all(lb in ln for lb in labels)
+    ]
+    assert line.endswith(" 1.0")
+
+
+def test_instrument_keyword_sets_the_worker_setting():
+    from celery import Celery
+
+    from taskmeter.celery import instrument, uninstrument
+    from taskmeter.config import load_settings
+
+    app = Celery("kw", broker="memory://")
+    instrument(app, patch_subprocess=True)
+    try:
+        assert load_settings(app.conf, {}).patch_subprocess is True
+        # The environment wins over app.conf, as for every setting.
+        env = {"TASKMETER_PATCH_SUBPROCESS": "0"}
+        assert load_settings(app.conf, env).patch_subprocess is False
+    finally:
+        uninstrument(app)
+    assert load_settings(Celery("plain").conf, {}).patch_subprocess is False
