@@ -1,6 +1,7 @@
 # Entry points for developers and CI (.ci/run runs `make test`).
 VENV := .venv/bin
-LINT_PATHS := $(wildcard src tests benchmarks)
+# deploy/prometheus/prometheusrule.py is linted too
+LINT_PATHS := $(wildcard src tests benchmarks deploy)
 BENCHES := $(wildcard benchmarks/bench_*.py)
 PYTEST_ARGS ?=
 

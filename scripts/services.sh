@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Ensure the brokers the tests use are up: Redis on 127.0.0.1:6379 and RabbitMQ on
-# 127.0.0.1:5672. Starts whichever is not answering; safe to run when both already are.
-# A server that is not installed is reported and skipped (its tests skip with a reason);
-# one that is installed but does not come up is an error.
+# 127.0.0.1:5672 (REDIS_PORT / RABBITMQ_PORT override the ports; RabbitMQ gets its port
+# as RABBITMQ_NODE_PORT). Starts whichever is not answering; safe to run when both
+# already are. One that is installed but does not come up is an error. One that is not
+# installed is an error under CI (env CI=true, 1 or yes: its tests would fail anyway),
+# locally a note (its tests skip with the reason).
 set -euo pipefail
+
+REDIS_PORT=${REDIS_PORT:-6379}
+RABBITMQ_PORT=${RABBITMQ_PORT:-5672}
+case ${CI:-} in
+[Tt][Rr][Uu][Ee] | 1 | [Yy][Ee][Ss]) STRICT=1 ;;
+*) STRICT=0 ;;
+esac
 
 log() { echo "services: $*"; }
 
@@ -19,24 +28,33 @@ wait_port() { # NAME PORT SECONDS
     return 1
 }
 
-if port_open 6379; then
-    log "redis already running on 127.0.0.1:6379"
+not_installed() { # NAME WHAT
+    if ((STRICT)); then
+        echo "services: ERROR: $1 is not installed and CI=$CI: $2 tests would fail (scripts/setup.sh installs it)" >&2
+        exit 1
+    fi
+    log "$1 not installed; $2 tests will skip"
+}
+
+if port_open "$REDIS_PORT"; then
+    log "redis already running on 127.0.0.1:$REDIS_PORT"
 elif ! command -v redis-server >/dev/null; then
-    log "redis-server not installed; Redis tests will skip"
+    not_installed redis-server Redis
 else
-    log "starting redis-server (log: /tmp/taskmeter-redis.log)"
-    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
-        --appendonly no --dir /tmp --logfile /tmp/taskmeter-redis.log
-    wait_port redis 6379 10
+    log "starting redis-server on 127.0.0.1:$REDIS_PORT (log: /tmp/taskmeter-redis-$REDIS_PORT.log)"
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" --save "" \
+        --appendonly no --dir /tmp --logfile "/tmp/taskmeter-redis-$REDIS_PORT.log"
+    wait_port redis "$REDIS_PORT" 10
 fi
 
-if port_open 5672; then
-    log "rabbitmq already running on 127.0.0.1:5672"
+if port_open "$RABBITMQ_PORT"; then
+    log "rabbitmq already running on 127.0.0.1:$RABBITMQ_PORT"
 elif ! command -v rabbitmq-server >/dev/null; then
-    log "rabbitmq-server not installed; RabbitMQ tests will skip"
+    not_installed rabbitmq-server RabbitMQ
 else
-    log "starting rabbitmq-server -detached"
+    log "starting rabbitmq-server -detached on 127.0.0.1:$RABBITMQ_PORT"
     # A node still booting makes -detached complain; the port probe below decides.
-    rabbitmq-server -detached || log "rabbitmq-server -detached exited $?; waiting for the port"
-    wait_port rabbitmq 5672 60
+    RABBITMQ_NODE_PORT=$RABBITMQ_PORT rabbitmq-server -detached ||
+        log "rabbitmq-server -detached exited $?; waiting for the port"
+    wait_port rabbitmq "$RABBITMQ_PORT" 60
 fi
