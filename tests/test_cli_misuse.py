@@ -171,3 +171,12 @@ def test_bad_sample_interval_in_library_use_is_the_config_error() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ConfigError: TASKMETER_SAMPLE_INTERVAL='fast'")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "61", "fast"])
+def test_run_bad_interval_names_the_option_and_runs_nothing(tmp_path: Path, value: str) -> None:
+    marker = tmp_path / "ran"
+    out = tm("run", "--interval", value, "--", "touch", str(marker))
+    assert out.returncode == 2
+    assert "Invalid value for '--interval'" in out.stderr
+    assert not marker.exists()

@@ -30,7 +30,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the TaskReport as JSON.")
 @click.option(
     "--interval",
-    type=click.FloatRange(0.001, 60),
+    type=FiniteFloat(0.001, 60),
     default=None,
     help="Sampling interval in seconds [default: $TASKMETER_SAMPLE_INTERVAL or 0.1].",
 )
