@@ -107,13 +107,18 @@ class _Worker:
         if self.journal is not None:
             # Tasks a previous incarnation left in flight: reported lost, before any
             # child starts (and may reuse a recorded pid).
-            lost = self.journal.recover(
-                list(sinks), hostname=self.hostname, pool=self.pool,
-                interval_s=s.sample_interval_s,
-            )  # fmt: skip
-            if lost:
-                JOURNAL_RECOVERED.inc(len(lost))
-            sinks.append(self.journal.report_done)  # last: after metrics and ledger
+            try:
+                lost = self.journal.recover(
+                    list(sinks), hostname=self.hostname, pool=self.pool,
+                    interval_s=s.sample_interval_s,
+                )  # fmt: skip
+            except Exception:
+                log.exception("taskmeter: the in-flight journal failed; running without it")
+                self.journal = None
+            else:
+                if lost:
+                    JOURNAL_RECOVERED.inc(len(lost))
+                sinks.append(self.journal.report_done)  # last: after metrics and ledger
         self.hub = Hub(
             sinks,
             hostname=self.hostname,
