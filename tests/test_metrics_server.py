@@ -244,13 +244,13 @@ def test_scrape_follows_new_records(
     registry, metrics = task_registry
     s = serve(servers, registry)
     before = get(s.url + "/metrics")[2].decode()
-    assert 'celery_task_runs_total{task="tm.scraped",state="success"} 1.0' in before
+    assert 'celery_task_runs_total{state="success",task="tm.scraped"} 1.0' in before
     assert get(s.url + "/metrics")[2].decode() == before  # nothing new: the same text
     with taskmeter.measure("tm.scraped", "tid-0002") as m:
         pass
     metrics.observe(m.report)
     after = get(s.url + "/metrics")[2].decode()
-    assert 'celery_task_runs_total{task="tm.scraped",state="success"} 2.0' in after
+    assert 'celery_task_runs_total{state="success",task="tm.scraped"} 2.0' in after
     assert 'celery_task_wall_seconds_count{task="tm.scraped"} 2.0' in after
 
 

@@ -193,11 +193,15 @@ class _Histo:
     """One histogram series: non-cumulative bucket counts (the last one above the last
     bound), exact sum, the latest exemplar of every bucket and the cached lines."""
 
-    __slots__ = ("counts", "exemplars", "key", "labels", "n", "om", "text", "total")
+    __slots__ = (
+        "counts", "exemplars", "key", "labels", "le_prefix", "le_suffix", "n", "om", "text",
+        "total",
+    )  # fmt: skip
 
     def __init__(self, key: tuple[str, ...], labels: str, nbuckets: int) -> None:
         self.key = key
         self.labels = labels
+        self.le_prefix = self.le_suffix = ""
         self.counts = [0] * nbuckets
         self.exemplars: list[tuple[str, str, float, float] | None] = [None] * nbuckets
         self.total = 0.0
@@ -234,25 +238,32 @@ class _Family:
         }
         self.les = (*(_go_float(b) for b in bounds), "+Inf")
 
-    def _labels(self, key: tuple[str, ...]) -> str:
-        if not key:
-            return ""
-        pairs = ",".join(
-            f'{n}="{_escape_value(v)}"' for n, v in zip(self.labelnames, key, strict=True)
+    def _pairs(self, key: tuple[str, ...]) -> list[tuple[str, str]]:
+        # Sorted by label name, as prometheus_client writes them.
+        return sorted(
+            (n, f'{n}="{_escape_value(v)}"') for n, v in zip(self.labelnames, key, strict=True)
         )
-        return "{" + pairs + "}"
 
     def scalar(self, key: tuple[str, ...]) -> _Scalar:
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = _Scalar(key, self._labels(key))
+            pairs = self._pairs(key)
+            labels = "{" + ",".join(p for _, p in pairs) + "}" if pairs else ""
+            s = self.series[key] = _Scalar(key, labels)
             self.cache.clear()
         return s
 
     def histo(self, key: tuple[str, ...]) -> _Histo:
         h = self.series.get(key)
         if h is None:
-            h = self.series[key] = _Histo(key, self._labels(key), len(self.bounds) + 1)
+            pairs = self._pairs(key)
+            labels = "{" + ",".join(p for _, p in pairs) + "}" if pairs else ""
+            h = self.series[key] = _Histo(key, labels, len(self.bounds) + 1)
+            # The bucket lines' labels: "le" in its sorted place.
+            before = "".join(p + "," for n, p in pairs if n < "le")
+            after = "".join("," + p for n, p in pairs if n > "le")
+            h.le_prefix = f"{self.name}_bucket{{{before}le=" + '"'
+            h.le_suffix = '"' + after + "} "
             self.cache.clear()
         return h
 
@@ -288,12 +299,12 @@ class _Family:
         cached = h.om if with_exemplars else h.text
         if cached is not None:
             return cached
-        inner = h.labels[1:-1] + "," if h.labels else ""
+        prefix, suffix = h.le_prefix, h.le_suffix
         lines = []
         running = 0
         for le, count, ex in zip(self.les, h.counts, h.exemplars, strict=True):
             running += count
-            line = f'{self.name}_bucket{{{inner}le="{le}"}} {_go_float(running)}'
+            line = prefix + le + suffix + _go_float(running)
             if with_exemplars and ex is not None:
                 line += f" # {ex[1]} {_go_float(ex[2])} {ex[3]:.3f}"
             lines.append(line + "\n")
