@@ -106,11 +106,13 @@ def test_children_from_before_the_task_are_not_the_tasks():
         old.wait()
 
 
-def _fork_hold(seconds: float) -> int:
+def _fork_hold(seconds: float, then_exec: list[str] | None = None) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             time.sleep(seconds)
+            if then_exec:
+                os.execv(then_exec[0], then_exec)
         finally:
             os._exit(0)
     return pid
@@ -132,6 +134,24 @@ def test_a_forked_child_that_never_execs_is_not_counted_as_the_workers_memory_ag
     assert r.footprint_peak_bytes < r.overhead.rss_peak_bytes + 20 * MiB
     [tool] = r.tools  # seen at several samples: listed, with no memory of its own
     assert not tool.tracked and tool.rss_peak_bytes == 0 and tool.peak_method == "none"
+    del ballast
+
+
+@linux_only
+def test_a_child_counts_from_its_exec_not_before():
+    ballast = bytearray(150 * MiB)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    with taskmeter.measure("fork-then-exec") as m:
+        # Half a second as a copy of this 150 MB process, then a 30 MB tool for 0.8 s.
+        pid = _fork_hold(0.5, then_exec=hold(30, 0.8))
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    r = m.report
+    [tool] = r.tools
+    assert not tool.tracked and tool.argv[-2:] == ("30", "0.8")
+    assert 30 * MiB <= tool.rss_peak_bytes < 60 * MiB  # its own, not the worker's copy
+    assert r.footprint_peak_bytes < r.overhead.rss_peak_bytes + 60 * MiB
     del ballast
 
 

@@ -81,17 +81,21 @@ class ProcStat:
 
 def read_stat(pid: int) -> ProcStat | None:
     data = _read(f"/proc/{pid}/stat")
-    if data is None:
+    if not data:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    f = data[data.rindex(b")") + 2 :].split()
-    return ProcStat(
-        state=f[0].decode(),
-        start_tick=int(f[19]),
-        user_s=(int(f[11]) + int(f[13])) / _HZ,
-        sys_s=(int(f[12]) + int(f[14])) / _HZ,
-        rss_bytes=int(f[21]) * _PAGE,
-    )
+    try:
+        # The command name (field 2) may hold spaces and parentheses: split after the
+        # last ")".
+        f = data[data.rindex(b")") + 2 :].split()
+        return ProcStat(
+            state=f[0].decode(),
+            start_tick=int(f[19]),
+            user_s=(int(f[11]) + int(f[13])) / _HZ,
+            sys_s=(int(f[12]) + int(f[14])) / _HZ,
+            rss_bytes=int(f[21]) * _PAGE,
+        )
+    except (ValueError, IndexError):  # cut short as the process went away
+        return None
 
 
 def children_of(pid: int, tid: int | None = None) -> list[int]:
@@ -118,7 +122,8 @@ def _hwm(pid: int) -> int | None:
     if data is None:
         return None
     i = data.find(b"\nVmHWM:")
-    return int(data[i + 7 : data.index(b"kB", i)]) * 1024 if i >= 0 else None
+    j = data.find(b"kB", i)
+    return int(data[i + 7 : j]) * 1024 if i >= 0 and j > i else None
 
 
 def boot_offset() -> float:
