@@ -5,6 +5,7 @@ as ``lost``, once."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -151,6 +152,10 @@ def test_a_task_that_ended_or_was_reported_is_never_recovered(tmp_path):
     )  # fmt: skip
     j.report_done(report)
     assert not (j.folder / f"{DEAD_PID}-0.slot").exists()  # its process is gone: removed
+    long_id = "é" * 300  # cut in the record (mid-character): still recognised
+    Slot(j.folder / f"{DEAD_PID}-0.slot", DEAD_PID).begin(2, "hog", long_id, time.time(), 0.0)
+    j.report_done(dataclasses.replace(report, task_id=long_id))
+    assert not (j.folder / f"{DEAD_PID}-0.slot").exists()
     # an empty record of a child that exited is removed
     Slot(j.folder / f"{DEAD_PID + 1}-0.slot", DEAD_PID + 1).close()
     j.child_gone(DEAD_PID + 1)

@@ -160,6 +160,12 @@ def encode_task(
     return _A.pack(_SLOT_MAGIC, _RUNNING, seq, pid, started, cpu0, len(name), len(tid)) + name + tid
 
 
+def _as_recorded(task_id: str | None) -> str | None:
+    """A task id as a record holds it (long ids are cut)."""
+    tid = (task_id or "").encode("utf-8", "replace")[:_MAX_ID]
+    return tid.decode("utf-8", "replace") or None
+
+
 def decode_slot(buf: bytes) -> InFlight | None:
     """The task a record holds; None when it holds none. Raises :class:`SlotError` for
     a record that is torn (killed mid-write) or not a journal record at all."""
@@ -578,7 +584,7 @@ class Journal:
             task = decode_slot(bytes(mm))
         except SlotError:
             task = None
-        if task is not None and task.task_id == report.task_id:
+        if task is not None and task.task_id == _as_recorded(report.task_id):
             mm[4] = 0
             if pid in self._gone or not _pid_alive(pid):
                 self._gone.discard(pid)
