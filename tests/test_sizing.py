@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from taskmeter.sizing import render
 from taskmeter.sizing.recommend import Options, recommend
 from taskmeter.sizing.stats import TaskStats
 
-from helpers import burn_child, child, require
+from helpers import burn_child, child, require, strict
 
 MiB = 2**20
 T0 = 1_764_000_000.0
@@ -45,13 +46,16 @@ def tm(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """25 bcftools tasks, 25 CPU tasks and 20 memory tasks, one with a SIGKILLed tool,
-    measured for real and written by the real Ledger."""
-    require("bcftools")
+    measured for real and written by the real Ledger. Without bcftools (locally) the
+    bcftools tasks are left out, not the tests: they need only the ledger."""
     tmp = tmp_path_factory.mktemp("sizing")
-    vcf = generate_vcf(tmp / "in.vcf.gz", samples=30, variants=3_000, seed=5)
+    with_vcf = strict() or shutil.which("bcftools") is not None
+    if with_vcf:
+        require("bcftools")  # under CI: fails when it is missing
+        vcf = generate_vcf(tmp / "in.vcf.gz", samples=30, variants=3_000, seed=5)
     path = tmp / "ledger.jsonl"
     with Ledger(path) as led:
-        for _ in range(25):
+        for _ in range(25 if with_vcf else 0):
             with taskmeter.measure("vcf.query", on_report=led.write):
                 taskmeter.run(["bcftools", "query", "-f", "%POS\\n", str(vcf)],
                               capture_output=True, check=True)  # fmt: skip
