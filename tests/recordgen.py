@@ -39,6 +39,7 @@ def record(
     state: str = "success",
     cause: str | None = None,
     queue_wait: float | None = None,
+    pool: str | None = "prefork",
 ) -> dict[str, Any]:
     """One record as a dict (the JSON object a ledger line holds)."""
     tool_wall = wall * 0.6
@@ -71,7 +72,7 @@ def record(
         "phases": [{"name": "download", "wall_s": 0.05 * wall, "cpu_s": 0.01 * wall,
                     "rss_avg_bytes": worker_avg, "rss_peak_bytes": worker_peak}],
         "unattributed_child_cpu_s": 0.0,
-        "worker": {"hostname": host, "pid": 4000 + i % 7, "pool": "prefork"},
+        "worker": {"hostname": host, "pid": 4000 + i % 7, "pool": pool},
         "sampler": {"interval_s": 0.05}, "cause": cause, "queue_wait_s": queue_wait,
     }  # fmt: skip
 

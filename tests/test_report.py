@@ -425,3 +425,33 @@ def test_prometheus_report_shows_aggregates_and_says_per_task_needs_a_ledger(
         assert "concurrency of the worker is not known" in bare.read_text()
     finally:
         server.close()
+
+
+def test_a_solo_ledger_is_sized_as_recommend_sizes_it(tmp_path):
+    """The seed's example: a solo worker, tasks averaging 600 MiB and peaking at 900 MiB,
+    20 % margins: 720Mi / 1080Mi, no parent process, as `taskmeter recommend` says."""
+    from recordgen import T0, line, record
+
+    ledger = tmp_path / "solo.jsonl"
+    records = [
+        record(i, start=T0 + 2 * i, wall=1.5, tools=0, pool="solo", worker_avg=600 * MiB,
+               worker_peak=900 * MiB)
+        for i in range(25)
+    ]  # fmt: skip
+    ledger.write_text("".join(line(r) + "\n" for r in records))
+    out = tmp_path / "solo.html"
+    res = run_report("--ledger", ledger, "-o", out)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "Pool solo (pool solo: the pool the workers ran with)" in text
+    assert "N = 1 (a solo worker runs one task at a time)" in text
+    rec = subprocess.run(
+        [sys.executable, "-c", "from taskmeter.cli import main; main()", "recommend",
+         "--ledger", str(ledger), "--format", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    resources = json.loads(rec)["resources"]
+    assert resources["requests"]["memory"] == "720Mi"
+    assert resources["limits"]["memory"] == "1080Mi"
+    for quantity in ("720Mi", "1080Mi"):
+        assert f"<code>{quantity}</code>" in text

@@ -44,7 +44,7 @@ BOX_ALL_POINTS_MAX = 500
 # page) plus the heaviest tasks of every type, in input order.
 TABLE_MAX_ROWS = 2000
 
-ConcurrencySource = Literal["given", "observed", "unknown"]
+ConcurrencySource = Literal["given", "observed", "unknown", "solo"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class Sizing:
     min_tasks: int
     recommendation: Recommendation | None
     reason: str | None = None  # set when recommendation is None
+    pool: str = "prefork"  # the sizing rules used (taskmeter.sizing.recommend.pool_model)
+    pool_why: str | None = None  # how the pool was chosen
 
     def per_task(self, pod_bytes: int) -> float:
         """A pod-level quantity shared among the task slots (request or limit / N)."""
@@ -73,13 +75,16 @@ def size(
     parent_bytes: int,
     margin: float,
     min_tasks: int,
+    pool: str = "prefork",
+    pool_why: str | None = None,
 ) -> Sizing:
     """Run :func:`~taskmeter.sizing.recommend.recommend`; a refusal becomes a reason."""
 
     def refused(reason: str) -> Sizing:
         return Sizing(
-            concurrency, concurrency_source, parent_bytes, margin, min_tasks, None, reason
-        )
+            concurrency, concurrency_source, parent_bytes, margin, min_tasks, None, reason,
+            pool, pool_why,
+        )  # fmt: skip
 
     if concurrency is None:
         return refused(
@@ -93,11 +98,14 @@ def size(
             request_margin=margin,
             limit_margin=margin,
             min_tasks=min_tasks,
+            pool=pool,
         )
         rec = recommend(stats, options)
     except SizingError as exc:
         return refused(str(exc))
-    return Sizing(concurrency, concurrency_source, parent_bytes, margin, min_tasks, rec)
+    return Sizing(
+        concurrency, concurrency_source, parent_bytes, margin, min_tasks, rec, None, pool, pool_why
+    )
 
 
 def tool_name(t: ToolRun) -> str:

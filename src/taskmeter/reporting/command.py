@@ -7,6 +7,7 @@ Registered on the ``taskmeter`` group by ``cli.py``; also runnable on its own::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import urllib.parse
@@ -118,8 +119,13 @@ def report(
         raise click.UsageError("--since applies to --prometheus only (a ledger is read whole)")
     _check_output(output)
 
+    from taskmeter.sizing.recommend import SizingError, choose_pool
+
     warnings: list[str] = []
     skipped = (0, 0)
+    pool: str = "prefork"
+    pool_why: str | None = None
+    pool_refused: str | None = None
     digest: reporting.LedgerDigest | None = None
     if ledgers:
         from taskmeter.export.records import (
@@ -144,10 +150,12 @@ def report(
         reader = RecordReader(ledgers, on_bad=on_bad)
         acc, tracker = StatsAccumulator(), ConcurrencyTracker()
         digest = reporting.LedgerDigest(heaviest)
+        pools_seen: dict[str | None, int] = {}
         for r in reader:  # one pass, memory bounded by task types (see LedgerDigest)
             acc.add(r)
             tracker.add(r)
             digest.add(r)
+            pools_seen[r.worker.pool] = pools_seen.get(r.worker.pool, 0) + 1
         summary = reader.summary
         for line in (warn.tail(), summary.text()):
             if line:
@@ -166,6 +174,12 @@ def report(
         stats = acc.result()
         source = ", ".join("standard input" if x == "-" else x for x in ledgers)
         conc_source: reporting.ConcurrencySource = "given"
+        try:
+            pool, pool_why = choose_pool(None, pools_seen, "task records")
+        except SizingError as exc:  # mixed pools: the page still shows the tasks
+            pool_refused = str(exc)
+        if pool == "solo":
+            concurrency, conc_source = 1, "solo"
         if concurrency is None:
             concurrency, conc_source = max(1, tracker.value), "observed"
     else:
@@ -192,14 +206,20 @@ def report(
             )
         conc_source = "given" if concurrency is not None else "unknown"
 
+    if parent_memory is None:
+        parent_memory = 128 * MiB if pool == "prefork" else 0  # solo/threads: no parent
     sizing = reporting.size(
         stats,
         concurrency=concurrency,
         concurrency_source=conc_source,
-        parent_bytes=128 * MiB if parent_memory is None else parent_memory,
+        parent_bytes=parent_memory,
         margin=margin,
         min_tasks=min_tasks,
+        pool=pool,
+        pool_why=pool_why,
     )
+    if pool_refused is not None:
+        sizing = dataclasses.replace(sizing, recommendation=None, reason=pool_refused)
     if sizing.recommendation is None:
         click.echo(f"note: no request/limit drawn: {sizing.reason}", err=True)
     data = reporting.ReportData(

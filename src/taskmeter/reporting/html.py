@@ -162,13 +162,17 @@ def _sizing_section(sizing: Sizing, per_task: bool) -> str:
     n = sizing.concurrency
     if n is None:
         conc = "unknown"
+    elif sizing.concurrency_source == "solo":
+        conc = f"{n} (a solo worker runs one task at a time)"
     elif sizing.concurrency_source == "observed":
         conc = f"{n} (observed: the most tasks seen running at once on one host)"
     else:
         conc = f"{n} (--concurrency)"
+    pool = f"{sizing.pool} ({sizing.pool_why})" if sizing.pool_why else sizing.pool
     opts = (
-        f"<p>Concurrency N = {_esc(conc)}; parent process {_esc(bytes_h(sizing.parent_bytes))}"
-        f"; margin {sizing.margin:.0%}; at least {sizing.min_tasks} task(s) per type.</p>"
+        f"<p>Pool {_esc(pool)}. Concurrency N = {_esc(conc)}; parent process "
+        f"{_esc(bytes_h(sizing.parent_bytes))}; margin {sizing.margin:.0%}; at least "
+        f"{sizing.min_tasks} task(s) per type.</p>"
     )
     if rec is None or n is None:
         why = sizing.reason or "no recommendation"
