@@ -72,6 +72,7 @@ def _read(path: str, to_eof: bool = False) -> bytes | None:
 class ProcStat:
     """What one read of /proc/PID/stat tells: enough to count a process."""
 
+    comm: str  # the executable's name, to 15 characters (kept by a zombie)
     state: str
     start_tick: int
     user_s: float  # utime + cutime: its own and its reaped descendants'
@@ -86,8 +87,10 @@ def read_stat(pid: int) -> ProcStat | None:
     try:
         # The command name (field 2) may hold spaces and parentheses: split after the
         # last ")".
-        f = data[data.rindex(b")") + 2 :].split()
+        end = data.rindex(b")")
+        f = data[end + 2 :].split()
         return ProcStat(
+            comm=data[data.index(b"(") + 1 : end].decode(errors="replace"),
             state=f[0].decode(),
             start_tick=int(f[19]),
             user_s=(int(f[11]) + int(f[13])) / _HZ,
@@ -149,6 +152,7 @@ class _Run:
     t_last: float
     argv: tuple[str, ...] = ()
     exe: str = ""
+    comm: str = ""
     rss: RssSeries = field(default_factory=RssSeries)
     hwm_max: int = 0
     last_rss: int = 0
@@ -236,6 +240,7 @@ class UntrackedScan:
             sys_ += st.sys_s
             if pid == run.pid:
                 run.own_cpu_s = st.user_s + st.sys_s
+                run.comm = st.comm
             if not proc.execd and st.state != "Z":
                 # Compared with its parent's now: equal until it execs (forked, it still
                 # shows the parent's memory, and so its command line).
@@ -278,8 +283,8 @@ class UntrackedScan:
         for run in self._runs.values():
             if run.pid in tracked:
                 continue  # seen in the instant between its exec and its tracking
-            if not (run.execd or run.scans >= 2):
-                continue  # seen only between fork and exec: nothing known
+            if not (run.execd or run.scans >= 2 or run.own_cpu_s > 0):
+                continue  # seen once between fork and exec: nothing known
             st = read_stat(run.pid)
             running = st is not None and st.start_tick == run.start_tick
             if not running:
@@ -289,7 +294,7 @@ class UntrackedScan:
             runs.append(
                 ToolRun(
                     argv=run.argv,
-                    exe=run.exe,
+                    exe=run.exe or run.comm,  # argv unknown when seen only as a zombie
                     pid=run.pid,
                     exit_code=None,
                     signal=None,
