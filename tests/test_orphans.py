@@ -205,3 +205,17 @@ def test_a_tool_in_its_own_process_group_has_its_group_killed():
             if alive(p, t):
                 os.kill(p, signal.SIGKILL)
         tool.wait()
+
+
+def test_a_task_ending_during_a_warm_shutdown_is_recorded_with_its_tool(start_worker):
+    """A warm shutdown (SIGTERM: a Kubernetes rollout) waits for the running task; its
+    report, sent after taskmeter's step was stopped, still reaches the ledger."""
+    w = start_worker("redis", "prefork", 1)
+    result = w.send("tool.hold", 20, 3, 0)
+    wait_for(lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 15 << 20], 30, "tool")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(30) == 0
+    (report,) = [r for r in w.reports() if r.task_id == result.id]
+    assert (report.state, report.cause) == ("success", None)
+    assert [t.outcome for t in report.tools] == ["ok"]
+    assert "could not deliver" not in w.log_text()

@@ -437,6 +437,17 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.worker.start_threads()
 
     def stop(self, parent: Any) -> None:
+        # Warm shutdown: steps stop in reverse order, so this one stops before the pool
+        # has finished the tasks it still runs, whose reports come after. With pool
+        # processes, close once the worker has stopped (Celery sends worker_shutdown
+        # after the pool joined its processes), or their reports would be refused.
+        if self.worker is not None and self.worker.listener is not None:
+            signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+            return
+        self._close()
+
+    def _on_worker_shutdown(self, **_: Any) -> None:
+        signals.worker_shutdown.disconnect(self._on_worker_shutdown)
         self._close()
 
     def shutdown(self, parent: Any) -> None:
