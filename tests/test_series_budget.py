@@ -133,6 +133,7 @@ def test_a_real_workers_scrape_stays_within_80_series_per_task_type(start_worker
     assert all(len(r.phases) >= 2 and r.tools for r in phased if r.state != "killed")
 
     text = w.metrics()
+    assert 'taskmeter_worker_info{concurrency="2",pool="prefork"} 1.0' in text
     by_task = series_by_task(text)
     counts = by_task["phased"]
     assert sum(counts.values()) <= BUDGET, counts
