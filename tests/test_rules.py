@@ -228,10 +228,14 @@ def test_the_generator_takes_namespace_and_labels(capsys: pytest.CaptureFixture[
 
 # -- a real Prometheus evaluating the rules on a real worker ---------------------------------
 def fast_rules(tmp_path: Path) -> Path:
-    """The rules with every group evaluated each second (the test cannot wait minutes)."""
+    """The rules with every group evaluated each second and alerts firing after 1 s of
+    their condition (the test cannot wait minutes)."""
     doc = rules_doc()
     for group in doc["groups"]:
         group["interval"] = "1s"
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "1s"
     path = tmp_path / "taskmeter-rules.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -329,5 +333,10 @@ def test_recorded_figures_of_a_real_prometheus_equal_the_workers_ledger(
     upper = bisect.bisect_left(MEMORY_BUCKETS, top)
     lower = MEMORY_BUCKETS[upper - 1] if upper else 0.0
     assert lower < p95 <= MEMORY_BUCKETS[upper], (lower, p95, top)
-    # no alert fires for a healthy worker
+    # no alert fires for a healthy worker; one that stops answering is down
     assert prom.query('ALERTS{alertstate="firing"}') == []
+    worker.stop()
+    down = 'ALERTS{alertname="TaskmeterWorkerDown",alertstate="firing"}'
+    alert = wait_for(lambda: prom.query(down), 30, "TaskmeterWorkerDown")
+    assert alert[0]["metric"]["instance"] == f"127.0.0.1:{worker.port}"
+    assert alert[0]["metric"]["job"] == "worker"
