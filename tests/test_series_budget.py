@@ -154,3 +154,14 @@ def test_a_real_workers_scrape_stays_within_80_series_per_task_type(start_worker
         om = resp.read().decode()
     assert series_by_task(om, openmetrics=True)["phased"] == counts
     assert time.monotonic() - t0 < 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("pool", "concurrency", "shown"), [("solo", 4, 1), ("threads", 3, 3)])
+def test_worker_info_names_the_pool_and_its_real_concurrency(
+    start_worker, pool: str, concurrency: int, shown: int
+) -> None:
+    """For pool-aware sizing from Prometheus: solo runs one task at a time whatever -c."""
+    w = start_worker("redis", pool, concurrency)
+    info = [ln for ln in w.metrics().splitlines() if ln.startswith("taskmeter_worker_info")]
+    assert info == [f'taskmeter_worker_info{{concurrency="{shown}",pool="{pool}"}} 1.0']
