@@ -407,7 +407,7 @@ class Server:
             self.proc.wait()
 
 
-def start_prometheus(tsdb: Path, log: Path) -> Server:
+def start_prometheus(tsdb: Path, log: Path, *args: str) -> Server:
     """A real Prometheus serving the backfilled blocks (no scrape; no compaction, so the
     blocks stay as promtool wrote them while we measure)."""
     exe = shutil.which("prometheus")
@@ -420,7 +420,8 @@ def start_prometheus(tsdb: Path, log: Path) -> Server:
         proc = subprocess.Popen(
             [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tsdb}",
              "--storage.tsdb.retention.time=60d", "--storage.tsdb.min-block-duration=2h",
-             "--storage.tsdb.max-block-duration=2h", f"--web.listen-address=127.0.0.1:{port}"],
+             "--storage.tsdb.max-block-duration=2h", f"--web.listen-address=127.0.0.1:{port}",
+             *args],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     server = Server(proc, f"http://127.0.0.1:{port}")

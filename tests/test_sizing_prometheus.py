@@ -7,6 +7,7 @@ import bisect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -534,6 +535,8 @@ def test_a_worker_restart_inside_the_window_is_counted_across(start_worker, prom
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_fleet  # noqa: E402
 
+url_tsdb: dict[str, str] = {}  # Prometheus URL -> its data directory
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, list[Any]]]:
@@ -547,6 +550,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, 
     bench_fleet.simulate(fleet, tmp / "om", ledger)
     bench_fleet.backfill(tmp / "om", tmp / "tsdb")
     server = bench_fleet.start_prometheus(tmp / "tsdb", tmp / "prometheus.log")
+    url_tsdb[server.url] = str(tmp / "tsdb")
     yield fleet, server.url, ledger
     server.stop()
 
@@ -613,3 +617,28 @@ def recommend_json(*args: str) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_a_server_with_a_tiny_sample_limit_still_answers_the_aggregations(fleet, tmp_path):
+    """--query.max-samples bounds the samples one query holds at once. The aggregations
+    read one series' window at a time, so they pass a limit far below the window's
+    total; the raw-sample method does not, and its refusal names the limit."""
+    spec, url, reports = fleet
+    tsdb = tmp_path / "tsdb"
+    skip = shutil.ignore_patterns("lock", "wal", "chunks_head")
+    shutil.copytree(Path(url_tsdb[url]), tsdb, ignore=skip)
+    limit = spec.scrapes * 4  # a few series' windows; the fleet holds ~850 series
+    server = bench_fleet.start_prometheus(tsdb, tmp_path / "p.log", f"--query.max-samples={limit}")
+    try:
+        since = spec.end - spec.start + 10 * spec.interval_s
+        got = stats_from_prometheus(server.url, since_s=since, now=spec.end, method="server")
+        truth = stats_from_reports(reports)
+        assert {t: s.runs_by_state for t, s in got.items()} == {
+            t: s.runs_by_state for t, s in truth.items()
+        }
+        with pytest.raises(SourceError) as exc:
+            stats_from_prometheus(server.url, since_s=since, now=spec.end, method="exact")
+        assert "--query.max-samples" in str(exc.value), exc.value
+        assert "too heavy for this server" in str(exc.value)
+    finally:
+        server.stop()
