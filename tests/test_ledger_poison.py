@@ -35,6 +35,7 @@ CELERY_LINES = [
     "Traceback (most recent call last):",
     '  File "/app/tasks.py", line 12, in run',
     "",
+    '{"deep": ' + "[" * 100_000,  # deeper than the parser's recursion limit
 ]
 
 
@@ -113,6 +114,7 @@ def poisons(valid: dict[str, Any]) -> list[tuple[str, str | None]]:
         bad(lambda d: d.pop("overhead"), "overhead is missing"),
         bad(setter("schema", "taskmeter.task/2"), "schema 'taskmeter.task/2' is not"),
         bad(setter("queue_wait_s", "soon"), "queue_wait_s"),
+        bad(setter("task", "\ud800"), "task holds an unpaired UTF-16 surrogate"),
         (whole[: len(whole) * 3 // 5], "not JSON"),  # truncated: a crash mid-write
         ("2026-05-28T20:26:40.029632Z " + whole, "text before the JSON object"),
         *((line, None) for line in CELERY_LINES),
@@ -240,7 +242,7 @@ def test_nothing_valid_is_an_error_not_a_traceback(clean, tmp_path):
         res = run(*args, "--ledger", only_bad)
         assert res.returncode == 1, res.stderr
         assert "Traceback" not in res.stderr
-        assert len(warnings_of(res.stderr)) == 20
+        assert len(warnings_of(res.stderr)) == 21
     assert not (tmp_path / "r.html").exists()
     res = run("recommend", "--ledger", "-", "--ledger", "-", stdin="")
     assert res.returncode == 1 and "standard input given twice" in res.stderr
@@ -260,3 +262,13 @@ def test_the_reader_api_counts_each_kind(clean, tmp_path):
     assert reader.summary.bad == len(expected)
     assert reader.summary.skipped == len(skipped) == len(CELERY_LINES)
     assert reader.summary.records == len(ids)
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(clean):
+    import io
+
+    lines = clean.read_bytes().splitlines()
+    data = b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n"
+    reader = RecordReader(["-"], stdin=io.BytesIO(data))
+    assert len(list(reader)) == len(lines)
+    assert reader.summary.bad == reader.summary.skipped == 0

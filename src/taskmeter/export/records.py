@@ -38,6 +38,7 @@ accepted for them).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -195,20 +196,18 @@ class RecordReader:
     def __iter__(self) -> Iterator[TaskReport]:
         for source in self.sources:
             path = Path(source)
-            if source == STDIN:
-                stream = self.stdin if self.stdin is not None else sys.stdin.buffer
-                yield from self._lines(path, stream)
-                continue
             try:
-                f = open(path, "rb")  # noqa: SIM115 - closed below, across yields
-            except OSError as exc:
+                if source == STDIN:
+                    stream = self.stdin if self.stdin is not None else sys.stdin.buffer
+                    yield from self._lines(path, stream)
+                    continue
+                with open(path, "rb") as f:
+                    yield from self._lines(path, f)
+            except OSError as exc:  # cannot open, or a read error midway: the rest is used
                 why = "no such file" if isinstance(exc, FileNotFoundError) else (
                     f"cannot read: {exc.strerror or exc}"
                 )  # fmt: skip
                 self._bad(LedgerProblem(path, 0, why))
-                continue
-            with f:
-                yield from self._lines(path, f)
 
     def _bad(self, problem: LedgerProblem) -> None:
         self.summary.bad += 1
@@ -224,6 +223,8 @@ class RecordReader:
         summary = self.summary
         for number, raw in enumerate(stream, start=1):
             line = raw.strip()
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :].strip()
             if not line:
                 self._skip(path, number, partial(str, "blank"))
                 continue
@@ -237,7 +238,7 @@ class RecordReader:
             try:
                 text = line.decode("utf-8")
                 record = json.loads(text, parse_constant=_constant)
-            except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError too
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError
                 reason = _reason(exc)
                 if marked:
                     self._bad(LedgerProblem(path, number, reason))
@@ -394,6 +395,18 @@ def _str(d: Mapping[str, Any], key: str, where: str, *, optional: bool = False) 
     return v
 
 
+def _text(d: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> Any:
+    """A string that can be printed as UTF-8 (no unpaired surrogate from a ``\\ud800``
+    escape): names that end up in tables and pages."""
+    v = _str(d, key, where, optional=optional)
+    if v is not None:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError(f"{where}{key} holds an unpaired UTF-16 surrogate") from None
+    return v
+
+
 def _choice(d: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...],
             *, optional: bool = False, default: str | None = None) -> Any:  # fmt: skip
     if key not in d or d[key] is None:
@@ -532,7 +545,7 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
     checked; :class:`RecordError` names the first field that breaks the schema."""
     if d.get("schema") != SCHEMA:
         raise RecordError(f"not a {SCHEMA} record (schema={d.get('schema')!r})")
-    task = _str(d, "task", "")
+    task = _text(d, "task", "")
     if not task:
         raise RecordError("task is empty")
     totals = _obj(d, "tool_totals", "")
@@ -545,7 +558,7 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
         TaskReport,
         schema=SCHEMA,
         task=task,
-        task_id=_str(d, "task_id", "", optional=True),
+        task_id=_text(d, "task_id", "", optional=True),
         state=_choice(d, "state", "", STATES),
         started_at=_time(d, "started_at"),
         ended_at=_time(d, "ended_at"),
@@ -565,7 +578,7 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
         unattributed_child_cpu_s=_num(d, "unattributed_child_cpu_s", ""),
         worker=_new(
             WorkerInfo,
-            hostname=_str(worker, "hostname", "worker."),
+            hostname=_text(worker, "hostname", "worker."),
             pid=_int(worker, "pid", "worker."),
             pool=pool,
         ),
