@@ -219,3 +219,27 @@ def test_a_task_ending_during_a_warm_shutdown_is_recorded_with_its_tool(start_wo
     assert (report.state, report.cause) == ("success", None)
     assert [t.outcome for t in report.tools] == ["ok"]
     assert "could not deliver" not in w.log_text()
+
+
+@pytest.mark.parametrize(("sig", "outcome"), [("SIGTERM", "killed"), ("SIGKILL", "orphan-killed")])
+def test_revoke_terminate_leaves_no_process_of_the_task(start_worker, sig, outcome):
+    """SIGTERM: taskmeter.run kills its tool on the way out (as subprocess.run does) but
+    not the tool's own child, which the main process kills once the pool process is
+    gone. SIGKILL: the main process kills the whole tool tree."""
+    w = start_worker("redis", "prefork", 1)
+    result = w.send("tool.hold", 20, 60, 1)
+    row = wait_for(
+        lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 35 << 20], 30, "the tools"
+    )[0]
+    procs = {p: orphans.start_ticks(p) for p in tree(row["pid"]) if p != row["pid"]}
+    assert len(procs) == 2, procs
+    w.client().control.revoke(result.id, terminate=True, signal=sig)
+    wait_for(
+        lambda: not any(alive(p, t) for p, t in procs.items()),
+        15,
+        f"no process of the revoked task left ({procs})",
+        interval=0.05,
+    )
+    (report,) = wait_for(lambda: [r for r in w.reports() if r.task_id == result.id], 30, "report")
+    assert (report.state, report.cause) == ("revoked", None)
+    assert [(t.outcome, t.signal) for t in report.tools] == [(outcome, 9)]

@@ -92,6 +92,13 @@ class SeenTool:
     rss: RssSeries = field(default_factory=RssSeries)
     hwm: int = 0
     handled: bool = False
+    # its descendants seen alive (pid -> start ticks): what it started may outlive it
+    members: dict[int, int] = field(default_factory=dict)
+
+
+# How long the main process keeps watching a killed or revoked run's tools after its
+# report: its pool process may die (and orphan them) after Celery's verdict.
+LINGER_S = 30.0
 
 
 class Hub:
@@ -121,6 +128,7 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._main_pid = os.getpid()
         self._death_lock = threading.Lock()
+        self._lingering: dict[str, tuple[Run, float]] = {}
 
     # -- events -----------------------------------------------------------------
     def started(
@@ -239,6 +247,13 @@ class Hub:
         for run in runs:
             if run.pid != self._main_pid and (run.child_gone_at or run.verdict or run.partial):
                 self._after_death(run)
+        with self._lock:
+            lingering = list(self._lingering.items())
+        for run_id, (run, until) in lingering:
+            self._after_death(run)
+            if now > until or all(t.handled for t in run.tools.values()):
+                with self._lock:
+                    self._lingering.pop(run_id, None)
         finished = []
         with self._lock:
             for run in list(self._runs.values()):
@@ -332,13 +347,21 @@ class Hub:
             if tool.handled:
                 continue
             if orphans.still_running(tool.pid, tool.ticks, run.pid) is False:
-                with self._lock:
-                    run.tools.pop(tool.pid, None)  # ended (and reaped): forget it
+                # Ended; what it started in the background may live on.
+                tool.members = {p: t for p, t in tool.members.items() if orphans.same_process(p, t)}
+                if not tool.members:
+                    with self._lock:
+                        run.tools.pop(tool.pid, None)  # ended (and reaped): forget it
                 continue
             sub = READER.tree(tool.pid)
             if sub:
                 tool.rss.add(now, sum(p.rss_bytes for p in sub))
                 tool.hwm = max(tool.hwm, max(p.hwm_bytes or p.rss_bytes for p in sub))
+                pids = {p.pid for p in sub}
+                for pid in pids - tool.members.keys() - {tool.pid}:
+                    st = orphans.read_stat(pid)
+                    if st is not None and st.ppid in pids:  # (not a pid reused since)
+                        tool.members[pid] = st.start_ticks
 
     def _after_death(self, run: Run) -> None:
         """The run's pool process died or was judged: note the OOM-kill counter, and
@@ -355,20 +378,28 @@ class Hub:
                 if orphaned is None:
                     continue  # still its pool process's child: that process lives
                 tool.handled = True
-                if not orphaned:
-                    continue
-                killed = orphans.kill_tool(tool.pid, tool.ticks, run.pid)
-                if killed is None:
-                    continue
-                log.warning(
-                    "taskmeter: killed tool %s (pid %d, %d process(es), %d MiB) left running "
-                    "by the dead pool process %d of task %s[%s]",
-                    tool.exe, tool.pid, killed.processes, killed.rss_bytes >> 20, run.pid,
-                    run.task, run.task_id,
-                )  # fmt: skip
-                tool_run = self._killed_tool_run(run, tool, killed, time.monotonic())
-                with self._lock:
-                    run.killed_tools.append(tool_run)
+                killed = orphans.kill_tool(tool.pid, tool.ticks, run.pid) if orphaned else None
+                if killed is not None:
+                    log.warning(
+                        "taskmeter: killed tool %s (pid %d, %d process(es), %d MiB) left "
+                        "running by the dead pool process %d of task %s[%s]",
+                        tool.exe, tool.pid, killed.processes, killed.rss_bytes >> 20, run.pid,
+                        run.task, run.task_id,
+                    )  # fmt: skip
+                    tool_run = self._killed_tool_run(run, tool, killed, time.monotonic())
+                    with self._lock:
+                        run.killed_tools.append(tool_run)
+                # Its descendants that outlived it (the tool itself was killed on the
+                # way out, or ended leaving them in the background).
+                members = list(tool.members.items())
+                strays = [k for p, t in members if (k := orphans.kill_tool(p, t, run.pid))]
+                if strays:
+                    log.warning(
+                        "taskmeter: killed %d process(es) (%d MiB) that tool %s (pid %d) of "
+                        "task %s[%s] left running",
+                        sum(k.processes for k in strays), sum(k.rss_bytes for k in strays) >> 20,
+                        tool.exe, tool.pid, run.task, run.task_id,
+                    )  # fmt: skip
 
     @staticmethod
     def _killed_tool_run(run: Run, tool: SeenTool, k: orphans.Killed, end: float) -> ToolRun:
@@ -417,6 +448,9 @@ class Hub:
         """``report`` in its final state, with its cause and the tools killed as orphans
         (replacing what the pool process last knew of them)."""
         cause = self._cause(run, state)
+        if run.pid != self._main_pid and any(not t.handled for t in run.tools.values()):
+            # Its pool process may die after this verdict: keep watching its tools.
+            self._lingering[run.run_id] = (run, time.monotonic() + LINGER_S)
         if not run.killed_tools:
             return dataclasses.replace(report, state=state, cause=cause)
         killed = {t.pid for t in run.killed_tools}

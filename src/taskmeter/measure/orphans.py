@@ -159,6 +159,12 @@ def _io(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
+def same_process(pid: int, ticks: int | None) -> bool:
+    """Whether ``pid`` is still the live process that started at ``ticks``."""
+    st = read_stat(pid) if ticks is not None else None
+    return st is not None and st.state != "Z" and st.start_ticks == ticks
+
+
 def still_running(pid: int, ticks: int | None, parent: int) -> bool | None:
     """Whether the tool ``pid`` (started at ``ticks``) still runs *orphaned*: True when
     it is alive and no longer the child of ``parent`` (the pool process that started
