@@ -240,6 +240,16 @@ def test_concurrency_tracker_lets_go_of_old_tasks():
     assert len(host.items) - host.lo < 2 * (1 + tracker.SLACK_S + 2)
     assert (tracker.value, tracker.exact) == (2, True)
 
+    # A task that outlasts the window (or more tasks than MAX_KEPT in it): the value may
+    # be a lower bound, and says so.
+    capped = ConcurrencyTracker()
+    capped.MAX_KEPT = 100
+    for i in range(1000):
+        capped.add(_task(i, T0 + i, 1.0, "worker-a"))
+    capped.add(_task(1000, T0 - 1, 1002.0, "worker-a"))  # ran beside all of them
+    assert capped.value == 2 and not capped.exact
+    assert len(capped._hosts["worker-a"].items) - capped._hosts["worker-a"].lo <= 101
+
 
 def _span(r: TaskReport) -> tuple[float, float]:
     from datetime import datetime

@@ -301,7 +301,7 @@ class ConcurrencyTracker:
     """
 
     SLACK_S = 300.0
-    MAX_KEPT = 50_000
+    MAX_KEPT = 10_000
 
     def __init__(self) -> None:
         self.value = 0
