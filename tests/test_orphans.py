@@ -243,3 +243,20 @@ def test_revoke_terminate_leaves_no_process_of_the_task(start_worker, sig, outco
     (report,) = wait_for(lambda: [r for r in w.reports() if r.task_id == result.id], 30, "report")
     assert (report.state, report.cause) == ("revoked", None)
     assert [(t.outcome, t.signal) for t in report.tools] == [(outcome, 9)]
+
+
+def test_a_cold_shutdown_records_the_task_it_kills_and_leaves_no_tool(start_worker):
+    """A cold shutdown (SIGQUIT, or a second SIGTERM) kills the running task: it is
+    recorded killed, and no process of its tool tree survives the worker."""
+    w = start_worker("redis", "prefork", 1)
+    result = w.send("tool.hold", 20, 60, 1)
+    row = wait_for(
+        lambda: [r for r in w.inflight() if r["tools_rss_bytes"] > 35 << 20], 30, "the tools"
+    )[0]
+    procs = {p: orphans.start_ticks(p) for p in tree(row["pid"]) if p != row["pid"]}
+    w.proc.send_signal(signal.SIGQUIT)
+    assert w.proc.wait(30) == 0
+    wait_for(lambda: not any(alive(p, t) for p, t in procs.items()), 5, "no tool left")
+    (report,) = [r for r in w.reports() if r.task_id == result.id]
+    assert report.state == "killed" and report.cause in ("signal", "unknown")
+    assert [t.signal for t in report.tools] == [9]

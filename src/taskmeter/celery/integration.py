@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
@@ -443,6 +444,7 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # after the pool joined its processes), or their reports would be refused.
         if self.worker is not None and self.worker.listener is not None:
             signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+            atexit.register(self._close)  # should worker_shutdown never come
             return
         self._close()
 
@@ -450,11 +452,21 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         signals.worker_shutdown.disconnect(self._on_worker_shutdown)
         self._close()
 
+    def terminate(self, parent: Any) -> None:
+        # Cold shutdown: this step terminates before the pool kills its processes
+        # mid-task. Close at exit instead, after the pool is gone, so the tasks it
+        # killed are recorded (killed, their tools killed) rather than dropped.
+        if self.worker is not None and self.worker.listener is not None:
+            atexit.register(self._close)
+            return
+        self._close()
+
     def shutdown(self, parent: Any) -> None:
         self._close()
 
     def _close(self) -> None:
         global _WORKER
+        atexit.unregister(self._close)
         if self.worker is not None:
             _disconnect()
             self.worker.close()
