@@ -20,8 +20,11 @@ The kill, on Linux:
    ``/proc/<pid>/stat`` including the children it reaped), then every process gets
    SIGKILL, and a tool that leads its own process group (``start_new_session``) has
    its whole group killed (what escaped the tree by double-forking may remain there).
-Processes that left the tree (double-forked daemons in the pool child's process group)
-cannot be told from the worker's own and are not killed.
+The hub (celery/hub.py) also records each tool's descendants it sees alive, the same
+way (pid and start time, checked to be children of the tree when read), and kills those
+that outlived the tool. Processes that left the tree before being seen (double-forked
+daemons in the pool child's process group) cannot be told from the worker's own and are
+not killed.
 """
 
 from __future__ import annotations
