@@ -230,3 +230,78 @@ def test_a_hard_time_limit_is_time_limit_not_oom(worker):
         if p != main and (st := orphans.read_stat(p)) is not None and st.ppid != main
     ]
     assert not strays, f"processes left in the cgroup: {strays}"
+
+
+# -- finding the counter: the layouts a worker meets (files the test writes) ----------------
+def _layout(
+    tmp: Path, cgroup_lines: str, mounts: list[tuple[str, str, str, str]]
+) -> tuple[str, str]:
+    """A /proc/self/cgroup and a mountinfo whose mounts (root, point under tmp, fstype,
+    super options) point into ``tmp``."""
+    proc = tmp / "cgroup"
+    proc.write_text(cgroup_lines)
+    info = tmp / "mountinfo"
+    rows = [
+        f"{30 + i} 23 0:{40 + i} {root} {str(tmp / point).replace(' ', chr(92) + '040')} "
+        f"rw,relatime - {fstype} {fstype} rw,{opts}"
+        for i, (root, point, fstype, opts) in enumerate(mounts)
+    ]
+    info.write_text("\n".join(["22 1 0:21 / /proc rw - proc proc rw", *rows]) + "\n")
+    return str(proc), str(info)
+
+
+def _counter(path: Path, name: str, text: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / name).write_text(text)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroups are Linux's")
+def test_v1_memory_controller_wins_on_a_hybrid_host(tmp_path: Path):
+    _counter(tmp_path / "mem/process_api/x1", "memory.oom_control",
+             "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")  # fmt: skip
+    _counter(tmp_path / "unified", "memory.events", "oom_kill 99\n")  # not the memory one
+    proc, info = _layout(
+        tmp_path,
+        "9:name=systemd:/\n4:memory:/process_api/x1\n1:cpu:/\n0::/\n",
+        [("/", "mem", "cgroup", "memory"), ("/", "unified", "cgroup2", "nsdelegate")],
+    )
+    found = cgroup.find(proc, info)
+    assert found == cgroup.MemoryCgroup(
+        1, str(tmp_path / "mem/process_api/x1"),
+        str(tmp_path / "mem/process_api/x1/memory.oom_control"),
+    )  # fmt: skip
+    assert cgroup._counter_in(found.file) == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroups are Linux's")
+def test_v2_in_a_container_and_a_bind_mounted_sub_tree(tmp_path: Path):
+    events = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n"
+    # A container with its own cgroup namespace: "/" is the container's cgroup.
+    _counter(tmp_path / "ns cg", "memory.events", events)
+    proc, info = _layout(tmp_path, "0::/\n", [("/", "ns cg", "cgroup2", "")])
+    found = cgroup.find(proc, info)
+    assert found is not None and found.version == 2
+    assert found.directory == str(tmp_path / "ns cg") and cgroup._counter_in(found.file) == 2
+    # No namespace: the host path, with the container's sub-tree mounted.
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _counter(sub / "cg", "memory.events", "oom_kill 5\n")
+    proc, info = _layout(
+        sub, "0::/kubepods/pod1/c1\n", [("/kubepods/pod1/c1", "cg", "cgroup2", "")]
+    )
+    found = cgroup.find(proc, info)
+    assert found is not None and found.directory == str(sub / "cg")
+    assert cgroup._counter_in(found.file) == 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroups are Linux's")
+def test_no_counter_where_there_is_none(tmp_path: Path):
+    # The root cgroup of a v2 host has no memory.events; no memory controller at all.
+    (tmp_path / "cg").mkdir()
+    proc, info = _layout(tmp_path, "0::/\n", [("/", "cg", "cgroup2", "")])
+    assert cgroup.find(proc, info) is None
+    proc, info = _layout(tmp_path, "1:cpu:/\n", [("/", "cg", "cgroup", "cpu")])
+    assert cgroup.find(proc, info) is None
+    assert cgroup.find(str(tmp_path / "missing"), info) is None
+    assert not cgroup.rose(None, 3) and not cgroup.rose(3, None) and not cgroup.rose(3, 3)
+    assert cgroup.rose(3, 4)

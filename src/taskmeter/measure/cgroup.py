@@ -91,7 +91,7 @@ def _candidates(path: str, mounts: list[tuple[str, str]]) -> list[str]:
         rel = path
         if root != "/" and (rel == root or rel.startswith(root.rstrip("/") + "/")):
             rel = rel[len(root.rstrip("/")) :]  # a mount of a sub-tree (no cgroupns)
-        out.append(os.path.join(point, rel.lstrip("/")))
+        out.append(os.path.normpath(os.path.join(point, rel.lstrip("/"))))
         out.append(point)  # a cgroup namespace whose root is this mount
     return out
 
