@@ -237,7 +237,9 @@ class RecordReader:
                 continue
             try:
                 text = line.decode("utf-8")
-                record = json.loads(text, parse_constant=_constant)
+                record, end = _DECODER.raw_decode(text)  # the line is stripped: no leading space
+                if end != len(text):
+                    raise json.JSONDecodeError("Extra data", text, end)
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError
                 reason = _reason(exc)
                 if marked:
@@ -326,6 +328,10 @@ def _constant(name: str) -> float:
     value = _Constant(float(name.replace("Infinity", "inf")))
     value.text = name
     return value
+
+
+# One decoder for every line (json.loads with options builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_constant)
 
 
 def _num(d: Mapping[str, Any], key: str, where: str) -> float:

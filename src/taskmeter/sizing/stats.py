@@ -4,6 +4,11 @@ Both sources produce the same :class:`TaskStats`, defined so that every figure i
 computable exactly from the worker's metrics (sums, counts and max gauges) as well as
 from TaskReports; only quantiles differ (Prometheus: within histogram bucket
 resolution).
+
+From TaskReports everything streams (:class:`StatsAccumulator`,
+:class:`ConcurrencyTracker`): one pass over any number of records, memory bounded by
+the number of task types and hosts. Quantiles are exact up to
+:attr:`StreamQuantiles.EXACT_MAX` tasks of a type and within 0.5 % beyond.
 """
 
 from __future__ import annotations
