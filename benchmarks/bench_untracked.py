@@ -7,9 +7,10 @@ Prints markdown tables to stdout. Variants are interleaved in one run (A, B, A, 
 the order alternating between rounds) and medians reported.
 
 (a) One untracked scan (``UntrackedScan.scan``: what each of a measurement's samples
-    adds, once per interval, in the sampler thread) with 0, 1 and 10 untracked
-    children (``sleep`` processes started after the task began, already seen once, so
-    past their exec check), side by side with one /proc read (``READER.self_rss()``,
+    adds, once per interval, in the sampler thread) when the process has no child at
+    all, and with 0, 1 and 10 untracked children among ten (``sleep`` processes
+    started after the task began, already seen once, so past their exec check; the
+    others passed as tracked tools), side by side with one /proc read (``READER.self_rss()``,
     the pread of /proc/self/statm every sampler tick makes) and with one tracked-tool
     sample of one process (``READER.tree``). Also as % of one core at the default
     100 ms interval.
@@ -18,12 +19,17 @@ the order alternating between rounds) and medians reported.
     untracked scan landed), in alternating subprocesses (each its own warm loop).
 (c) ``subprocess.run(["true"])`` outside any measurement with ``subprocess.Popen``
     patched (TASKMETER_PATCH_SUBPROCESS) and not: the patch must cost nothing there.
+(d) The sampler's CPU over a task with no children (``measure()`` around a sleep, at
+    the default interval), with the untracked scan and with it switched off
+    (``UntrackedScan.scan`` replaced by a no-op), interleaved: ``getrusage`` of this
+    process, whose only other thread sleeps.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tarfile
@@ -32,8 +38,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import taskmeter
 from _common import machine, median, table
 from taskmeter.measure import patch as patch_module
+from taskmeter.measure import wait_idle
 from taskmeter.measure.proc import READER
 from taskmeter.measure.sampler import DEFAULT_INTERVAL_S
 from taskmeter.measure.untracked import UntrackedScan
@@ -68,6 +76,12 @@ def bench_scan(calls: int, rounds: int) -> str:
     }
     children: list[subprocess.Popen[bytes]] = []
     scans: dict[int, UntrackedScan] = {}
+    # No child process at all (a pool process running an ordinary task): one waitid.
+    alone = UntrackedScan(time.monotonic())
+    variants["untracked scan, no child process at all"] = per_call(
+        lambda: alone.scan(time.monotonic(), set(), None), calls
+    )
+    variants_alone = interleaved(dict(variants), rounds)
     try:
         # One pool of ten sleeps, started after every scan's task began; a scan meant to
         # see n of them is told the others are tracked tools (skipped before any read).
@@ -84,10 +98,11 @@ def bench_scan(calls: int, rounds: int) -> str:
         for n, scan in scans.items():
             now = time.monotonic()
             scan.scan(now, skip[n], None)  # first sight: reads command lines once
-            variants[f"untracked scan, {n} children"] = per_call(
+            variants[f"untracked scan, {n} untracked of 10 children"] = per_call(
                 lambda scan=scan, s=skip[n]: scan.scan(time.monotonic(), s, None), calls
             )
-        res = interleaved(variants, rounds)
+        variants.pop("untracked scan, no child process at all")
+        res = {**variants_alone, **interleaved(variants, rounds)}
     finally:
         for p in children:
             p.kill()
@@ -178,6 +193,40 @@ def bench_patch(calls: int, rounds: int) -> str:
     return table(["call", "µs per call", "range over rounds", "ratio"], rows)
 
 
+# -- (d) the sampler's CPU over a task -------------------------------------------------------
+def bench_sampler(seconds: float, rounds: int) -> str:
+    real_scan = UntrackedScan.scan
+
+    def no_scan(
+        self: UntrackedScan, now: float, tracked: set[int], tid: int | None
+    ) -> tuple[int, int]:
+        return 0, 0
+
+    def task(scan_on: bool) -> Callable[[], float]:
+        def run() -> float:
+            UntrackedScan.scan = real_scan if scan_on else no_scan  # type: ignore[method-assign]
+            try:
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                with taskmeter.measure("sleepy"):
+                    time.sleep(seconds)
+                wait_idle()
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            finally:
+                UntrackedScan.scan = real_scan  # type: ignore[method-assign]
+            cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+            return cpu / seconds
+
+        return run
+
+    res = interleaved({"scan on": task(True), "scan off": task(False)}, rounds)
+    rows = [
+        (f"`measure()` around a {seconds:g} s sleep, {name}", f"{median(v) * 1e3:.2f}",
+         f"{min(v) * 1e3:.2f}-{max(v) * 1e3:.2f}", f"{median(v) * 100:.3f}")
+        for name, v in res.items()
+    ]  # fmt: skip
+    return table(["task", "CPU ms per second", "range over rounds", "% of a core"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -185,7 +234,8 @@ def main() -> None:
     a = ap.parse_args()
     scan_calls, scan_rounds = (300, 5) if a.quick else (2000, 9)
     task_calls, task_rounds = (1000, 4) if a.quick else (3000, 8)
-    run_calls, run_rounds = (30, 4) if a.quick else (100, 8)
+    run_calls, run_rounds = (30, 4) if a.quick else (100, 16)
+    sleep_s, sleep_rounds = (1.0, 4) if a.quick else (2.0, 8)
     print(f"Machine: {machine()}\n")
     print("### (a) One untracked scan per sample\n")
     print(bench_scan(scan_calls, scan_rounds) + "\n")
@@ -193,6 +243,8 @@ def main() -> None:
     print(bench_task_path(a.baseline, task_calls, task_rounds) + "\n")
     print("### (c) The subprocess patch outside a measurement\n")
     print(bench_patch(run_calls, run_rounds) + "\n")
+    print("### (d) The sampler's CPU over a task with no children\n")
+    print(bench_sampler(sleep_s, sleep_rounds) + "\n")
 
 
 if __name__ == "__main__":

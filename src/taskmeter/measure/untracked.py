@@ -107,6 +107,24 @@ def children_of(pid: int, tid: int | None = None) -> list[int]:
     return [int(p) for p in data.split()] if data else []
 
 
+# __WALL (Linux): wait for every kind of child, whatever signal it sends at exit.
+_WALL = 0x40000000
+_WAIT_FLAGS = os.WEXITED | os.WNOHANG | os.WNOWAIT | _WALL
+
+
+def any_children() -> bool:
+    """Whether the calling process has any child, live or zombie: one ``waitid``
+    (``WNOWAIT``: nothing is reaped; ``WNOHANG``: never blocks), no /proc file opened.
+    Any thread's children count (the kernel's rule for a thread group)."""
+    try:
+        os.waitid(os.P_ALL, 0, _WAIT_FLAGS)
+    except ChildProcessError:
+        return False
+    except OSError:  # a kernel that refuses the flags: assume there are some
+        return True
+    return True
+
+
 def process_children(pid: int) -> list[int]:
     """Children of every thread of ``pid`` (a child is listed under the thread that
     forked it, so a task's helper threads count too)."""
@@ -196,7 +214,12 @@ class UntrackedScan:
         with self._lock:
             if self._closed:
                 return 0, 0
-            top = children_of(self._pid, tid) if tid else process_children(self._pid)
+            if not any_children():  # the usual case: ~1 µs, no /proc listing
+                top: list[int] = []
+            elif tid:
+                top = children_of(self._pid, tid)
+            else:
+                top = process_children(self._pid)
             offset = boot_offset()
             seen: set[tuple[int, int]] = set()
             live = gone_peak = 0
