@@ -305,3 +305,10 @@ def test_no_counter_where_there_is_none(tmp_path: Path):
     assert cgroup.find(str(tmp_path / "missing"), info) is None
     assert not cgroup.rose(None, 3) and not cgroup.rose(3, None) and not cgroup.rose(3, 3)
     assert cgroup.rose(3, 4)
+
+
+def test_the_counter_line_is_read_exactly():
+    assert cgroup._parse(b"oom_kill_disable 0\nunder_oom 0\noom_kill 13\n") == 13
+    assert cgroup._parse(b"low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n") == 2
+    assert cgroup._parse(b"oom_kill 4") == 4
+    assert cgroup._parse(b"oom_kill_disable 1\noom_group_kill 3\n") is None

@@ -24,6 +24,7 @@ tasks in one container another task's process may be chosen. See docs/measuremen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -147,35 +148,75 @@ def _counter_in(file: str) -> int | None:
 
 
 _lock = threading.Lock()
-_cached: tuple[int, MemoryCgroup | None] | None = None  # (pid, cgroup) of the last find
+# (pid, cgroup, an open fd of its counter file) of the last find; the fd is read with
+# pread at offset 0, which regenerates a cgroup file: ~3 us instead of ~15-40 us for
+# open/read/close. Keyed by pid: a forked child finds (and opens) its own.
+_cached: tuple[int, MemoryCgroup | None, int | None] | None = None
 
 
-def memory_cgroup() -> MemoryCgroup | None:
-    """This process's memory cgroup (found once per process; see :func:`reset`)."""
+def _load() -> tuple[MemoryCgroup | None, int | None]:
     global _cached
     pid = os.getpid()
     cached = _cached
     if cached is not None and cached[0] == pid:
-        return cached[1]
+        return cached[1], cached[2]
     with _lock:
+        cached = _cached
+        if cached is not None and cached[0] == pid:
+            return cached[1], cached[2]
         found = find()
-        _cached = (pid, found)
-    return found
+        fd = None
+        if found is not None:
+            try:
+                fd = os.open(found.file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = None
+        _cached = (pid, found, fd)
+        return found, fd
+
+
+def memory_cgroup() -> MemoryCgroup | None:
+    """This process's memory cgroup (found once per process; see :func:`reset`)."""
+    return _load()[0]
 
 
 def reset() -> None:
     """Forget the cgroup found: call after moving this process to another cgroup."""
     global _cached
     with _lock:
+        if _cached is not None and _cached[0] == os.getpid() and _cached[2] is not None:
+            with contextlib.suppress(OSError):
+                os.close(_cached[2])
         _cached = None
+
+
+def _parse(data: bytes) -> int | None:
+    """N of the line ``oom_kill N`` (not ``oom_kill_disable``, ``oom_group_kill``)."""
+    if data.startswith(b"oom_kill "):
+        i = 0
+    else:
+        i = data.find(b"\noom_kill ") + 1
+        if i == 0:
+            return None
+    end = data.find(b"\n", i)
+    try:
+        return int(data[i + 9 : end if end >= 0 else len(data)])
+    except ValueError:
+        return None
 
 
 def oom_kills() -> int | None:
     """How many processes the OOM killer has killed in this process's memory cgroup
-    (v2: and below it), or None where no such counter exists. One small file read."""
-    cg = memory_cgroup()
+    (v2: and below it), or None where no such counter exists. One pread of an open
+    file (a few microseconds)."""
+    cg, fd = _load()
     if cg is None:
         return None
+    if fd is not None:
+        try:
+            return _parse(os.pread(fd, 4096, 0))
+        except OSError:
+            pass  # e.g. the cgroup was removed: read it by name
     return _counter_in(cg.file)
 
 
