@@ -1,7 +1,12 @@
-"""A real Celery worker with and without taskmeter: throughput, and /metrics scrape latency.
+"""A real Celery worker with and without taskmeter: CPU per task, throughput, and /metrics
+scrape latency.
 
-    .venv/bin/python benchmarks/bench_worker.py           # full run, 3-4 minutes
-    .venv/bin/python benchmarks/bench_worker.py --quick   # under a minute
+    .venv/bin/python benchmarks/bench_worker.py --skip-scrape   # (a) only, about 2 minutes
+    .venv/bin/python benchmarks/bench_worker.py --quick         # under a minute
+    .venv/bin/python benchmarks/bench_worker.py --skip-scrape --baseline /tmp/old/src
+        # a third worker runs taskmeter from another source tree (before/after in one run)
+    .venv/bin/python benchmarks/bench_worker.py --skip-scrape --events
+        # a fourth worker: taskmeter off, Celery's task events (-E) on, for comparison
 
 Needs Redis on 127.0.0.1:6379 (``scripts/services.sh`` starts it); uses database 13.
 Prints markdown tables to stdout.
@@ -20,8 +25,10 @@ Prints markdown tables to stdout.
     or counted twice) and checks that every task succeeded. Reported: tasks/s per
     variant (median of rounds) and the on/off ratio of each round (median, range).
     The worker's log level is Celery's default (WARNING), so no per-task log lines.
-    Where the time goes: the CPU (psutil) of each worker's main process and of its
-    pool processes over each batch, per task.
+    Where the time goes: the CPU of each worker's main process and of its pool
+    processes over each batch, per task, from /proc/PID/stat (utime+stime, plus
+    cutime+cstime so a pool process or tool reaped during the batch still counts):
+    the headline figure is their sum, on minus off, as a share of off.
     After each batch on the instrumented worker the benchmark also waits for its
     ledger to hold one line per task, so no bookkeeping spills into the next batch;
     at the end the endpoint's ``celery_task_runs_total`` and the ledger are checked
@@ -111,9 +118,48 @@ class LedgerTail:
         return self.lines
 
 
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(utime+stime, cutime+cstime) of a process in seconds; zeros once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0.0, 0.0
+    fields = data[data.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _HZ, (int(fields[13]) + int(fields[14])) / _HZ
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+# Variants: taskmeter on (this tree), off, on from a baseline source tree, and off with
+# Celery's task events (-E), which Flower and the common Celery exporters need.
+VARIANTS = ("off", "on", "base", "events")
+
+
 @dataclass
 class Worker:
-    label: str  # "on" or "off"
+    label: str  # one of VARIANTS
     proc: subprocess.Popen[bytes]
     queue: str
     log: Path
@@ -127,16 +173,16 @@ class Worker:
             raise RuntimeError(f"worker {self.label} exited ({self.proc.returncode}):\n{tail}")
 
     def cpu_s(self) -> tuple[float, float]:
-        """CPU seconds so far of (the main process, its pool processes)."""
-        import psutil
-
-        def cpu(p: psutil.Process) -> float:
-            t = p.cpu_times()
-            return t.user + t.system
-
-        main = psutil.Process(self.proc.pid)
-        pool = sum(cpu(c) for c in main.children(recursive=True))
-        return cpu(main), pool
+        """CPU seconds so far of (the main process, its pool processes), from /proc:
+        utime+stime of the main process, cutime+cstime (its reaped children: recycled
+        pool processes) counted with the pool; each live descendant's
+        utime+stime+cutime+cstime (its reaped tools)."""
+        main, reaped = proc_cpu(self.proc.pid)
+        pool = reaped
+        for pid in descendants(self.proc.pid):
+            own, gone = proc_cpu(pid)
+            pool += own + gone
+        return main, pool
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -148,7 +194,7 @@ class Worker:
                 self.proc.wait()
 
 
-def start_worker(tmp: Path, label: str, enabled: bool) -> Worker:
+def start_worker(tmp: Path, label: str, enabled: bool, src: Path | None = None) -> Worker:
     wdir = tmp / label
     wdir.mkdir()
     queue = f"tm-bench-{label}-{uuid.uuid4().hex[:10]}"
@@ -158,7 +204,9 @@ def start_worker(tmp: Path, label: str, enabled: bool) -> Worker:
         TM_BACKEND=REDIS_URL,
         TM_QUEUE=queue,
         TM_INSTRUMENT="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(APPS), env.get("PYTHONPATH", "")) if p),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(src or ""), str(APPS), env.get("PYTHONPATH", "")) if p
+        ),
         ENABLE_WORKER_METRICS="1" if enabled else "0",
     )
     port = ledger = None
@@ -175,6 +223,8 @@ def start_worker(tmp: Path, label: str, enabled: bool) -> Worker:
         "-n", f"bench-{label}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
+    if label == "events":
+        cmd.append("-E")
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=wdir)
     return Worker(label, proc, queue, log, port, LedgerTail(ledger) if ledger else None)
@@ -276,7 +326,7 @@ class Kind:
     n: int
 
 
-def bench_throughput(s: Settings) -> str:
+def bench_throughput(s: Settings, baseline: Path | None = None, events: bool = False) -> str:
     import redis
 
     try:
@@ -287,14 +337,13 @@ def bench_throughput(s: Settings) -> str:
         Kind("`noop`", "noop", (), s.noop_n),
         Kind(f"`cpu.burn({s.burn_s:g})`", "cpu.burn", (s.burn_s,), s.burn_n),
     ]
+    labels = ["off", "on"] + (["base"] if baseline else []) + (["events"] if events else [])
     client = Client()
-    results: dict[tuple[str, str], list[Batch]] = {
-        (k.task, v): [] for k in kinds for v in ("on", "off")
-    }
+    results: dict[tuple[str, str], list[Batch]] = {(k.task, v): [] for k in kinds for v in labels}
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         workers = {
-            "on": start_worker(Path(tmp), "on", enabled=True),
-            "off": start_worker(Path(tmp), "off", enabled=False),
+            v: start_worker(Path(tmp), v, v in ("on", "base"), baseline if v == "base" else None)
+            for v in labels
         }
         try:
             for w in workers.values():  # ready when a first task comes back
@@ -304,89 +353,69 @@ def bench_throughput(s: Settings) -> str:
                     client.batch(w, k.task, k.args, max(k.n // 5, 10), timeout=120)
             for r in range(s.rounds):
                 for k in kinds:
-                    for label in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                    for label in labels if r % 2 == 0 else labels[::-1]:
                         res = client.batch(workers[label], k.task, k.args, k.n, timeout=300)
                         results[(k.task, label)].append(res)
-                        time.sleep(0.2)  # let the worker settle (sampler thread exits)
+                        time.sleep(0.2)  # let the worker settle
                 print(f"round {r + 1}/{s.rounds} done", file=sys.stderr, flush=True)
             on = workers["on"]
             assert on.port is not None and on.ledger is not None
             runs_total = scrape_worker(on.port)
-            ledger_path = on.ledger.path
             from taskmeter.export.ledger import read_ledgers
 
-            reports, problems = read_ledgers([ledger_path])
+            reports, problems = read_ledgers([on.ledger.path])
         finally:
             for w in workers.values():
                 w.stop()
             client.cleanup([w.queue for w in workers.values()])
 
+    names = {
+        "off": "off",
+        "on": "on",
+        "base": "on, baseline src",
+        "events": "off, Celery events (-E)",
+    }
     rows = []
     for k in kinds:
-        on_b, off_b = results[(k.task, "on")], results[(k.task, "off")]
-        ratios = [a.rate / b.rate for a, b in zip(on_b, off_b, strict=True)]
-        rate_on = median(b.rate for b in on_b)
-        rate_off = median(b.rate for b in off_b)
-        # Wall per task per pool process, on minus off, paired within each round.
-        added_us = median(
-            (1 / a.rate - 1 / b.rate) * CONCURRENCY * 1e6 for a, b in zip(on_b, off_b, strict=True)
-        )
-        rows.append(
-            (
-                k.label,
-                k.n,
-                f"{rate_off:.0f} ({min(b.rate for b in off_b):.0f}-"
-                f"{max(b.rate for b in off_b):.0f})",
-                f"{rate_on:.0f} ({min(b.rate for b in on_b):.0f}-{max(b.rate for b in on_b):.0f})",
-                f"{median(ratios):.3f}",
-                f"{min(ratios):.3f}-{max(ratios):.3f}",
-                f"{added_us:+.0f}",
+        off_b = results[(k.task, "off")]
+        for v in labels:
+            bs = results[(k.task, v)]
+            ratios = [a.rate / b.rate for a, b in zip(bs, off_b, strict=True)]
+            cpu = [(b.main_cpu_s + b.pool_cpu_s) / b.n for b in bs]
+            off_cpu = [(b.main_cpu_s + b.pool_cpu_s) / b.n for b in off_b]
+            # CPU added per task, paired within each round, then the median of rounds.
+            added = [a - b for a, b in zip(cpu, off_cpu, strict=True)]
+            rows.append(
+                (
+                    k.label,
+                    names[v],
+                    f"{median(b.rate for b in bs):.0f}",
+                    f"{median(ratios):.3f}" if v != "off" else "1",
+                    f"{min(ratios):.3f}-{max(ratios):.3f}" if v != "off" else "-",
+                    f"{median(b.main_cpu_s / b.n for b in bs) * 1e6:.0f}",
+                    f"{median(b.pool_cpu_s / b.n for b in bs) * 1e6:.0f}",
+                    f"{median(cpu) * 1e6:.0f}",
+                    f"{median(added) * 1e6:+.0f}" if v != "off" else "-",
+                    f"{median(added) / median(off_cpu) * 100:+.1f} %" if v != "off" else "-",
+                )
             )
-        )
     out = [
         table(
             [
                 "tasks",
-                "per batch",
-                "off: tasks/s (range)",
-                "on: tasks/s (range)",
+                "worker",
+                "tasks/s (median)",
                 "on/off (median of rounds)",
                 "on/off range",
-                "wall µs added per task per pool process (median of rounds)",
+                "CPU µs/task: main",
+                "pool",
+                "total",
+                "added µs/task vs off (median of paired rounds)",
+                "added / off",
             ],
             rows,
         )
     ]
-
-    # Where the time goes: CPU per task of the main process and of the pool processes.
-    cpu_rows = []
-    for k in kinds:
-        per_task: dict[tuple[str, str], float] = {}
-        for v in ("off", "on"):
-            batches = results[(k.task, v)]
-            per_task[(v, "main")] = median(b.main_cpu_s / b.n for b in batches)
-            per_task[(v, "pool")] = median(b.pool_cpu_s / b.n for b in batches)
-        added = sum(per_task[("on", p)] - per_task[("off", p)] for p in ("main", "pool"))
-        cpu_rows.append(
-            (
-                k.label,
-                *(f"{per_task[(v, p)] * 1e6:.0f}" for p in ("main", "pool") for v in ("off", "on")),
-                f"{added * 1e6:+.0f}",
-            )
-        )
-    out.append(
-        table(
-            [
-                "tasks: CPU µs per task (median of rounds)",
-                "main process, off",
-                "main process, on",
-                "pool processes, off",
-                "pool processes, on",
-                "added by taskmeter",
-            ],
-            cpu_rows,
-        )
-    )
 
     # What the instrumented worker recorded, against what was sent.
     on = workers["on"]
@@ -564,10 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds of the throughput comparison")
     ap.add_argument("--skip-throughput", action="store_true", help="only the scrape part")
     ap.add_argument("--skip-scrape", action="store_true", help="only the throughput part")
+    ap.add_argument("--noop-n", type=int, help="noop tasks per batch")
+    ap.add_argument("--burn-n", type=int, help="cpu.burn tasks per batch")
+    ap.add_argument(
+        "--baseline", type=Path, help="a src/ folder: a third worker runs taskmeter from it"
+    )
+    ap.add_argument("--events", action="store_true", help="a worker with Celery events (-E)")
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     if args.rounds is not None:
         s = dataclasses.replace(s, rounds=args.rounds)
+    if args.noop_n is not None:
+        s = dataclasses.replace(s, noop_n=args.noop_n)
+    if args.burn_n is not None:
+        s = dataclasses.replace(s, burn_n=args.burn_n)
     if not sys.platform.startswith("linux"):
         print("note: not Linux: peaks fall back to psutil sampling", file=sys.stderr)
 
@@ -580,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             f"taskmeter on vs off, {s.rounds} rounds, median\n",
             flush=True,
         )
-        print(bench_throughput(s), end="\n\n", flush=True)
+        print(bench_throughput(s, args.baseline, args.events), end="\n\n", flush=True)
     if not args.skip_scrape:
         print("## (b) `/metrics` scrape latency\n", flush=True)
         print(bench_scrape(s), end="\n\n", flush=True)

@@ -88,20 +88,40 @@ def test_popen_poll_loop_reaps_with_exact_cpu():
     assert m.report.tools[0].cpu_s >= 0.1
 
 
-def test_no_thread_outlives_the_measurements_and_memory_stays_flat():
+def test_one_parked_sampler_thread_serves_every_measurement_and_memory_stays_flat():
+    # The sampler thread lives with the process (parked while nothing is measured):
+    # measurements never add threads, and never start one each.
     assert wait_idle(2.0)
-    assert sampler_threads() == []
+    assert len(sampler_threads()) <= 1
     for _ in range(200):  # warm up allocator pools and caches
         with taskmeter.measure("loop") as m, m.phase("p"):
             pass
     assert wait_idle(2.0)
+    [thread] = sampler_threads()
     before = rss_now()
     for _ in range(1000):
         with taskmeter.measure("loop") as m, m.phase("p"):
             pass
     assert wait_idle(2.0)
-    assert sampler_threads() == []
+    assert sampler_threads() == [thread], "the same thread, parked: none started per task"
     assert rss_now() - before < 1024 * 1024, "1000 measurements must not grow memory"
+
+
+def test_parked_sampler_thread_takes_no_cpu():
+    with taskmeter.measure("wake"):
+        pass
+    assert wait_idle(2.0)
+    [thread] = sampler_threads()
+    assert thread.native_id is not None
+
+    def cpu_ns() -> int:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+            return int(f.read().split()[0])
+
+    time.sleep(0.3)  # it may look once more at the time it last waited for
+    before = cpu_ns()
+    time.sleep(1.0)
+    assert cpu_ns() - before < 1_000_000, "a parked sampler wakes up for nothing"
 
 
 def test_one_sampler_thread_serves_many_concurrent_measurements():

@@ -8,6 +8,11 @@ import os
 from taskmeter.measure.proc import ProcMem
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# This process's pid, kept current across fork: os.getpid() is a system call, and the
+# hot path would otherwise make several per task.
+_PID = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def _parse_status(data: bytes) -> tuple[int, int | None] | None:
@@ -54,7 +59,7 @@ class LinuxReader:
         self._fds: dict[str, int] = {}
 
     def _fd(self, name: str, flags: int = os.O_RDONLY) -> int:
-        pid = os.getpid()
+        pid = _PID[0]
         if pid != self._pid:
             for fd in self._fds.values():
                 with contextlib.suppress(OSError):
@@ -80,6 +85,14 @@ class LinuxReader:
             return None
         mem = _parse_status(data)
         return None if mem is None else mem[1]
+
+    def self_mem(self) -> tuple[int, int | None]:
+        """(VmRSS, VmHWM) from one read of /proc/self/status."""
+        try:
+            mem = _parse_status(os.pread(self._fd("status"), 8192, 0))
+        except OSError:
+            mem = None
+        return mem if mem is not None else (self.self_rss(), None)
 
     def reset_self_hwm(self) -> bool:
         # "5" resets only the peak-RSS counter (Linux >= 4.0) and walks no page tables.

@@ -29,6 +29,9 @@ class PsutilReader:
     def reset_self_hwm(self) -> bool:
         return False
 
+    def self_mem(self) -> tuple[int, int | None]:
+        return self.self_rss(), None
+
     def tree(self, pid: int) -> list[ProcMem]:
         try:
             root = psutil.Process(pid)

@@ -34,6 +34,9 @@ class ProcReader(Protocol):
     def reset_self_hwm(self) -> bool:
         """Reset the calling process's peak to its current RSS; False if not permitted."""
 
+    def self_mem(self) -> tuple[int, int | None]:
+        """(RSS, peak RSS or None) of the calling process, in one read where possible."""
+
     def tree(self, pid: int) -> list[ProcMem]:
         """Memory of ``pid`` and its live descendants; empty once ``pid`` has exited."""
 

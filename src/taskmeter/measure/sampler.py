@@ -1,10 +1,14 @@
 """One sampler thread per process, serving every live measurement and tool.
 
-The thread exists only while something is measured: it starts with the first client
-and exits when the last one leaves, so an idle worker carries no taskmeter thread.
-Peaks do not depend on it where the kernel keeps a high-water mark; it feeds the
-time-weighted RSS averages, the footprint, and the peaks of processes whose
-high-water mark can only be read while they live.
+The thread starts with the first client and then lives as long as the process: with
+nothing to sample it is parked on a condition variable (no timer, no wake-up, no CPU),
+so a task costs a list append and a list removal, not a thread start. It is woken only
+when a new client is due before the time it already waits for. A forked child (a
+prefork pool process) never inherits it: threads do not survive ``fork``, and the
+child's sampler is reset (``os.register_at_fork``), its first client starting a
+thread of its own. Peaks do not depend on it where the kernel keeps a high-water mark;
+it feeds the time-weighted RSS averages, the footprint, and the peaks of processes
+whose high-water mark can only be read while they live.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ ENV_INTERVAL = "TASKMETER_SAMPLE_INTERVAL"
 # about 0.15 % of a core (docs/benchmarks.md), and a task of one second still gets ten
 # points for its average.
 DEFAULT_INTERVAL_S = 0.1
+_INF = float("inf")
 
 
 def interval_from_env(environ: dict[str, str] | None = None) -> float:
@@ -110,26 +115,36 @@ class Sampler:
         self._cond = threading.Condition(threading.Lock())
         self._clients: list[Client] = []
         self._thread: threading.Thread | None = None
+        # When the thread looks next (monotonic): inf while parked, -inf while ticking
+        # (it looks again right after). A new client wakes it only if due earlier.
+        self._wake_at = _INF
 
     def add(self, client: Client) -> None:
         with self._cond:
             self._clients.append(client)
             if self._thread is None:
+                self._wake_at = -_INF
                 self._thread = threading.Thread(
                     target=self._run, name="taskmeter-sampler", daemon=True
                 )
                 self._thread.start()
-            else:
+            elif client.next_due < self._wake_at:
+                self._wake_at = -_INF  # one notify is enough until it looks again
                 self._cond.notify()
 
     def remove(self, client: Client) -> None:
+        # No wake-up: the thread finds nothing due when it next looks, and parks.
         with self._cond:
             try:
                 self._clients.remove(client)
             except ValueError:
                 return
-            if not self._clients:
-                self._cond.notify()
+
+    @property
+    def idle(self) -> bool:
+        """No client, and the thread (if any) parked or about to park."""
+        with self._cond:
+            return not self._clients
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -139,13 +154,16 @@ class Sampler:
         while True:
             with self._cond:
                 if not self._clients:
-                    self._thread = None
-                    return
+                    self._wake_at = _INF
+                    self._cond.wait()  # parked: no timeout, woken by add()
+                    continue
                 now = time.monotonic()
                 due = min(c.next_due for c in self._clients)
                 if due > now:
+                    self._wake_at = due
                     self._cond.wait(due - now)
                     continue
+                self._wake_at = -_INF
                 clients = list(self._clients)
             try:
                 self._tick(clients)
@@ -155,11 +173,12 @@ class Sampler:
 
     def _tick(self, clients: list[Client]) -> None:
         now = time.monotonic()
-        rss = READER.self_rss()
+        due = [c for c in clients if c.next_due <= now]
+        # This process's RSS only when a measurement (not only tools) is due.
+        rss = READER.self_rss() if any(not getattr(c, "is_tool", False) for c in due) else 0
         # Tools first: a measurement's footprint adds its tools' freshest RSS.
-        for c in sorted(clients, key=lambda c: not getattr(c, "is_tool", False)):
-            if c.next_due <= now:
-                c.sample(now, rss)
+        for c in sorted(due, key=lambda c: not getattr(c, "is_tool", False)):
+            c.sample(now, rss)
 
 
 SAMPLER = Sampler()
@@ -174,15 +193,17 @@ def configure(*, interval_s: float | None = None) -> None:
 
 
 def wait_idle(timeout_s: float = 2.0) -> bool:
-    """Wait until the sampler thread has exited; True if it has. For tests and shutdown."""
-    thread = SAMPLER.thread
-    if thread is not None:
-        thread.join(timeout_s)
-        return not thread.is_alive()
+    """Wait until nothing is sampled any more (the thread, if started, parks and stays);
+    True if so within ``timeout_s``. For tests and benchmarks."""
+    deadline = time.monotonic() + timeout_s
+    while not SAMPLER.idle:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
     return True
 
 
 if hasattr(os, "register_at_fork"):
     # A forked child (a prefork pool worker) has no sampler thread and must not inherit
-    # its parent's clients or a lock held mid-tick.
+    # its parent's clients or a lock held mid-tick: its first client starts its own.
     os.register_at_fork(after_in_child=SAMPLER._reset)

@@ -92,10 +92,13 @@ class Span:
         t1 = time.monotonic()
         cpu1 = process_cpu()
         tcpu1 = thread_cpu()
-        self.rss.add(t1, READER.self_rss())
+        # RSS and peak from one read (while this span is still open: a span opening in
+        # another thread meanwhile folds the counter into this one before resetting it).
+        rss, hwm = READER.self_mem() if self.hwm_ok else (READER.self_rss(), None)
+        self.rss.add(t1, rss)
         self.rss.close()
         SAMPLER.remove(self)
-        BOOK.close(self)
+        BOOK.close(self, hwm)
         if self.shared:
             user, sys_ = tcpu1[0] - self._tcpu0[0], tcpu1[1] - self._tcpu0[1]
             method: CpuMethod = "thread"
@@ -137,19 +140,24 @@ class Book:
             # The counter is per process. Before resetting it for the new span, fold
             # its value into every open span, so each still gets the exact peak of its
             # own time: max(values read at resets during it, value read at its end).
-            if self._reset_works is not False:
+            if self._reset_works is not False and (self._open or self._reset_works is None):
+                # Another span is open (or the first span: does the counter work?)
                 hwm = READER.self_hwm()
                 if hwm is not None:
                     for s in self._open:
                         s.hwm_peak = max(s.hwm_peak, hwm)
                 self._reset_works = hwm is not None and READER.reset_self_hwm()
+            elif self._reset_works:  # nothing open to fold the counter into: reset only
+                self._reset_works = READER.reset_self_hwm()
             span.hwm_ok = bool(self._reset_works)
             self._open.append(span)
 
-    def close(self, span: Span) -> None:
+    def close(self, span: Span, hwm: int | None = None) -> None:
+        """``hwm``: the counter as the span read it at its end (else read here)."""
         with self._lock:
             if span.hwm_ok:
-                hwm = READER.self_hwm()
+                if hwm is None:
+                    hwm = READER.self_hwm()
                 if hwm is not None:
                     span.hwm_peak = max(span.hwm_peak, hwm)
             self._open.remove(span)
