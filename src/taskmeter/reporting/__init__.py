@@ -168,6 +168,9 @@ class TypeDigest:
     rss_avg: StreamQuantiles = field(default_factory=StreamQuantiles)
     rss_peak: StreamQuantiles = field(default_factory=StreamQuantiles)
     footprint: StreamQuantiles = field(default_factory=StreamQuantiles)
+    # Queue wait of the tasks whose sender stamped it (None elsewhere: not counted).
+    queue_wait: StreamQuantiles = field(default_factory=StreamQuantiles)
+    queue_wait_runs: int = 0
     # The heaviest tasks: a min-heap of (footprint, -index, index, report).
     heavy: list[tuple[int, int, int, TaskReport]] = field(default_factory=list)
 
@@ -218,6 +221,9 @@ class LedgerDigest:
         d.rss_avg.add(float(o.rss_avg_bytes))
         d.rss_peak.add(float(o.rss_peak_bytes))
         d.footprint.add(float(r.footprint_peak_bytes))
+        if r.queue_wait_s is not None:
+            d.queue_wait_runs += 1
+            d.queue_wait.add(r.queue_wait_s)
         if self.heaviest:
             item = (r.footprint_peak_bytes, -index, index, r)
             if len(d.heavy) < self.heaviest:

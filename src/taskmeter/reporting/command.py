@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from taskmeter.cli_checks import FiniteFloat
 from taskmeter.format import bytes_h
 from taskmeter.options import DURATION_UNITS, duration_s, memory_bytes
 
@@ -71,7 +72,7 @@ MAX_PAGE_WARNINGS = 50  # bad records listed on the page (all are counted)
 )
 @click.option(
     "--margin",
-    type=click.FloatRange(0, 10),
+    type=FiniteFloat(0, 10),
     default=0.2,
     show_default=True,
     help="Safety margin on the memory request and limit (0.2 = 20 %).",

@@ -85,6 +85,7 @@ def render_page(data: ReportData) -> str:
         else:
             body.append(_type_section_stats(task, anchor, data.stats[task], data.sizing))
     if digest is not None:
+        body.append(_queue_wait_section(digest, types))
         body.append(_tasks_section(digest))
     body.append(_footer())
     title = f"taskmeter report: {data.source}"
@@ -321,6 +322,43 @@ def _type_section_stats(task: str, anchor: str, s: TaskStats, sizing: Sizing) ->
             "</section>",
         ]
     )
+
+
+def _queue_wait_section(digest: LedgerDigest, types: Sequence[str]) -> str:
+    """Queue wait per task type (stamped tasks only): growing waits ask for more
+    workers, not bigger ones."""
+    stamped = [(t, digest.types[t]) for t in types if digest.types[t].queue_wait_runs]
+    parts = ['<section class="card" id="queue-wait"><h2>Queue wait</h2>']
+    if not stamped:
+        parts.append(
+            '<p class="caption">No task carries a queue wait: their senders do not run '
+            "<code>taskmeter.celery.instrument(app)</code>, which stamps each message "
+            "at publish.</p></section>"
+        )
+        return "\n".join(parts)
+    fig = go.Figure()
+    for task, d in stamped:
+        q = d.queue_wait
+        fig.add_trace(
+            go.Box(
+                name=task, x=[task], q1=[q.quantile(0.25)], median=[q.quantile(0.5)],
+                q3=[q.quantile(0.75)], lowerfence=[q.min], upperfence=[q.max],
+                marker_color=OVERHEAD_COLOR, boxpoints=False, hoverinfo="y",
+                showlegend=False,
+            )
+        )  # fmt: skip
+    fig.update_layout(title="Time from publish (or ETA) to start, per task type",
+                      yaxis_title="seconds")  # fmt: skip
+    counts = ", ".join(f"{_esc(t)}: {d.queue_wait_runs} of {d.runs}" for t, d in stamped)
+    parts += [
+        _figure(fig, "queue-wait-plot", 380),
+        '<p class="caption">Each box spans the quartiles around the median, its whiskers '
+        "the shortest and longest wait. Only tasks whose sender stamped the message have "
+        f"a wait ({counts}). Waits that grow while memory stays put mean the pool is too "
+        "small: add workers (or concurrency) rather than memory.</p>",
+        "</section>",
+    ]
+    return "\n".join(parts)
 
 
 def _tasks_section(digest: LedgerDigest) -> str:
