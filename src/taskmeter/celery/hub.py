@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +44,10 @@ from taskmeter.measure.report import (
 from taskmeter.measure.sampler import RssSeries
 
 log = logging.getLogger("taskmeter.hub")
+
+# What the main process can recall of a run its pool process has not announced yet
+# (from the in-flight journal): (run id, task, task id, pid, start epoch, CPU at start).
+RunStart = tuple[str, str, "str | None", int, float, "float | None"]
 
 # WorkerLostError reaches the main process about a second after the child died.
 VERDICT_GRACE_S = 3.0
@@ -112,8 +116,16 @@ class Hub:
         count_run: Callable[[str, str], None] | None = None,
         is_revoked: Callable[[str], bool] | None = None,
         observer: Callable[[list[Run]], None] | None = None,
+        recall: Callable[[str | None, int | None], list[RunStart]] | None = None,
     ) -> None:
         self._sinks = sinks
+        # Pool processes announce a run only once it outlives its first sample (a short
+        # task sends its start with its end): on a death or a verdict about a run not
+        # announced, the hub recalls it (by task id or pid) from the journal.
+        self._recall = recall
+        # The cgroup's OOM-kill counter as read at each tick (monotonic time, value), for
+        # a recalled run: the last reading from before its start.
+        self._oom_readings: deque[tuple[float, int | None]] = deque(maxlen=256)
         # called at each tick with the runs in flight, after they were observed (the
         # in-flight journal records what the main process knows of each)
         self._observer = observer
@@ -139,14 +151,45 @@ class Hub:
         pid: int,
         started_epoch: float,
         cpu0_s: float | None = None,
+        oom0: int | None = None,
     ) -> None:
-        oom0 = cgroup.oom_kills()
+        now = time.monotonic()
+        # The start as the pool process stamped it, on this clock (announced late).
+        started_mono = now - min(max(time.time() - started_epoch, 0.0), 3600.0)
+        if oom0 is None:  # the pool process's reading as the task started, else the
+            oom0 = self._oom_before(started_mono)  # hub's last before it (or now)
         with self._lock:
-            if run_id in self._done_runs:
+            if run_id in self._done_runs or run_id in self._runs:
                 return
             self._runs[run_id] = Run(
-                run_id, task, task_id, pid, started_epoch, time.monotonic(), cpu0_s, oom0=oom0
+                run_id, task, task_id, pid, started_epoch, started_mono, cpu0_s, oom0=oom0
             )
+
+    def _oom_before(self, t: float) -> int | None:
+        """The OOM-kill counter as last read at or before ``t``, else read now."""
+        for at, value in reversed(self._oom_readings):
+            if at <= t:
+                return value
+        return cgroup.oom_kills()
+
+    def _recall_run(self, task_id: str | None = None, pid: int | None = None) -> None:
+        """Make the run(s) a verdict or a death is about known, if their pool process
+        had not announced them yet."""
+        if self._recall is None:
+            return
+        with self._lock:
+            if any(
+                (task_id is not None and r.task_id == task_id) or (pid is not None and r.pid == pid)
+                for r in self._runs.values()
+            ):
+                return
+        try:
+            starts = self._recall(task_id, pid)
+        except Exception:
+            log.exception("taskmeter: recalling a run from the journal failed")
+            return
+        for start in starts:
+            self.started(*start)
 
     def tool_started(
         self,
@@ -186,6 +229,7 @@ class Hub:
         """The main process's word on how a task ended (killed, revoked), and why when
         it knows (``time_limit``; ``signal`` for a child that died of another signal
         than SIGKILL, which cannot be the OOM killer)."""
+        self._recall_run(task_id=task_id)
         with self._lock:
             if task_id in self._done_tasks:
                 return  # e.g. Celery 5.7 sends task_failure twice on a hard time limit
@@ -205,6 +249,7 @@ class Hub:
 
     def process_gone(self, pid: int) -> None:
         """A pool process exited or closed its channel."""
+        self._recall_run(pid=pid)
         now = time.monotonic()
         with self._lock:
             gone = [r for r in self._runs.values() if r.pid == pid and r.child_gone_at is None]
@@ -234,6 +279,8 @@ class Hub:
     def tick(self, final: bool = False) -> None:
         """Observe in-flight pool processes, and finalise runs whose end is known."""
         now = time.monotonic()
+        if self._recall is not None:
+            self._oom_readings.append((now, cgroup.oom_kills()))
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:

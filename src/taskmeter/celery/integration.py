@@ -36,6 +36,7 @@ from taskmeter.config import ConfigError, Settings, load_settings
 from taskmeter.export.ledger import AnyLedger, open_ledger
 from taskmeter.export.metrics import JOURNAL_RECOVERED, TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
+from taskmeter.measure import cgroup
 from taskmeter.measure.core import Measurement
 from taskmeter.measure.report import Cause, State, TaskReport
 from taskmeter.measure.sampler import configure
@@ -193,7 +194,7 @@ class _Worker:
         if msg.get("type") == "start":
             self.hub.started(
                 msg["run"], msg["task"], msg.get("task_id"), int(msg["pid"]),
-                float(msg["epoch"]), msg.get("cpu0_s"),
+                float(msg["epoch"]), msg.get("cpu0_s"), oom0=msg.get("oom0"),
             )  # fmt: skip
         elif msg.get("type") == "end":
             self.hub.ended(msg["run"], TaskReport.from_dict(msg["report"]), bool(msg["final"]))
@@ -264,6 +265,8 @@ class _Worker:
                 "pid": pid,
                 "epoch": epoch,
                 "cpu0_s": cpu0,
+                # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
+                "oom0": cgroup.oom_kills(),
             }
         )
 
