@@ -256,7 +256,10 @@ class Hub:
             for run in gone:
                 run.child_gone_at = now
         for run in gone:
-            self._after_death(run)
+            try:
+                self._after_death(run)
+            except Exception:  # never take the listener thread down with it
+                log.exception("taskmeter: handling the death of pool process %d failed", pid)
 
     # -- periodic work ----------------------------------------------------------------
     def start(self) -> None:

@@ -109,7 +109,7 @@ class _Handle:
                 signal.pidfd_send_signal(self.fd, sig)
             else:
                 os.kill(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
+        except OSError:  # gone (ESRCH), not ours (EPERM), ...
             return False
         return True
 
