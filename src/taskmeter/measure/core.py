@@ -72,7 +72,6 @@ class Measurement(Span):
         self._epoch0 = 0.0
         self._children0 = self._reaped0 = 0.0
         self._untracked: UntrackedScan | None = None  # made at the first sample
-        self._native_tid = 0
         self._untracked_rss = 0  # untracked processes' RSS at the last sample
 
     # -- lifecycle --------------------------------------------------------------
@@ -83,7 +82,6 @@ class Measurement(Span):
         self.parent = _current.get()
         self._token = _current.set(self)
         self._epoch0 = time.time()
-        self._native_tid = threading.get_native_id()
         self._children0, self._reaped0 = children_cpu(), REAPED.total_s
         self.begin()
         self._footprint = self.rss.peak
@@ -196,7 +194,7 @@ class Measurement(Span):
             with m._tools_lock:
                 tracked.update(w.pid for w in m._watches)
         untracked, gone_peak = self._untracked.scan(
-            now, tracked, self._native_tid if self.shared else None
+            now, tracked, _native_id(self.thread_id) if self.shared else None
         )
         with self._tools_lock:
             tools = sum(w.last_rss for w in self._watches if not w.done)
@@ -249,6 +247,13 @@ class Measurement(Span):
             worker=WorkerInfo(hostname=_HOSTNAME, pid=os.getpid(), pool=self.pool),
             sampler=SamplerInfo(interval_s=SAMPLER.interval_s),
         )
+
+
+def _native_id(ident: int) -> int | None:
+    """The kernel's id of the thread ``ident`` (None if unknown), looked up when needed
+    rather than read (a system call) at every task's start."""
+    thread = getattr(threading, "_active", {}).get(ident)
+    return getattr(thread, "native_id", None)
 
 
 def _merge_phases(phases: list[tuple[str, SpanStats]]) -> tuple[PhaseStats, ...]:

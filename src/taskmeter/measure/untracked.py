@@ -3,8 +3,9 @@
 A task that calls plain ``subprocess.run`` (or a library that does) starts processes
 taskmeter never sees start or end. Their memory still counts against the container's
 limit, so the sampler looks for them: at each of a measurement's samples (the
-sampler's interval, never on the per-task start/end path) it lists the children of
-the task's process and walks their descendants through
+sampler's interval, never on the per-task start/end path) it asks the kernel whether
+the process has any child (one ``waitid``), and only then lists the children of the
+task's process and walks their descendants through
 ``/proc/PID/task/TID/children``, skipping the task's tracked tools (whose trees their
 own accounting already covers). What it finds becomes a :class:`ToolRun` with
 ``tracked=False`` (outcome ``untracked``), one per child of the task's process, its
