@@ -468,20 +468,42 @@ def recommend_cost(url: str, since_s: float, *args: str) -> tuple[float, float, 
     return float(cost[1]), int(cost[2]) / 1024, json.loads(out.stdout)
 
 
-def run(fleet: Fleet, work: Path) -> dict[str, object]:
+def run(fleet: Fleet, work: Path, compare: bool = False) -> dict[str, object]:
+    """Build, backfill, serve and size one fleet. ``compare``: also size from the same
+    fleet's ledger and say whether the pods agree (limits exactly, requests within
+    increase()'s bound: docs/sizing.md)."""
     t0 = time.monotonic()
-    counts = simulate(fleet, work / "om")
+    ledger: list[TaskReport] | None = [] if compare else None
+    counts = simulate(fleet, work / "om", ledger)
     generated = time.monotonic() - t0
     loaded = backfill(work / "om", work / "tsdb")
     server = start_prometheus(work / "tsdb", work / "prometheus.log")
     try:
-        since = time.time() - fleet.start + fleet.interval_s
+        since = time.time() - fleet.start + 10 * fleet.interval_s
         wall, rss, rec = recommend_cost(server.url, since, "--min-tasks", "1")
-        resources = rec["resources"]
     finally:
         server.stop()
+    same = "-"
+    if ledger is not None:
+        path = work / "ledger.jsonl"
+        path.write_text("".join(r.to_json() + "\n" for r in ledger))
+        out = subprocess.run(
+            [sys.executable, "-m", "taskmeter.cli", "recommend", "--ledger", str(path),
+             "--min-tasks", "1", "--concurrency", str(fleet.concurrency), "--format", "json",
+             "--parent-memory", f"{rec['options']['parent_bytes']}"],  # type: ignore[index]
+            capture_output=True, text=True, timeout=600, check=True,
+        )  # fmt: skip
+        led = json.loads(out.stdout)
+        bound = fleet.interval_s / (fleet.end - fleet.start)
+        request = float(rec["memory_request_bytes"])  # type: ignore[arg-type]
+        same = "yes" if (
+            rec["memory_limit_bytes"] == led["memory_limit_bytes"]
+            and rec["max_memory_per_child_kib"] == led["max_memory_per_child_kib"]
+            and abs(request / led["memory_request_bytes"] - 1) <= bound
+        ) else "NO"  # fmt: skip
     return {"fleet": fleet.label, **counts, "generate_s": generated, "backfill_s": loaded,
-            "recommend_s": wall, "rss_mib": rss, "resources": resources}  # fmt: skip
+            "recommend_s": wall, "rss_mib": rss, "resources": rec["resources"],
+            "same_as_ledger": same}  # fmt: skip
 
 
 def main() -> None:
@@ -490,22 +512,23 @@ def main() -> None:
                         help="WORKERSxTYPESxDAYS (e.g. 5x20x3); repeatable")  # fmt: skip
     parser.add_argument("--interval", type=int, default=60, help="scrape interval (s)")
     args = parser.parse_args()
-    sizes = args.size or ["2x5x1", "5x20x3", "10x30x7"]
+    sizes = args.size or ["2x5x1", "5x20x3", "20x30x1"]
     print(machine())
     rows = []
     for size in sizes:
         w, t, d = size.split("x")
         fleet = Fleet(int(w), int(t), float(d), args.interval)
         with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-            result = run(fleet, Path(tmp))
+            result = run(fleet, Path(tmp), compare=fleet.workers * fleet.types * fleet.days <= 10)
         print(json.dumps(result), flush=True)
         rows.append([
             result["fleet"], f"{result['series']:,}", f"{result['samples']:,}",
             f"{result['tasks']:,}", f"{result['generate_s']:.0f}", f"{result['backfill_s']:.0f}",
-            f"{result['recommend_s']:.2f}", f"{result['rss_mib']:.0f}",
+            f"{result['recommend_s']:.2f}", f"{result['rss_mib']:.0f}", result["same_as_ledger"],
         ])  # fmt: skip
     print(table(["fleet (workers x types x window @ scrape)", "series", "samples", "tasks",
-                 "generate s", "backfill s", "recommend wall s", "recommend peak RSS MiB"],
+                 "generate s", "backfill s", "recommend wall s", "recommend peak RSS MiB",
+                 "= ledger"],
                 rows))  # fmt: skip
 
 

@@ -45,11 +45,13 @@ import json
 import math
 import re
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -225,6 +227,7 @@ class _Client:
         self.display = base  # never the credentials
         self.endpoint = base + "/api/v1/query"
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # method "server" sends queries from threads
         self.queries = 0  # sent so far
         self.received_bytes = 0  # answers' size, for the benchmarks
         self.skipped = 0  # NaN / infinite values left out of instant vectors
@@ -255,7 +258,8 @@ class _Client:
                     f"unexpected sample {item.get('value')!r} from Prometheus at {self.display}"
                 ) from exc
             if not math.isfinite(value):
-                self.skipped += 1
+                with self._lock:
+                    self.skipped += 1
                 continue
             out.append(({str(k): str(v) for k, v in item["metric"].items()}, value))
         return out
@@ -268,7 +272,8 @@ class _Client:
             headers={**self.headers, "Content-Type": "application/x-www-form-urlencoded"},
             method="POST",
         )
-        self.queries += 1
+        with self._lock:
+            self.queries += 1
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 raw = resp.read()
@@ -287,7 +292,8 @@ class _Client:
             raise SourceError(
                 f"cannot read from Prometheus at {self.display}: {_reason(exc)}"
             ) from exc
-        self.received_bytes += len(raw)
+        with self._lock:
+            self.received_bytes += len(raw)
         body = self._json(raw)
         if body.get("status") != "success":
             raise SourceError(self._refusal(body, promql))
@@ -453,6 +459,8 @@ METHODS: tuple[Method, ...] = ("auto", "exact", "server")
 # ``auto`` fetches raw samples only below this many (an upper bound: series x window
 # seconds, i.e. a 1 s scrape): a few tens of MB of client memory at most.
 EXACT_MAX_SAMPLES = 500_000
+SERVER_QUERIES = 20  # the queries of method "server" (for progress messages)
+PARALLEL_QUERIES = 4  # sent at once by method "server"
 
 Key = tuple[str, ...]
 
@@ -494,6 +502,7 @@ def stats_from_prometheus(
     now: float | None = None,
     method: Method = "auto",
     notes: list[str] | None = None,
+    parallel: int = PARALLEL_QUERIES,
 ) -> dict[str, TaskStats]:
     """Per task figures of the window ``(now - since_s, now]`` from Prometheus at ``url``.
 
@@ -501,7 +510,8 @@ def stats_from_prometheus(
     namespace="prod"'``); ``tasks``: only these task names (absent from the result when
     they have no data). ``percentile`` is refused (:class:`SourceError`): the scrape
     keeps only the mean of per-task average memory (a summary), its quantiles need the
-    ledger. ``method``: see the module docstring. ``progress`` is called before each
+    ledger. ``method``: see the module docstring (``server`` sends up to ``parallel``
+    queries at once). ``progress`` is called before each
     query; ``notes`` collects remarks (values skipped, the method used). Returns ``{}``
     when no task ran in the window. Raises :class:`SourceError` when Prometheus cannot
     be read.
@@ -532,7 +542,7 @@ def stats_from_prometheus(
     if method == "exact":
         figures = _exact(client, at, since_s, tasks, user, progress)
     else:
-        figures = _server(client, at, since_s, tasks, user, progress)
+        figures = _server(client, at, since_s, tasks, user, progress, parallel)
     if notes is not None:
         notes.append(
             "figures computed inside Prometheus (increase, max_over_time, histogram_quantile)"
@@ -586,7 +596,6 @@ def _stats(f: _Figures) -> dict[str, TaskStats]:
 
 
 # -- method "server": aggregated by Prometheus -------------------------------------------
-SERVER_QUERIES = 20  # the queries of method "server" (for progress messages)
 
 
 def _server(
@@ -596,62 +605,95 @@ def _server(
     tasks: Sequence[str] | None,
     user: str,
     progress: Callable[[str], None] | None,
+    parallel: int = PARALLEL_QUERIES,
 ) -> _Figures | None:
     w = _range_ms(since_s)
     step = 0
+    lock = threading.Lock()
 
-    def ask(what: str, promql: str, *by: str) -> dict[Key, float]:
+    def ask(what: str, promql: str, by: Sequence[str]) -> dict[Key, float]:
         nonlocal step
-        step += 1
-        if progress is not None:
-            progress(f"querying {what} ({step}/{SERVER_QUERIES})")
+        with lock:
+            step += 1
+            if progress is not None:
+                progress(f"querying {what} ({step}/{SERVER_QUERIES})")
         out: dict[Key, float] = {}
         for labels, value in client.vector(promql, at):
             key = tuple(labels.get(b, "") for b in by)
             out[key] = out.get(key, 0.0) + value
         return out
 
-    def increase(name: str, sel: str, *by: str) -> dict[Key, float]:
-        """sum of increase() plus the first value of the series born inside the window
-        (which increase() cannot see: it only has the samples of the window)."""
+    def increase(name: str, sel: str, *by: str) -> list[tuple[str, str, Sequence[str]]]:
+        """sum of increase() and, apart, the first value of the series born inside the
+        window (which increase() cannot see: it only has the samples of the window)."""
         grouping = ", ".join(by)
-        inc = ask(name, f"sum by ({grouping}) (increase({name}{sel}[{w}]))", *by)
-        born = ask(
-            f"{name}, series born in the window",
-            f"sum by ({grouping}) (min_over_time({name}{sel}[{w}]) unless {name}{sel} offset {w})",
-            *by,
-        )
+        return [
+            (name, f"sum by ({grouping}) (increase({name}{sel}[{w}]))", by),
+            (
+                f"{name}, series born in the window",
+                f"sum by ({grouping}) (min_over_time({name}{sel}[{w}]) "
+                f"unless {name}{sel} offset {w})",
+                by,
+            ),
+        ]
+
+    def maximum(name: str, sel: str, *by: str) -> tuple[str, str, Sequence[str]]:
+        return name, f"max by ({', '.join(by)}) (max_over_time({name}{sel}[{w}]))", by
+
+    def run(queries: Sequence[tuple[str, str, Sequence[str]]]) -> list[dict[Key, float]]:
+        # Prometheus evaluates queries concurrently (--query.max-concurrency, 20 by
+        # default): a few at once keep its cores busy.
+        if parallel <= 1:
+            return [ask(*q) for q in queries]
+        with ThreadPoolExecutor(min(parallel, len(queries))) as pool:
+            return list(pool.map(lambda q: ask(*q), queries))
+
+    def added(inc: dict[Key, float], born: dict[Key, float]) -> dict[Key, float]:
         for key, value in born.items():
             inc[key] = inc.get(key, 0.0) + value
         return inc
 
-    def maximum(name: str, sel: str, *by: str) -> dict[Key, float]:
-        return ask(name, f"max by ({', '.join(by)}) (max_over_time({name}{sel}[{w}]))", *by)
-
     first = _selector(_task_matcher(tasks) if tasks else "", user)
-    runs = increase(_RUNS, first, "task", "state")
+    runs = added(*run(increase(_RUNS, first, "task", "state")))
     by_task = _active(runs)
     if not by_task:
         return None  # no task ran in the window
     # Only the tasks that ran: every task name a worker knows has (zero) series.
     sel = _selector(_task_matcher(sorted(by_task)), user)
     tool_sel = _selector(_task_matcher(sorted(by_task)), user, _TOOL_KILLS)
+    counted = [
+        (_FOOTPRINT_BUCKET, sel, ("task", "le")),  # the heaviest first
+        (_KILLS, sel, ("task", "cause")),
+        (_TOOL_RUNS, tool_sel, ("task", "outcome")),
+        (_WALL_SUM, sel, ("task",)),
+        (_WALL_SPLIT, sel, ("task", "component")),
+        (_CPU, sel, ("task", "component")),
+        (_AVG_SUM, sel, ("task", "component")),
+        (_AVG_COUNT, sel, ("task", "component")),
+    ]
+    queries = [q for name, s, by in counted for q in increase(name, s, *by)]
+    queries.append(maximum(_PEAK_MAX, sel, "task", "component"))
+    queries.append(maximum(_FOOTPRINT_MAX, sel, "task"))
+    answers = run(queries)
+    sums = {
+        name: added(answers[2 * i], answers[2 * i + 1]) for i, (name, _, _) in enumerate(counted)
+    }
     figures = _Figures(
         runs=runs,
-        kills=increase(_KILLS, sel, "task", "cause"),
-        tool_kills=increase(_TOOL_RUNS, tool_sel, "task", "outcome"),
-        wall=increase(_WALL_SUM, sel, "task"),
-        wall_split=increase(_WALL_SPLIT, sel, "task", "component"),
-        cpu=increase(_CPU, sel, "task", "component"),
-        avg_sum=increase(_AVG_SUM, sel, "task", "component"),
-        avg_count=increase(_AVG_COUNT, sel, "task", "component"),
-        peak_max=maximum(_PEAK_MAX, sel, "task", "component"),
-        footprint_max=maximum(_FOOTPRINT_MAX, sel, "task"),
+        kills=sums[_KILLS],
+        tool_kills=sums[_TOOL_RUNS],
+        wall=sums[_WALL_SUM],
+        wall_split=sums[_WALL_SPLIT],
+        cpu=sums[_CPU],
+        avg_sum=sums[_AVG_SUM],
+        avg_count=sums[_AVG_COUNT],
+        peak_max=answers[-2],
+        footprint_max=answers[-1],
         footprint_median={},
     )
     # histogram_quantile's own interpolation (bucket_quantile), over the per (task, le)
     # increases: a few numbers per task type travel, and born series count too.
-    for key, buckets in _buckets(increase(_FOOTPRINT_BUCKET, sel, "task", "le")).items():
+    for key, buckets in _buckets(sums[_FOOTPRINT_BUCKET]).items():
         median = bucket_quantile(0.5, buckets)
         if median is not None:
             figures.footprint_median[key] = median
