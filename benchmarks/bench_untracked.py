@@ -73,6 +73,10 @@ def per_call(fn: Callable[[], object], calls: int) -> Callable[[], float]:
 
 
 # -- (a) one scan ---------------------------------------------------------------------
+def _all_threads() -> int | None:
+    return None
+
+
 def bench_scan(calls: int, rounds: int) -> str:
     variants: dict[str, Callable[[], float]] = {
         "one /proc read (self_rss)": per_call(READER.self_rss, calls),
@@ -82,7 +86,7 @@ def bench_scan(calls: int, rounds: int) -> str:
     # No child process at all (a pool process running an ordinary task): one waitid.
     alone = UntrackedScan(time.monotonic())
     variants["untracked scan, no child process at all"] = per_call(
-        lambda: alone.scan(time.monotonic(), set(), None), calls
+        lambda: alone.scan(time.monotonic(), set, _all_threads), calls
     )
     variants_alone = interleaved(dict(variants), rounds)
     try:
@@ -100,9 +104,10 @@ def bench_scan(calls: int, rounds: int) -> str:
         skip = {0: set(pids), 1: set(pids[1:]), 10: set()}
         for n, scan in scans.items():
             now = time.monotonic()
-            scan.scan(now, skip[n], None)  # first sight: reads command lines once
+            tracked = skip[n].copy
+            scan.scan(now, tracked, _all_threads)  # first sight: reads command lines once
             variants[f"untracked scan, {n} untracked of 10 children"] = per_call(
-                lambda scan=scan, s=skip[n]: scan.scan(time.monotonic(), s, None), calls
+                lambda scan=scan, t=tracked: scan.scan(time.monotonic(), t, _all_threads), calls
             )
         variants.pop("untracked scan, no child process at all")
         res = {**variants_alone, **interleaved(variants, rounds)}
@@ -216,9 +221,7 @@ def bench_patch(calls: int, rounds: int) -> str:
 def bench_sampler(seconds: float, rounds: int) -> str:
     real_scan = UntrackedScan.scan
 
-    def no_scan(
-        self: UntrackedScan, now: float, tracked: set[int], tid: int | None
-    ) -> tuple[int, int]:
+    def no_scan(self: UntrackedScan, now: float, tracked: object, tid: object) -> tuple[int, int]:
         return 0, 0
 
     def task(scan_on: bool) -> Callable[[], float]:

@@ -189,19 +189,24 @@ class Measurement(Span):
         # overlap in threads, only the children of this task's thread are its own.
         if self._untracked is None:
             self._untracked = UntrackedScan(self.t0)
-        tracked: set[int] = set()
-        for m in self.lineage():  # an outer task's tools are not this one's untracked
-            with m._tools_lock:
-                tracked.update(w.pid for w in m._watches)
-        untracked, gone_peak = self._untracked.scan(
-            now, tracked, _native_id(self.thread_id) if self.shared else None
-        )
+        untracked, gone_peak = self._untracked.scan(now, self._tracked_pids, self._scan_tid)
         with self._tools_lock:
             tools = sum(w.last_rss for w in self._watches if not w.done)
             # An untracked run that ended since the last sample: its peak (VmHWM, perhaps
             # between two samples) while the rest stood at about their latest.
             self._untracked_rss = untracked
             self._footprint = max(self._footprint, self_rss + tools + untracked + gone_peak)
+
+    def _tracked_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for m in self.lineage():  # an outer task's tools are not this one's untracked
+            with m._tools_lock:
+                pids.update(w.pid for w in m._watches)
+        return pids
+
+    def _scan_tid(self) -> int | None:
+        # While tasks overlap in threads, only the children of this task's thread.
+        return _native_id(self.thread_id) if self.shared else None
 
     # -- the record ---------------------------------------------------------------
     def _build(

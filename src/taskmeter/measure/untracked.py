@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from taskmeter.measure.report import ToolRun
@@ -203,11 +204,15 @@ class UntrackedScan:
         # child started in the task's first tick is the task's).
         self._start_tick = int((t0 + boot_offset()) * _HZ)
         self._runs: dict[tuple[int, int], _Run] = {}  # by (pid, kernel start tick)
+        self._alive = 0  # runs seen alive at the last scan
         self._closed = False
 
-    def scan(self, now: float, tracked: set[int], tid: int | None) -> tuple[int, int]:
-        """Sample the task's untracked processes; ``tracked`` are the pids of its tools,
-        ``tid`` the native thread id to look under (None: every thread).
+    def scan(
+        self, now: float, tracked: Callable[[], set[int]], tid: Callable[[], int | None]
+    ) -> tuple[int, int]:
+        """Sample the task's untracked processes. ``tracked()`` gives the pids of its
+        tools, ``tid()`` the kernel id of the thread to look under (None: every
+        thread); both are asked only when the process has children.
 
         Returns (RSS of the live untracked processes now, largest peak of the runs seen
         gone since the last scan).
@@ -215,18 +220,19 @@ class UntrackedScan:
         with self._lock:
             if self._closed:
                 return 0, 0
-            if not any_children():  # the usual case: ~1 µs, no /proc listing
-                top: list[int] = []
-            elif tid:
-                top = children_of(self._pid, tid)
-            else:
-                top = process_children(self._pid)
+            if not any_children():  # the usual case: ~2 µs, no /proc listing
+                if self._alive:
+                    return 0, self._gone(set())
+                return 0, 0
+            thread = tid()
+            top = children_of(self._pid, thread) if thread else process_children(self._pid)
+            skip = tracked()
             offset = boot_offset()
             seen: set[tuple[int, int]] = set()
-            live = gone_peak = 0
+            live = 0
             cmds = _Cmdlines()
             for pid in top:
-                if pid in tracked:
+                if pid in skip:
                     continue
                 st = read_stat(pid)
                 if st is None or st.start_tick < self._start_tick:
@@ -238,11 +244,17 @@ class UntrackedScan:
                     run = self._runs[key] = _Run(pid, st.start_tick, t, now)
                 seen.add(key)
                 live += self._sample(run, now, st, cmds)
-            for key, run in self._runs.items():
-                if run.alive and key not in seen:
-                    run.alive = False
-                    gone_peak = max(gone_peak, run.hwm_max)
-            return live, gone_peak
+            return live, self._gone(seen)
+
+    def _gone(self, seen: set[tuple[int, int]]) -> int:
+        """Mark the runs not seen now as gone; the largest peak among them."""
+        peak = 0
+        for key, run in self._runs.items():
+            if run.alive and key not in seen:
+                run.alive = False
+                peak = max(peak, run.hwm_max)
+        self._alive = len(seen)
+        return peak
 
     def _sample(self, run: _Run, now: float, top: ProcStat, cmds: _Cmdlines) -> int:
         """Walk one child's tree; returns its counted RSS now."""
