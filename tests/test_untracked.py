@@ -283,6 +283,25 @@ def test_patch_changes_nothing_outside_a_task_or_in_other_threads(patched):
     assert patch_module.patch() is False  # idempotent
 
 
+@linux_only
+def test_patched_asyncio_subprocesses_are_left_to_asyncio(patched):
+    import asyncio
+
+    async def main() -> tuple[int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", "sleep 0.3; echo done", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out
+
+    with taskmeter.measure("asyncio") as m:
+        assert asyncio.run(main()) == (0, b"done\n")
+    # asyncio reaps its own children: a tracked run would never see its exit. The
+    # sampler still found it (untracked), and nothing is left being sampled.
+    assert [t.tracked for t in m.report.tools] in ([], [False])
+    assert taskmeter.wait_idle()
+
+
 def test_unpatch_restores_the_original_class():
     original = subprocess.Popen
     assert patch_module.patch()
