@@ -142,7 +142,10 @@ def export_tree(rev: str, dest: Path) -> Path:
     archive = dest / "src.tar"
     subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "src"], check=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)  # our own git archive
     return dest / "src"
 
 
