@@ -302,6 +302,15 @@ def test_patched_asyncio_subprocesses_are_left_to_asyncio(patched):
     assert taskmeter.wait_idle()
 
 
+def test_patch_leaves_another_librarys_popen_alone(monkeypatch, caplog):
+    class Theirs(subprocess.Popen):  # type: ignore[type-arg]
+        pass
+
+    monkeypatch.setattr(subprocess, "Popen", Theirs)
+    assert patch_module.patch() is False
+    assert subprocess.Popen is Theirs and "not patching" in caplog.text
+
+
 def test_unpatch_restores_the_original_class():
     original = subprocess.Popen
     assert patch_module.patch()

@@ -17,13 +17,15 @@ a subclass of taskmeter's :class:`~taskmeter.measure.tools.Popen`. ``subprocess.
 - Not routed: code that bound ``Popen`` before the patch (``from subprocess import
   Popen`` at import time), and asyncio's subprocesses (asyncio reaps them itself, so
   taskmeter could not read their exit accounting; the sampler still finds them as
-  untracked processes).
+  untracked processes). Not patched at all when another library replaced
+  ``subprocess.Popen`` after taskmeter was imported (a warning says so).
 
 Reversible: :func:`unpatch` puts the original class back.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -35,6 +37,7 @@ from taskmeter.measure.tools import Popen as _ToolPopen
 ORIGINAL: type[subprocess.Popen[Any]] = _ToolPopen.__bases__[0]
 _lock = threading.Lock()
 _saved: Any = None
+log = logging.getLogger("taskmeter.patch")
 
 
 class _SameAsOriginal(type):
@@ -62,10 +65,19 @@ class PatchedPopen(_ToolPopen, metaclass=_SameAsOriginal):
 
 def patch() -> bool:
     """Route ``subprocess.Popen`` through taskmeter inside measured tasks. Idempotent;
-    returns False if it was already patched."""
+    returns False if it was already patched, or if ``subprocess.Popen`` is no longer
+    the class taskmeter's Popen derives from (another library, gevent say, replaced it
+    since: taskmeter leaves that one alone and says so)."""
     global _saved
     with _lock:
         if subprocess.Popen is PatchedPopen:
+            return False
+        if subprocess.Popen is not ORIGINAL:
+            log.warning(
+                "taskmeter: subprocess.Popen was replaced by %r; not patching it "
+                "(TASKMETER_PATCH_SUBPROCESS ignored)",
+                subprocess.Popen,
+            )
             return False
         _saved = subprocess.Popen
         subprocess.Popen = PatchedPopen  # type: ignore[misc]
