@@ -641,3 +641,24 @@ def test_a_server_with_a_tiny_sample_limit_still_answers_the_aggregations(fleet,
         assert "too heavy for this server" in str(exc.value)
     finally:
         server.stop()
+
+
+def test_exact_method_skips_nan_and_infinite_samples(fake_prometheus):
+    now = 1_700_000_000.0
+    runs = ({"task": "a", "state": "success"}, [(now - 20, 0.0), (now - 10, 2.0)])
+    peak = ({"task": "a", "component": "overhead"},
+            [(now - 20, 5e7), (now - 10, math.inf), (now - 5, math.nan)])  # fmt: skip
+
+    def answer(q: str) -> tuple[int, bytes]:
+        if q.startswith("celery_task_runs_total"):
+            return 200, matrix(runs)
+        if q.startswith("celery_task_memory_peak_bytes_max"):
+            body = matrix(peak).replace(b'"inf"', b'"+Inf"').replace(b'"nan"', b'"NaN"')
+            return 200, body
+        return 200, matrix()
+
+    fake = fake_prometheus(answer)
+    notes: list[str] = []
+    got = stats_from_prometheus(fake.url, since_s=60, now=now, method="exact", notes=notes)
+    assert got["a"].overhead_peak_max_bytes == 50_000_000 and got["a"].runs == 2
+    assert "2 NaN or infinite value(s) in Prometheus' answers skipped" in notes

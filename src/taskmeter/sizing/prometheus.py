@@ -364,8 +364,11 @@ class _Client:
                 raise SourceError(
                     f"unexpected sample {pair!r} from Prometheus at {self.display}"
                 ) from exc
-            if not math.isnan(value):
+            if math.isfinite(value):
                 samples.append((ts, value))
+            else:  # a stale marker never reaches the API; a NaN or Inf sample is bad data
+                with self._lock:
+                    self.skipped += 1
         samples.sort()
         return _Series({str(k): str(v) for k, v in item["metric"].items()}, samples)
 
