@@ -186,11 +186,20 @@ def test_a_tool_killed_by_the_oom_killer_is_named_oom(worker):
 def test_a_task_whose_python_body_is_oom_killed_is_killed_with_cause_oom(worker):
     w, cg = worker
     before = cg.oom_kills()
-    result = w.send("hog", 500, 5)
+    # Grows 10 MiB every 20 ms: killed at the limit after about half a second.
+    result = w.send("grow", 500)
     report = report_of(w, result.id)
     assert cg.oom_kills() > before
     assert (report.state, report.cause) == ("killed", "oom")
     assert report.overhead.rss_peak_bytes > 100 << 20, "its last observed memory"
+    assert report.footprint_peak_bytes <= LIMIT
+    wait_for(lambda: kills_metric(w, "grow", "oom") == 1, 10, "celery_task_kills_total oom")
+    # All at once, in one call that holds the GIL: still named oom.
+    before = cg.oom_kills()
+    result = w.send("hog", 500, 5)
+    report = report_of(w, result.id)
+    assert cg.oom_kills() > before
+    assert (report.state, report.cause) == ("killed", "oom")
     wait_for(lambda: kills_metric(w, "hog", "oom") == 1, 10, "celery_task_kills_total oom")
 
 

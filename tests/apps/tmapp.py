@@ -116,6 +116,15 @@ exec({_HOLD_ONE!r})
 """
 
 
+@app.task(name="grow")
+def grow(mib: int, step_mib: int = 10, pause_s: float = 0.02) -> None:
+    """Memory that grows as real tasks' does: ``step_mib`` at a time up to ``mib``."""
+    blobs = []
+    for _ in range(mib // step_mib):
+        blobs.append(b"x" * (step_mib << 20))
+        time.sleep(pause_s)
+
+
 @app.task(name="tool.hold")
 def tool_hold(mib: int, seconds: float, children: int = 0) -> int:
     import sys
