@@ -662,3 +662,26 @@ def test_exact_method_skips_nan_and_infinite_samples(fake_prometheus):
     got = stats_from_prometheus(fake.url, since_s=60, now=now, method="exact", notes=notes)
     assert got["a"].overhead_peak_max_bytes == 50_000_000 and got["a"].runs == 2
     assert "2 NaN or infinite value(s) in Prometheus' answers skipped" in notes
+
+
+@pytest.mark.slow
+def test_a_solo_worker_is_sized_as_solo_from_prometheus_and_from_its_ledger(
+    start_worker, prometheus
+):
+    """Pool and concurrency come from taskmeter_worker_info: a solo worker runs its task
+    in its main process, so no parent is added and no --max-memory-per-child printed."""
+    w = start_worker("redis", "solo", 1)
+    prom = prometheus([f"127.0.0.1:{w.port}"])
+    for _ in range(3):
+        w.send("cpu.burn", 0.05)
+    reports = w.wait_reports(3)
+    assert {r.worker.pool for r in reports} == {"solo"}
+    prom.wait_scrape_after(time.time())
+    from_prom = recommend_json("--prometheus", prom.url, "--since", "10m", "--format", "json")
+    from_ledger = recommend_json("--ledger", str(w.ledger), "--format", "json")
+    for rec in (from_prom, from_ledger):
+        assert rec["pool"] == "solo" and rec["celery_flags"] == ["--pool", "solo"]
+        assert rec["max_memory_per_child_kib"] is None and rec["options"]["concurrency"] == 1
+        assert not any("[parent]" in line for line in rec["reasoning"])
+    assert from_prom["memory_limit_bytes"] == from_ledger["memory_limit_bytes"]
+    assert from_prom["memory_request_bytes"] == from_ledger["memory_request_bytes"]
