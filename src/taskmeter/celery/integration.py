@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import re
@@ -38,9 +39,18 @@ from taskmeter.export.metrics import JOURNAL_RECOVERED, TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure import cgroup
 from taskmeter.measure.core import Measurement
-from taskmeter.measure.report import Cause, State, TaskReport
-from taskmeter.measure.sampler import configure
-from taskmeter.measure.span import process_cpu
+from taskmeter.measure.report import (
+    Cause,
+    PhaseStats,
+    ProcessStats,
+    SamplerInfo,
+    State,
+    TaskReport,
+    ToolRun,
+    ToolTotals,
+    WorkerInfo,
+)
+from taskmeter.measure.sampler import SAMPLER, configure
 from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
 
 log = logging.getLogger("taskmeter.celery")
@@ -55,6 +65,44 @@ _STATES: dict[str, State] = {
     "IGNORED": "success",
     "REJECTED": "failure",
 }
+
+
+class _Run:
+    """A task running in this process. A pool process tells the main process of its
+    start only once the task outlives its first sample (the sampler calls
+    :meth:`sample` then); a shorter task sends its start with its end: one message per
+    task. ``announced`` is read and set under the worker's lock."""
+
+    is_tool = True  # for the sampler: needs no RSS reading
+    __slots__ = ("announced", "m", "next_due", "run_id", "start", "worker")
+
+    def __init__(
+        self, worker: _Worker, run_id: str, m: Measurement, start: list[Any], due: float
+    ) -> None:
+        self.worker, self.run_id, self.m, self.start = worker, run_id, m, start
+        self.announced = False
+        self.next_due = due
+
+    def sample(self, now: float, self_rss: int) -> None:
+        self.next_due = float("inf")
+        SAMPLER.remove(self)
+        self.worker._announce(self)
+
+
+def _trusted_report(d: dict[str, Any]) -> TaskReport:
+    """A record a pool process of this worker encoded with ``to_json``: built without
+    from_dict's validation (the channel is authenticated, the encoder is ours)."""
+    return TaskReport(
+        **{
+            **d,
+            "overhead": ProcessStats(**d["overhead"]),
+            "tools": tuple(ToolRun(**{**t, "argv": tuple(t["argv"])}) for t in d["tools"]),
+            "tool_totals": ToolTotals(**d["tool_totals"]),
+            "phases": tuple(PhaseStats(**p) for p in d["phases"]),
+            "worker": WorkerInfo(**d["worker"]),
+            "sampler": SamplerInfo(**d["sampler"]),
+        }
+    )
 
 
 class _Worker:
@@ -80,7 +128,12 @@ class _Worker:
         # process_resident_memory_bytes & co. of the main process: the "parent" that
         # sizing adds to N concurrent tasks.
         ProcessCollector(registry=self.registry)
-        self.runs: dict[tuple[str | None, int], tuple[str, Measurement]] = {}
+        self.runs: dict[tuple[str | None, int], _Run] = {}
+        # the end-line being handled by the listener thread: (report, its encoded record)
+        self._pending: tuple[TaskReport, bytes] | None = None
+        # records from end-lines, written to the ledger in one write per round of
+        # messages (listener thread only)
+        self._ledger_buf: list[bytes] = []
         self.seq = itertools.count(1)
         # queue wait of the runs in flight (stamped messages only), by the runs' keys
         self.waits: dict[tuple[str | None, int], float] = {}
@@ -100,7 +153,7 @@ class _Worker:
             self.ledger = open_ledger(
                 s.ledger, max_bytes=s.ledger_max_bytes, backups=s.ledger_backups
             )
-            sinks.append(self.ledger.write)
+            sinks.append(self._write_ledger)
         if s.journal and self.pool in ("gevent", "eventlet"):
             # one record per OS thread: green threads would each need their own
             log.info("taskmeter: no in-flight journal with the %s pool", self.pool)
@@ -129,9 +182,10 @@ class _Worker:
             count_run=self.metrics.count_run,
             is_revoked=_is_revoked,
             observer=self.journal.observe if self.journal is not None else None,
+            recall=self._recall if self.journal is not None else None,
         )
         if self.pool == "prefork":
-            self.listener = Listener(self._on_message, self._process_gone)
+            self.listener = Listener(self._on_message, self._process_gone, self._flush_ledger)
         self.server = start_server(
             self.registry,
             ServerConfig(
@@ -145,11 +199,16 @@ class _Worker:
         )
         log.info("taskmeter: serving worker metrics on %s/metrics", self.server.url)
 
-    def start_threads(self) -> None:
+    def start_threads(self, loop: Any = None) -> None:
+        """``loop``: the worker's event loop (kombu hub), if it runs one: the channels
+        from pool processes are then served in its thread, not in one of ours."""
         if self.hub is not None:
             self.hub.start()
         if self.listener is not None:
-            self.listener.start()
+            if loop is not None and hasattr(loop, "add_reader") and hasattr(loop, "call_later"):
+                self.listener.attach(loop)
+            else:
+                self.listener.start()
 
     def close(self) -> None:
         if self.patched:
@@ -167,6 +226,31 @@ class _Worker:
             self.ledger.close()
         if self.journal is not None:
             self.journal.close()
+
+    def _write_ledger(self, report: TaskReport) -> None:
+        """The ledger sink: the record as the pool process encoded it, when the hub
+        passes its report on unchanged (the usual case), else encoded here."""
+        assert self.ledger is not None
+        pending = self._pending
+        if pending is not None and pending[0] is report:
+            self._ledger_buf.append(pending[1])  # written at the end of the round
+        else:
+            self.ledger.write(report)
+
+    def _flush_ledger(self) -> None:
+        """The listener handled a round of messages: their records in one write."""
+        if self._ledger_buf and self.ledger is not None:
+            records, self._ledger_buf = self._ledger_buf, []
+            self.ledger.write_many(records)
+
+    def _recall(self, task_id: str | None, pid: int | None) -> list[Any]:
+        """Runs the journal holds that their pool process has not announced (hub)."""
+        if self.journal is None:
+            return []
+        return [
+            (f"{t.pid}:{t.seq}", t.task, task_id or t.task_id, t.pid, t.started, t.cpu0_s)
+            for t in self.journal.in_flight(pid=pid, task_id=task_id)
+        ]
 
     def _process_gone(self, pid: int) -> None:
         if self.hub is not None:
@@ -191,7 +275,20 @@ class _Worker:
 
     def _on_message(self, msg: Message, pid: int | None) -> None:
         assert self.hub is not None
-        if msg.get("type") == "start":
+        if msg.get("type") == "end-line":
+            # E[run id, final, start fields or null]\t<record>: one message per task
+            run_id, final, start = msg["head"]
+            body: bytes = msg["body"]
+            report = _trusted_report(json.loads(body))
+            if start is not None and not final:  # the main process's verdict decides
+                task, task_id, pid_, epoch, cpu0, oom0 = start
+                self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
+            self._pending = (report, body)
+            try:
+                self.hub.ended(run_id, report, bool(final))
+            finally:
+                self._pending = None
+        elif msg.get("type") == "start":
             self.hub.started(
                 msg["run"], msg["task"], msg.get("task_id"), int(msg["pid"]),
                 float(msg["epoch"]), msg.get("cpu0_s"), oom0=msg.get("oom0"),
@@ -218,6 +315,7 @@ class _Worker:
             self.journal.after_fork_in_child()
         self.runs = {}
         self.lock = threading.Lock()
+        self._pending = None
         if self.sender is not None and self._tool_started not in TOOL_STARTED:
             TOOL_STARTED.append(self._tool_started)
 
@@ -225,7 +323,11 @@ class _Worker:
         """Tell the main process which tools a run started (pid and start time), so it
         can kill them if this process dies before they end."""
         with self.lock:
-            run_id = next((r for r, m in self.runs.values() if m in watch.owners), None)
+            run = next((r for r in self.runs.values() if r.m in watch.owners), None)
+        run_id = None
+        if run is not None:
+            self._announce(run)  # the main process must know the run to kill its tools
+            run_id = run.run_id
         if run_id is not None:
             self._deliver(
                 {
@@ -245,41 +347,62 @@ class _Worker:
         seq = next(self.seq)
         run_id = f"{pid}:{seq}"
         m = Measurement(task_name, task_id, pool=self.pool)
-        cpu0 = sum(process_cpu())
         m.start()
-        with self.lock:
-            self.runs[(task_id, threading.get_ident())] = (run_id, m)
-        epoch = time.time()
+        # The process CPU and the time the measurement itself took at its start.
+        cpu0, epoch = sum(m._cpu0), m._epoch0
+        key = (task_id, threading.get_ident())
         if request is not None:
             wait = queuewait.wait_s(request, epoch)
             if wait is not None:
-                self.waits[(task_id, threading.get_ident())] = wait
+                self.waits[key] = wait
         if self.journal is not None:
             self.journal.begin(seq, task_name, task_id, epoch, cpu0)  # memory writes only
-        self._deliver(
-            {
-                "type": "start",
-                "run": run_id,
-                "task": task_name,
-                "task_id": task_id,
-                "pid": pid,
-                "epoch": epoch,
-                "cpu0_s": cpu0,
-                # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
-                "oom0": cgroup.oom_kills(),
-            }
-        )
+        # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
+        start = [task_name, task_id, pid, epoch, cpu0, cgroup.oom_kills()]
+        run = _Run(self, run_id, m, start, m.t0 + SAMPLER.interval_s)
+        with self.lock:
+            self.runs[key] = run
+        if self.sender is not None and self.journal is not None:
+            # A pool process: the main process hears of the run at its first sample if
+            # it still runs then (for /inflight and its tools), else with its end. A
+            # death or a verdict in between: the hub recalls it from the journal.
+            SAMPLER.add(run)
+        else:
+            self._announce(run)
+
+    def _announce(self, run: _Run) -> None:
+        """Tell the main process a run started (once; never after its end was sent)."""
+        with self.lock:  # held while sending: the start always goes before the end
+            if run.announced:
+                return
+            run.announced = True
+            task, task_id, pid, epoch, cpu0, oom0 = run.start
+            self._deliver(
+                {
+                    "type": "start",
+                    "run": run.run_id,
+                    "task": task,
+                    "task_id": task_id,
+                    "pid": pid,
+                    "epoch": epoch,
+                    "cpu0_s": cpu0,
+                    "oom0": oom0,
+                }
+            )
 
     def task_ended(self, task_id: str | None, celery_state: str | None) -> None:
+        key = (task_id, threading.get_ident())
         with self.lock:
-            entry = self.runs.pop((task_id, threading.get_ident()), None)
-        if entry is None:
-            return
-        run_id, m = entry
+            run = self.runs.pop(key, None)
+            if run is None:
+                return
+            announced, run.announced = run.announced, True  # no announcement from now
+        if not announced:
+            SAMPLER.remove(run)
         state = _STATES.get(celery_state or "")
-        report = m.finish(state=state or "killed")
+        report = run.m.finish(state=state or "killed")
         if self.waits:
-            wait = self.waits.pop((task_id, threading.get_ident()), None)
+            wait = self.waits.pop(key, None)
             if wait is not None:
                 report = dataclasses.replace(report, queue_wait_s=wait)
         if otel.AVAILABLE:
@@ -288,12 +411,19 @@ class _Worker:
             # Cleared before the report is sent: if the whole worker dies in between,
             # the task is missing rather than recorded twice.
             self.journal.end()
-        self._deliver(
-            {"type": "end", "run": run_id, "report": report.to_dict(), "final": state is not None}
-        )
+        final = state is not None
+        if self.hub is not None:  # solo and threads pools: no channel needed
+            self.hub.ended(run.run_id, report, final)
+        elif self.sender is not None:
+            # One line: the run, the start when not announced yet, and the record as
+            # the ledger writes it (encoded here, once; the main process only parses it).
+            head = json.dumps([run.run_id, final, None if announced else run.start])
+            self.sender.send_line(
+                b"E" + head.encode() + b"\t" + report.to_json().encode() + b"\n"
+            )
 
     def _deliver(self, msg: Message) -> None:
-        if os.getpid() == self.main_pid:
+        if self.hub is not None:
             self._on_message(msg, None)  # solo and threads pools: no channel needed
         elif self.sender is not None:
             self.sender.send(msg)
@@ -438,7 +568,7 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, parent: Any) -> None:
         if self.worker is not None:
-            self.worker.start_threads()
+            self.worker.start_threads(getattr(parent, "hub", None))
 
     def stop(self, parent: Any) -> None:
         # Warm shutdown: steps stop in reverse order, so this one stops before the pool

@@ -613,6 +613,25 @@ class Journal:
         else:
             self._gone.add(pid)
 
+    def in_flight(self, pid: int | None = None, task_id: str | None = None) -> list[InFlight]:
+        """Main process: the tasks pool processes' records hold (those of ``pid``, or
+        with ``task_id``): what the hub asks when a pool process dies, or Celery judges a
+        task, before the pool process announced the task (it does so only for tasks that
+        outlive their first sample)."""
+        want = _as_recorded(task_id) if task_id is not None else None
+        pattern = f"{pid}-*{SLOT_SUFFIX}" if pid is not None else "*" + SLOT_SUFFIX
+        out: list[InFlight] = []
+        for path in self.folder.glob(pattern):
+            try:
+                task = self._read_slot(path)
+            except (OSError, SlotError):
+                continue
+            if task is None or task.pid == self._main_pid:
+                continue
+            if (pid is None or task.pid == pid) and (want is None or task.task_id == want):
+                out.append(task)
+        return out
+
     def _forget(self, pid: int) -> None:
         w = self._watched.pop(pid, None)
         if w is not None:

@@ -1,5 +1,9 @@
 """Pool processes -> main worker process: newline-delimited JSON over a Unix socket.
 
+A task's end is one line ``E<head JSON>\t<record JSON>``: the record exactly as the
+ledger writes it, encoded once in the pool process (which runs in parallel), handed to
+``on_message`` as ``{"type": "end-line", "head": ..., "body": bytes}`` unparsed.
+
 Why not prometheus_client's multiprocess mode: it needs PROMETHEUS_MULTIPROC_DIR, leaves
 one file per process that ever lived (recycled children pile up), and cannot tell a
 killed task from a finished one. Instead each prefork child sends its task starts and
@@ -34,6 +38,10 @@ from typing import Any
 log = logging.getLogger("taskmeter.transport")
 
 Message = dict[str, Any]
+# The listener handles what arrived, then lets messages gather this long (seconds): a
+# report reaches the main process at most this much later, and a busy worker's main
+# process wakes up at most 1 / COALESCE_S times a second for them.
+COALESCE_S = 0.02
 _LINUX = sys.platform.startswith("linux")
 
 
@@ -61,8 +69,10 @@ class Listener:
         self,
         on_message: Callable[[Message, int | None], None],
         on_gone: Callable[[int], None],
+        on_batch: Callable[[], None] | None = None,
     ) -> None:
         self.address = _address()
+        self._on_batch = on_batch  # after each round of messages (buffered sinks flush)
         self.token = secrets.token_hex(16)
         self._on_message, self._on_gone = on_message, on_gone
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,6 +87,9 @@ class Listener:
         self._buffers: dict[socket.socket, tuple[bytearray, int | None, bool]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._stop = threading.Event()
+        self._loop: Any = None  # an event loop serving the channels (see attach)
+        self._flush_due = False
 
     def drop_in_child(self) -> None:
         """In a forked child: close this process's copies of the sockets (the main
@@ -88,16 +101,58 @@ class Listener:
         with contextlib.suppress(OSError):
             self._sel.close()
 
+    def attach(self, loop: Any) -> None:
+        """Serve the channels from an event loop's thread (Celery's kombu hub, the
+        worker's main loop: ``add_reader``/``remove_reader``/``call_later``) instead of
+        a thread of our own: a message is handled in the wake-up that handles the
+        pool's own result for the task, with no thread switch and no GIL handoff.
+        Sinks that buffer (the ledger) are flushed at most COALESCE_S later."""
+        self._loop = loop
+        loop.add_reader(self._sock, self._on_ready, None)
+
+    def _on_ready(self, conn: socket.socket | None) -> None:
+        try:
+            if conn is None:
+                self._accept()
+            else:
+                self._read(conn)
+        finally:
+            if self._on_batch is not None and not self._flush_due and not self._closing:
+                self._flush_due = True
+                self._loop.call_later(COALESCE_S, self._loop_flush)
+
+    def _loop_flush(self) -> None:
+        self._flush_due = False
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch()
+            except Exception:
+                log.exception("taskmeter: handling a batch of report messages failed")
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="taskmeter-listener", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._closing = True
+        self._stop.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(5)
+        if self._loop is not None:
+            for sock in (self._sock, *self._buffers):
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(sock)
+        # What pool processes sent since the last round (tasks that ended during a
+        # warm shutdown, while the event loop no longer ran): handled now.
+        try:
+            self._drain()
+        finally:
+            self._batch_done()
         for conn in list(self._buffers):
             conn.close()
         self._sel.close()
@@ -113,53 +168,93 @@ class Listener:
 
     def _serve(self) -> None:
         while not self._closing:
-            for key, _ in self._sel.select(timeout=1.0):
-                if key.data == "wake":
-                    return
-                if key.fileobj is self._sock:
-                    self._accept()
-                else:
-                    self._read(key.fileobj)  # type: ignore[arg-type]
+            events = self._sel.select(timeout=1.0)
+            try:
+                for key, _ in events:
+                    if key.data == "wake":
+                        return
+                    if key.fileobj is self._sock:
+                        self._accept()
+                    else:
+                        self._read(key.fileobj)  # type: ignore[arg-type]
+            finally:
+                if events:
+                    self._batch_done()
+            # Let messages gather in the sockets' buffers (a pool process's send wakes
+            # nobody meanwhile) and handle them in one wake-up: at hundreds of tasks a
+            # second this thread wakes at most 1 / COALESCE_S times a second instead of
+            # once per message, and stops contending for the GIL.
+            if events and COALESCE_S > 0 and self._stop.wait(COALESCE_S):
+                return
 
-    def _accept(self) -> None:
+    def _drain(self) -> None:
+        """Accept the channels waiting and read every channel until it is empty."""
+        while self._accept():
+            pass
+        for conn in list(self._buffers):
+            while conn in self._buffers and self._read(conn):
+                pass
+
+    def _accept(self) -> bool:
         try:
             conn, _ = self._sock.accept()
-        except BlockingIOError:
-            return
+        except (BlockingIOError, OSError):
+            return False
         pid, uid = _peer(conn)
         if uid is not None and uid != os.getuid():
             log.warning("taskmeter: refused a report channel from pid %s (uid %s)", pid, uid)
             conn.close()
-            return
+            return True
         conn.setblocking(False)
         self._buffers[conn] = (bytearray(), pid, False)
-        self._sel.register(conn, selectors.EVENT_READ, "conn")
+        if self._loop is not None:
+            if not self._closing:
+                self._loop.add_reader(conn, self._on_ready, conn)
+        else:
+            self._sel.register(conn, selectors.EVENT_READ, "conn")
+        return True
 
     def _drop(self, conn: socket.socket, pid: int | None) -> None:
-        self._sel.unregister(conn)
+        if self._loop is not None:
+            if not self._closing:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(conn)
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn)
         del self._buffers[conn]
         conn.close()
         if pid is not None:
             self._on_gone(pid)
 
-    def _read(self, conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket) -> bool:
+        """Read and handle what one channel holds; False when it held nothing (or
+        closed)."""
         buf, pid, trusted = self._buffers[conn]
         try:
             data = conn.recv(1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._drop(conn, pid)
-            return
+            return False
         buf += data
         *lines, rest = buf.split(b"\n")
         for line in lines:
             if not line:
                 continue
             try:
-                msg = json.loads(line)
+                if trusted and line[:1] == b"E":
+                    tab = line.index(b"\t")
+                    msg = {
+                        "type": "end-line",
+                        "head": json.loads(line[1:tab]),
+                        "body": bytes(line[tab + 1 :]),
+                    }
+                else:
+                    msg = json.loads(line)
             except ValueError:
                 log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
                 continue
@@ -170,7 +265,7 @@ class Listener:
                         "taskmeter: refused a report channel without the token (pid %s)", pid
                     )
                     self._drop(conn, None)
-                    return
+                    return False
                 trusted = True
                 continue
             try:
@@ -178,6 +273,7 @@ class Listener:
             except Exception:
                 log.exception("taskmeter: handling a report message failed")
         self._buffers[conn] = (bytearray(rest), pid, trusted)
+        return True
 
 
 class Sender:
@@ -190,7 +286,10 @@ class Sender:
         self._lock = threading.Lock()
 
     def send(self, msg: Message) -> None:
-        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        self.send_line(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+    def send_line(self, data: bytes) -> None:
+        """One message already encoded (ending with a newline)."""
         with self._lock:
             for attempt in (1, 2):
                 try:

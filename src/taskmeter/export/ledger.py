@@ -232,7 +232,19 @@ class Ledger:
         A write that fails is counted and logged (see the module's docstring), never
         raised: the worker goes on, and the next record is written whole.
         """
-        data = (report.to_json() + "\n").encode("utf-8")
+        self.write_encoded(report.to_json().encode("utf-8"))
+
+    def write_encoded(self, record: bytes) -> None:
+        """:meth:`write` of a record already encoded (``report.to_json()`` as UTF-8,
+        no newline): the Celery integration's pool processes encode it once."""
+        self.write_many([record])
+
+    def write_many(self, records: list[bytes]) -> None:
+        """Append encoded records (each as :meth:`write_encoded` takes it) in one write:
+        all of them or none (a failure counts each as dropped)."""
+        if not records:
+            return
+        data = b"\n".join(records) + b"\n"
         if self._pid != os.getpid():  # forked: get our own open file description
             self._lock = threading.Lock()
             self._pid = os.getpid()
@@ -248,7 +260,8 @@ class Ledger:
             try:
                 self._append(data)
             except OSError as exc:
-                self.health.failed(exc)
+                for _ in records:
+                    self.health.failed(exc)
             else:
                 self.health.succeeded()
 
@@ -319,7 +332,18 @@ class StreamLedger:
         self.health = _Health(name)
 
     def write(self, report: TaskReport) -> None:
-        data = ('{"event":"' + EVENT + '",' + report.to_json()[1:] + "\n").encode("utf-8")
+        self.write_encoded(report.to_json().encode("utf-8"))
+
+    def write_encoded(self, record: bytes) -> None:
+        """:meth:`write` of a record already encoded (``report.to_json()``, UTF-8)."""
+        self.write_many([record])
+
+    def write_many(self, records: list[bytes]) -> None:
+        """Records already encoded, as log lines in one write."""
+        if not records:
+            return
+        head = b'{"event":"' + EVENT.encode() + b'",'
+        data = b"".join(head + r[1:] + b"\n" for r in records)
         if self._pid != os.getpid():  # forked while another thread held the lock
             self._lock, self._pid = threading.Lock(), os.getpid()
         with self._lock:
@@ -333,7 +357,8 @@ class StreamLedger:
                     self._torn = True
                     _write_all(self.fd, data[written:])
             except OSError as exc:
-                self.health.failed(exc)
+                for _ in records:
+                    self.health.failed(exc)
                 return
             self._torn = False
             self.health.succeeded()
