@@ -225,9 +225,8 @@ def test_server_queries_aggregate_inside_prometheus(fake_prometheus):
     got = stats_from_prometheus(fake.url, since_s=7 * 86400, now=now, selector='ns="p"',
                                 progress=seen.append, notes=notes)  # fmt: skip
     queries = [q["query"] for q in fake.queries]
-    assert queries[0] == 'count({__name__=~"celery_task_.+",ns="p"})'
-    # Sent a few at once: in any order.
-    assert set(queries[1:3]) == {
+    # A week: no raw samples considered. Sent a few at once: in any order.
+    assert set(queries[0:2]) == {
         'sum by (task, state) (increase(celery_task_runs_total{ns="p"}[604800000ms]))',
         'sum by (task, state) (min_over_time(celery_task_runs_total{ns="p"}[604800000ms]) '
         'unless celery_task_runs_total{ns="p"} offset 604800000ms)',
@@ -235,7 +234,7 @@ def test_server_queries_aggregate_inside_prometheus(fake_prometheus):
     peak = 'celery_task_memory_peak_bytes_max{task=~"a",ns="p"}[604800000ms]'
     assert f"max by (task, component) (max_over_time({peak}))" in queries
     assert all("[604800000ms]))" in q or q.startswith("count(") or "unless" in q for q in queries)
-    assert len(queries) == 1 + SERVER_QUERIES and seen[-1].endswith(
+    assert len(queries) == SERVER_QUERIES and seen[-1].endswith(
         f"({SERVER_QUERIES}/{SERVER_QUERIES})"
     )
     a = got["a"]
@@ -245,6 +244,13 @@ def test_server_queries_aggregate_inside_prometheus(fake_prometheus):
     assert a.footprint_max_bytes == 300_000_000  # +Inf skipped
     assert a.footprint_median_bytes == pytest.approx(1e8 * 20.5 / 30)  # rank 20.5 of 41
     assert "2 NaN or infinite value(s) in Prometheus' answers skipped" in notes
+
+    # Auto on a short window: raw samples only when few series are alive at its end.
+    fake.queries.clear()
+    short: list[str] = []
+    stats_from_prometheus(fake.url, since_s=3600, now=now, notes=short)
+    assert fake.queries[0]["query"] == 'count({__name__=~"celery_task_.+"})'
+    assert "inside Prometheus" in short[0]  # 10 000 series x 3600 s: too many
 
 
 def test_a_known_restart_is_a_reset_even_when_the_value_did_not_drop():

@@ -29,7 +29,8 @@ it was also reset inside the window).
 ``exact`` (short windows on few series): the raw samples of the window are fetched and
 counted here (:func:`counter_increase`), with no extrapolation at all. ``auto`` (the
 default) takes ``exact`` only when the window holds few samples (a short window on a
-small fleet: a bounded transfer), else ``server``.
+small fleet: a bounded transfer; at most an hour, with series alive at its end),
+else ``server``.
 
 NaN and infinite values in an answer are skipped (and counted in ``notes``). A query
 that the server refuses as too heavy (``--query.max-samples``, Thanos/Mimir limits)
@@ -462,6 +463,7 @@ METHODS: tuple[Method, ...] = ("auto", "exact", "server")
 # ``auto`` fetches raw samples only below this many (an upper bound: series x window
 # seconds, i.e. a 1 s scrape): a few tens of MB of client memory at most.
 EXACT_MAX_SAMPLES = 500_000
+EXACT_MAX_WINDOW_S = 3600  # and only for windows up to an hour
 SERVER_QUERIES = 20  # the queries of method "server" (for progress messages)
 PARALLEL_QUERIES = 4  # sent at once by method "server"
 
@@ -537,11 +539,16 @@ def stats_from_prometheus(
     at = time.time() if now is None else now
     user = _user_matchers(selector)
     if method == "auto":
-        if progress is not None:
-            progress("counting the series in the window")
-        count = "count(" + _selector('__name__=~"celery_task_.+"', user) + ")"
-        n_series = sum(v for _, v in client.vector(count, at))
-        method = "exact" if n_series * since_s <= EXACT_MAX_SAMPLES else "server"
+        method = "server"
+        if since_s <= EXACT_MAX_WINDOW_S:
+            # The series alive at the window's end (an instant count: cheap). None alive
+            # (the workers stopped, or the window ends before the data): no estimate.
+            if progress is not None:
+                progress("counting the series in the window")
+            count = "count(" + _selector('__name__=~"celery_task_.+"', user) + ")"
+            n_series = sum(v for _, v in client.vector(count, at))
+            if 0 < n_series * since_s <= EXACT_MAX_SAMPLES:
+                method = "exact"
     if method == "exact":
         figures = _exact(client, at, since_s, tasks, user, progress)
     else:
