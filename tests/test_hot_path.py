@@ -1,0 +1,160 @@
+"""The per-task hot path leaves nothing behind: no thread or file descriptor of
+taskmeter accumulates over 10 000 tasks in a real prefork worker, and a forked process
+never inherits a running sampler thread (issue 10)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import taskmeter
+from taskmeter.measure import wait_idle
+from taskmeter.measure.sampler import SAMPLER
+
+from workerkit import Worker, broker_url, launch, wait_for, worker_env
+
+N_TASKS = 10_000
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _fds(pid: int) -> dict[str, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _send(w: Worker, n: int) -> None:
+    """n no-op tasks through one producer (a quick sender: the test measures the worker)."""
+    client = w.client()
+    with client.producer_or_acquire() as producer:
+        for _ in range(n):
+            client.send_task("noop", queue=w.queue, task_id=str(uuid.uuid4()), producer=producer)
+
+
+@pytest.fixture
+def quiet_worker(tmp_path: Path) -> Iterator[Worker]:
+    """A real prefork worker (-c 2, Redis) logging at WARNING: Celery's own two INFO
+    lines per task would make this test about logging. Ready once it ran a task."""
+    url = broker_url("redis")
+    env = worker_env(tmp_path, url)
+    proc, log = launch(tmp_path, env, "prefork", 2, "--loglevel", "WARNING")
+    w = Worker(
+        proc, int(env["TASKMETER_PORT"]), Path(env["TASKMETER_LEDGER"]), log,
+        env["TM_QUEUE"], url, env,
+    )  # fmt: skip
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_no_thread_or_fd_accumulates_over_10000_tasks_in_a_real_worker(quiet_worker: Worker):
+    w = quiet_worker
+    main = w.proc.pid
+    _send(w, 200)  # warm up: both pool processes ran tasks, channels and samplers exist
+    wait_for(
+        lambda: w.proc.poll() is not None or _lines(w.ledger) >= 200,
+        90,
+        f"200 warm-up records (log: {w.log})",
+    )
+    assert w.proc.poll() is None, w.log_text()[-3000:]
+    time.sleep(0.3)  # the last run's sample client gone, the sampler parked
+    pool = _children(main)
+    assert len(pool) == 2
+    before = {pid: (_threads(pid), _fds(pid)) for pid in [main, *pool]}
+
+    t0 = time.monotonic()
+    _send(w, N_TASKS)
+    wait_for(
+        lambda: _lines(w.ledger) >= 200 + N_TASKS,
+        120,
+        f"{N_TASKS} more records (log: {w.log_text()[-2000:]})",
+        interval=0.5,
+    )
+    elapsed = time.monotonic() - t0
+    time.sleep(0.3)
+
+    assert _children(main) == pool, "the pool processes were not replaced"
+    for pid in [main, *pool]:
+        threads0, fds0 = before[pid]
+        fds1 = _fds(pid)
+        new = {fd: target for fd, target in fds1.items() if fds0.get(fd) != target}
+        role = "main process" if pid == main else f"pool process {pid}"
+        assert _threads(pid) == threads0, f"{role}: threads {threads0} -> {_threads(pid)}"
+        assert len(fds1) <= len(fds0), f"{role}: file descriptors grew: {new}"
+    for pid in pool:
+        # the task's thread and the sampler's, parked: never one per task
+        assert _threads(pid) <= 2, f"pool process {pid} has {_threads(pid)} threads"
+    assert _lines(w.ledger) == 200 + N_TASKS  # each task recorded once
+    print(f"{N_TASKS} tasks in {elapsed:.1f} s")
+
+
+def _sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "taskmeter-sampler"]
+
+
+def test_a_forked_child_does_not_inherit_a_running_sampler():
+    with taskmeter.measure("parent") as outer:
+        time.sleep(0.25)  # the sampler thread runs and has sampled
+        assert SAMPLER.thread is not None and SAMPLER.thread.is_alive()
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status, never return into pytest
+            code = 0
+            try:
+                os.close(r)
+                checks = [
+                    SAMPLER.thread is None,  # reset at fork: no thread object at all
+                    _sampler_threads() == [],
+                    len(os.listdir("/proc/self/task")) == 1,  # only the forking thread
+                    SAMPLER.idle,  # and no client inherited from the parent
+                ]
+                # Measuring in the child starts the child's own sampler.
+                with taskmeter.measure("child") as m:
+                    time.sleep(0.25)
+                checks += [
+                    m.report.overhead.rss_peak_bytes > 0,
+                    len(_sampler_threads()) == 1,
+                    m.report.worker.pid == os.getpid(),
+                ]
+                os.write(wfd, "".join("1" if c else "0" for c in checks).encode())
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(wfd)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            checks = f.read().decode()
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert checks == "1" * 7, f"child checks: {checks}"
+        time.sleep(0.15)
+    # The parent's measurement went on being sampled across the fork.
+    assert outer.report.overhead.rss_avg_bytes > 0
+    assert wait_idle(2.0)
+    assert len(_sampler_threads()) == 1
