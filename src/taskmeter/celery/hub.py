@@ -369,7 +369,9 @@ class Hub:
             sys_s=0.0,
             rss_avg_bytes=run.rss.avg,
             rss_peak_bytes=peak,
-            peak_method="sampled",  # the high-water mark as last read, not at death
+            # the high-water mark as last read, not at death; "none": never observed
+            # (it died before its first sample, e.g. in one allocation holding the GIL)
+            peak_method="sampled" if peak else "none",
         )
         report = TaskReport(
             task=run.task,
