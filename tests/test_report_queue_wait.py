@@ -48,3 +48,28 @@ def test_without_stamped_tasks_the_page_says_why(tmp_path: Path):
     ledger.write_text(recordgen.line(recordgen.record(0)) + "\n")
     page = _report(ledger, tmp_path / "r.html")
     assert "No task carries a queue wait" in page
+
+
+def test_recommend_says_when_waits_ask_for_more_workers(tmp_path: Path):
+    lines = []
+    for i, w in enumerate([0.5, 1.0, 2.0, 4.0, 8.0]):  # mean 3.1 s > wall 1 s
+        rec = recordgen.record(i, task="vcf.query", start=recordgen.T0 + i, wall=1.0)
+        rec["queue_wait_s"] = w
+        lines.append(recordgen.line(rec))
+    for i in range(5, 10):  # a type that waits less than it runs
+        rec = recordgen.record(i, task="vcf.subset", start=recordgen.T0 + i, wall=5.0)
+        rec["queue_wait_s"] = 0.2
+        lines.append(recordgen.line(rec))
+    lines.append(recordgen.line(recordgen.record(10, task="vcf.subset")))  # unstamped
+    ledger = tmp_path / "l.jsonl"
+    ledger.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "taskmeter.cli", "recommend", "--ledger", str(ledger),
+         "--min-tasks", "1", "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = "\n".join(json.loads(proc.stdout)["notes"])
+    assert "vcf.query waits 3.10 s in the queue on average, longer than it runs" in notes
+    assert "add workers (replicas) or concurrency, not memory" in notes
+    assert "vcf.subset waits 200.0 ms in the queue on average (5 stamped tasks)" in notes

@@ -53,7 +53,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from taskmeter.measure.report import STATES
@@ -455,6 +455,8 @@ _AVG_COUNT = "celery_task_memory_avg_bytes_count"
 _PEAK_MAX = "celery_task_memory_peak_bytes_max"
 _FOOTPRINT_MAX = "celery_task_footprint_peak_bytes_max"
 _FOOTPRINT_BUCKET = "celery_task_footprint_peak_bytes_bucket"
+_QW_SUM = "celery_task_queue_wait_seconds_sum"
+_QW_COUNT = "celery_task_queue_wait_seconds_count"
 _WORKER_INFO = "taskmeter_worker_info"
 _TOOL_KILLS = 'outcome=~"killed|oom"'  # SIGKILLed tools: by the OOM killer or not
 
@@ -464,7 +466,7 @@ METHODS: tuple[Method, ...] = ("auto", "exact", "server")
 # seconds, i.e. a 1 s scrape): a few tens of MB of client memory at most.
 EXACT_MAX_SAMPLES = 500_000
 EXACT_MAX_WINDOW_S = 3600  # and only for windows up to an hour
-SERVER_QUERIES = 20  # the queries of method "server" (for progress messages)
+SERVER_QUERIES = 24  # the queries of method "server" (for progress messages)
 PARALLEL_QUERIES = 4  # sent at once by method "server"
 
 Key = tuple[str, ...]
@@ -485,6 +487,8 @@ class _Figures:
     peak_max: dict[Key, float]  # (task, component)
     footprint_max: dict[Key, float]  # (task,)
     footprint_median: dict[Key, float]  # (task,)
+    queue_wait_sum: dict[Key, float] = field(default_factory=dict)  # (task,)
+    queue_wait_count: dict[Key, float] = field(default_factory=dict)
 
 
 def _active(runs: Mapping[Key, float]) -> dict[str, dict[str, int]]:
@@ -601,6 +605,8 @@ def _stats(f: _Figures) -> dict[str, TaskStats]:
             kills_by_cause=causes,
             tool_oom_kills=tool_oom,
             tool_peak_max_bytes=round(f.peak_max.get((task, "tool"), 0.0)),
+            queue_wait_sum_s=f.queue_wait_sum.get((task,), 0.0),
+            queue_wait_runs=round(f.queue_wait_count.get((task,), 0.0)),
         )
     return out
 
@@ -680,6 +686,8 @@ def _server(
         (_CPU, sel, ("task", "component")),
         (_AVG_SUM, sel, ("task", "component")),
         (_AVG_COUNT, sel, ("task", "component")),
+        (_QW_SUM, sel, ("task",)),
+        (_QW_COUNT, sel, ("task",)),
     ]
     queries = [q for name, s, by in counted for q in increase(name, s, *by)]
     queries.append(maximum(_PEAK_MAX, sel, "task", "component"))
@@ -700,6 +708,8 @@ def _server(
         peak_max=answers[-2],
         footprint_max=answers[-1],
         footprint_median={},
+        queue_wait_sum=sums[_QW_SUM],
+        queue_wait_count=sums[_QW_COUNT],
     )
     # histogram_quantile's own interpolation (bucket_quantile), over the per (task, le)
     # increases: a few numbers per task type travel, and born series count too.
@@ -733,6 +743,8 @@ def _exact(
         (_PEAK_MAX, ""),
         (_FOOTPRINT_MAX, ""),
         (_FOOTPRINT_BUCKET, ""),
+        (_QW_SUM, ""),
+        (_QW_COUNT, ""),
     ]
 
     def fetch(step: int, names: Sequence[str] | None) -> list[_Series]:
@@ -780,6 +792,8 @@ def _exact(
         peak_max=_maxima(results[_PEAK_MAX], ("task", "component")),
         footprint_max=_maxima(results[_FOOTPRINT_MAX], ("task",)),
         footprint_median=medians,
+        queue_wait_sum=inc(_QW_SUM),
+        queue_wait_count=inc(_QW_COUNT),
     )
 
 

@@ -44,6 +44,9 @@ DEFAULT_MARGIN = 0.20
 OOM_BUMP_FACTOR = 1.2  # what the Kubernetes VPA recommender does after an OOM kill
 OOM_BUMP_MIN_BYTES = 100 * MiB
 SPIKY_RATIO = 2.0
+# A task type whose mean queue wait exceeds both its mean wall time and this many
+# seconds is short of workers, not of memory.
+QUEUE_WAIT_NOTICE_S = 1.0
 POOLS = ("prefork", "solo", "threads")
 # Causes of a task's death that say it may have needed more memory: the OOM killer, or
 # a kill the worker could not explain (no memory cgroup to ask).
@@ -349,6 +352,7 @@ def recommend(stats: Mapping[str, TaskStats], options: Options) -> Recommendatio
             f"{pool} pool: tasks run in the worker's main process, so there is no separate "
             "parent to add and no --max-memory-per-child (only prefork honours it)"
         )
+    notes.extend(queue_wait_notes(stats))
     sized = []
     for s in stats.values():
         spiky = s.footprint_median_bytes > 0 and (
@@ -397,6 +401,31 @@ def recommend(stats: Mapping[str, TaskStats], options: Options) -> Recommendatio
         reasoning=tuple(reasoning),
         notes=tuple(notes),
     )
+
+
+def queue_wait_notes(stats: Mapping[str, TaskStats]) -> list[str]:
+    """One line per task type with stamped tasks: whether its queue wait says the pool
+    is too small (more workers or concurrency, not more memory)."""
+    from taskmeter.format import seconds_h
+
+    out = []
+    for s in stats.values():
+        wait = s.queue_wait_mean_s
+        if wait is None:
+            continue
+        if wait > max(s.wall_mean_s, QUEUE_WAIT_NOTICE_S):
+            out.append(
+                f"{s.task} waits {seconds_h(wait)} in the queue on average, longer than it "
+                f"runs ({seconds_h(s.wall_mean_s)}; {s.queue_wait_runs} stamped tasks): the "
+                "pool is too small for the load: add workers (replicas) or concurrency, not "
+                "memory"
+            )
+        else:
+            out.append(
+                f"{s.task} waits {seconds_h(wait)} in the queue on average "
+                f"({s.queue_wait_runs} stamped tasks): no sign of too few workers"
+            )
+    return out
 
 
 def choose_pool(given: str | None, seen: Mapping[str | None, int], what: str) -> tuple[str, str]:

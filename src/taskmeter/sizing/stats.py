@@ -51,6 +51,14 @@ class TaskStats:
     kills_by_cause: dict[str, int] = field(default_factory=dict)
     tool_oom_kills: int = 0
     tool_peak_max_bytes: int = 0
+    # Queue wait of the tasks whose sender stamped it (queue_wait_runs of them).
+    queue_wait_sum_s: float = 0.0
+    queue_wait_runs: int = 0
+
+    @property
+    def queue_wait_mean_s(self) -> float | None:
+        """Mean time from publish (or ETA) to start; None when no task was stamped."""
+        return self.queue_wait_sum_s / self.queue_wait_runs if self.queue_wait_runs else None
 
     @property
     def cpu_sum_s(self) -> float:
@@ -176,6 +184,8 @@ class _Running:
     overhead_peak_max: int = 0
     footprint_max: int = 0
     tool_peak_max: int = 0
+    queue_wait: float = 0.0
+    queue_wait_runs: int = 0
     footprint: StreamQuantiles = field(default_factory=StreamQuantiles)
     overhead_avgs: StreamQuantiles | None = None
     tool_avgs: StreamQuantiles | None = None
@@ -232,6 +242,9 @@ class StatsAccumulator:
         a.footprint_max = max(a.footprint_max, r.footprint_peak_bytes)
         a.tool_peak_max = max(a.tool_peak_max, r.tool_totals.rss_peak_bytes)
         a.footprint.add(float(r.footprint_peak_bytes))
+        if r.queue_wait_s is not None:
+            a.queue_wait += r.queue_wait_s
+            a.queue_wait_runs += 1
 
     @property
     def runs(self) -> int:
@@ -276,6 +289,8 @@ class StatsAccumulator:
                 kills_by_cause=dict(sorted(a.causes.items())),
                 tool_oom_kills=a.tool_oom_kills,
                 tool_peak_max_bytes=a.tool_peak_max,
+                queue_wait_sum_s=a.queue_wait,
+                queue_wait_runs=a.queue_wait_runs,
             )  # fmt: skip
         return out
 
