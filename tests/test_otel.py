@@ -5,7 +5,6 @@ sets each task's figures on its span; they must equal the ledger's."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 
@@ -56,10 +55,11 @@ def test_spans_of_a_real_worker_carry_the_ledger_figures(start_worker):
         for event, tool in zip(tool_events, report.tools, strict=True):
             assert event["attributes"]["taskmeter.tool.exe"] == tool.exe
             assert event["attributes"]["taskmeter.tool.rss_peak_bytes"] == tool.rss_peak_bytes
+    # The tool task's span says one tool, whose peak holds the 20 MiB it allocated.
     hold = next(r for r in reports.values() if r.task == "tool.hold")
-    assert by_id[hold.task_id or ""]["attributes"]["taskmeter.tool.count"] == 1  # type: ignore[index]
-    assert hold.tools[0].exe == "python3" or hold.tools[0].exe.startswith("python")
-    assert sys.executable  # the tool is a Python child holding 20 MiB
+    attrs = by_id[hold.task_id or ""]["attributes"]
+    assert isinstance(attrs, dict) and attrs["taskmeter.tool.count"] == 1
+    assert attrs["taskmeter.memory.tool_peak_bytes"] >= 20 << 20
 
 
 def test_annotate_is_a_no_op_without_a_recording_span():

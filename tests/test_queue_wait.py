@@ -20,7 +20,7 @@ import pytest
 
 from taskmeter.demo.command import metric_sums
 
-from workerkit import REDIS_URL, broker_url, wait_for
+from workerkit import REDIS_URL, broker_url
 
 BACKEND = "redis://127.0.0.1:6379/14"
 
