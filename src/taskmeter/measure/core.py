@@ -4,15 +4,18 @@ explicit ``start``/``finish`` calls (what a framework integration uses)."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from taskmeter.measure.report import (
     STATES,
@@ -64,6 +67,7 @@ class Measurement(Span):
         self.parent: Measurement | None = None
         self._token: contextvars.Token[Measurement | None] | None = None
         self._watches: list[ToolWatch] = []
+        self._live: dict[ToolWatch, None] = {}  # the tools not finished yet (ordered set)
         self._tools_lock = threading.Lock()
         self._phases: list[tuple[str, SpanStats]] = []
         self._footprint = 0
@@ -171,6 +175,7 @@ class Measurement(Span):
     def _tool_started(self, watch: ToolWatch) -> None:
         with self._tools_lock:
             self._watches.append(watch)
+            self._live[watch] = None
 
     def _tool_finished(self, watch: ToolWatch, self_rss: int) -> None:
         # The tool's peak (from its high-water mark, perhaps between two samples) was
@@ -178,7 +183,8 @@ class Measurement(Span):
         # their latest: the best estimate of the footprint at that moment.
         peak, _ = watch.peak()
         with self._tools_lock:
-            others = sum(w.last_rss for w in self._watches if not w.done and w is not watch)
+            self._live.pop(watch, None)
+            others = sum(w.last_rss for w in self._live if not w.done)
             others += self._untracked_rss
             self._footprint = max(self._footprint, self_rss + peak + others)
 
@@ -191,7 +197,7 @@ class Measurement(Span):
             self._untracked = UntrackedScan(self.t0)
         untracked, gone_peak = self._untracked.scan(now, self._tracked_pids, self._scan_tid)
         with self._tools_lock:
-            tools = sum(w.last_rss for w in self._watches if not w.done)
+            tools = sum(w.last_rss for w in self._live if not w.done)
             # An untracked run that ended since the last sample: its peak (VmHWM, perhaps
             # between two samples) while the rest stood at about their latest.
             self._untracked_rss = untracked
@@ -224,8 +230,9 @@ class Measurement(Span):
             tools += tuple(extra)
             unattributed -= reaped_untracked
         unattributed = max(unattributed, 0.0)
-        totals = ToolTotals.of(tools)
-        overhead = ProcessStats(
+        totals = ToolTotals.of(tools) if tools else _NO_TOOLS
+        overhead = _new(
+            ProcessStats,
             wall_s=max(stats.wall_s - totals.wall_s, 0.0),
             cpu_s=stats.cpu_s,
             user_s=stats.user_s,
@@ -235,12 +242,13 @@ class Measurement(Span):
             peak_method=stats.peak_method,
             cpu_method=stats.cpu_method,
         )
-        return TaskReport(
+        return _new(
+            TaskReport,
             task=self.name,
             task_id=self.task_id,
             state=state,
-            started_at=iso_utc(self._epoch0),
-            ended_at=iso_utc(epoch1),
+            started_at=_iso_utc(self._epoch0),
+            ended_at=_iso_utc(epoch1),
             wall_s=stats.wall_s,
             cpu_s=overhead.cpu_s + totals.cpu_s,
             overhead=overhead,
@@ -249,9 +257,73 @@ class Measurement(Span):
             footprint_peak_bytes=max(self._footprint, stats.rss_peak_bytes),
             phases=_merge_phases(self._phases),
             unattributed_child_cpu_s=unattributed,
-            worker=WorkerInfo(hostname=_HOSTNAME, pid=os.getpid(), pool=self.pool),
-            sampler=SamplerInfo(interval_s=SAMPLER.interval_s),
+            worker=_worker_info(self.pool),
+            sampler=_sampler_info(SAMPLER.interval_s),
         )
+
+
+_NO_TOOLS = ToolTotals.of(())
+_T = TypeVar("_T")
+_DEFAULTS: dict[type, dict[str, Any]] = {}
+
+
+def _new(cls: type[_T], **values: Any) -> _T:
+    """A frozen dataclass record from values this module computed, given in field order
+    (the defaulted fields last, may be left out): the object ``cls(**values)`` makes,
+    field order included (``to_dict`` keeps it), without the per-field
+    ``object.__setattr__`` of a frozen ``__init__`` (a few µs per task)."""
+    defaults = _DEFAULTS.get(cls)
+    obj = object.__new__(cls)
+    d = obj.__dict__
+    d.update(values)
+    if defaults is None:  # first use: the fields, and a check of the order given
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        defaults = {f.name: f.default for f in fields if f.default is not MISSING}
+        for k, v in defaults.items():
+            d.setdefault(k, v)
+        if list(d) != [f.name for f in fields]:
+            raise TypeError(f"{cls.__name__}: fields given out of order: {list(values)}")
+        _DEFAULTS[cls] = defaults
+        return obj
+    for k, v in defaults.items():
+        if k not in values:
+            d[k] = v
+    return obj
+
+
+@functools.lru_cache(maxsize=64)
+def _worker_info_of(pid: int, pool: str | None) -> WorkerInfo:
+    return WorkerInfo(hostname=_HOSTNAME, pid=pid, pool=pool)
+
+
+def _worker_info(pool: str | None) -> WorkerInfo:
+    return _worker_info_of(_PID[0], pool)  # immutable: one object per pid and pool
+
+
+@functools.lru_cache(maxsize=16)
+def _sampler_info(interval_s: float) -> SamplerInfo:
+    return SamplerInfo(interval_s=interval_s)
+# This process's pid, kept across fork (os.getpid() is a system call per task).
+_PID = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+# The last whole second formatted, and its text (one tuple: replaced atomically).
+_iso_second: tuple[float, str] = (-1.0, "")
+
+
+def _iso_utc(epoch_s: float) -> str:
+    """:func:`iso_utc`, the same text, with the date and time of day formatted once per
+    second (microseconds rounded half-even, as ``datetime.fromtimestamp``)."""
+    global _iso_second
+    frac, whole = math.modf(epoch_s)
+    us = round(frac * 1e6)
+    if us >= 1_000_000 or us < 0 or whole < 0:
+        return iso_utc(epoch_s)
+    second, text = _iso_second
+    if second != whole:
+        text = iso_utc(whole)[:19]
+        _iso_second = (whole, text)
+    return f"{text}.{us:06d}+00:00"
 
 
 def _native_id(ident: int) -> int | None:

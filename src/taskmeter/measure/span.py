@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,17 @@ def thread_cpu() -> tuple[float, float]:
 def process_cpu() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
+
+
+# ru_maxrss is in KiB on Linux, where it is max(the memory's high-water mark, the
+# largest mark a thread of this process took with it when it exited or exec'd).
+_MAXRSS_KIB = sys.platform.startswith("linux")
+
+
+def process_usage() -> tuple[float, float, int]:
+    """(user, sys, ru_maxrss in bytes; 0 where not in KiB) in one system call."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
 
 
 def children_cpu() -> float:
@@ -72,6 +84,7 @@ class Span:
         self.next_due = 0.0
         self.t0 = 0.0
         self._cpu0 = self._tcpu0 = (0.0, 0.0)
+        self._maxrss_exact = False
 
     def begin(self) -> None:
         BOOK.open(self)
@@ -80,7 +93,13 @@ class Span:
         SAMPLER.add(self)
         # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
         self._tcpu0 = thread_cpu()
-        self._cpu0 = process_cpu()
+        user, sys_, maxrss = process_usage()
+        self._cpu0 = (user, sys_)
+        # Right after the reset, ru_maxrss no higher than the RSS read since: the marks
+        # exiting threads left are no higher than the span's own values, and stay so
+        # (a thread exiting during the span leaves a mark of the span's). Then the peak
+        # at the end comes with the CPU (one getrusage), not from /proc/self/status.
+        self._maxrss_exact = 0 < maxrss <= rss
         self.t0 = time.monotonic()
         self.rss.add(self.t0, rss)
 
@@ -90,11 +109,19 @@ class Span:
 
     def end(self) -> SpanStats:
         t1 = time.monotonic()
-        cpu1 = process_cpu()
+        user, sys_, maxrss = process_usage()
+        cpu1 = (user, sys_)
         tcpu1 = thread_cpu()
-        # RSS and peak from one read (while this span is still open: a span opening in
-        # another thread meanwhile folds the counter into this one before resetting it).
-        rss, hwm = READER.self_mem() if self.hwm_ok else (READER.self_rss(), None)
+        # The peak read while this span is still open (a span opening in another thread
+        # meanwhile folds the counter into this one before resetting it): from
+        # ru_maxrss when exact (see begin), else with the RSS from one /proc read.
+        hwm: int | None = None
+        if self.hwm_ok and self._maxrss_exact:
+            rss, hwm = READER.self_rss(), maxrss
+        elif self.hwm_ok:
+            rss, hwm = READER.self_mem()
+        else:
+            rss = READER.self_rss()
         self.rss.add(t1, rss)
         self.rss.close()
         SAMPLER.remove(self)
