@@ -12,6 +12,17 @@ import psutil
 from taskmeter.measure.proc import ProcMem
 
 
+class _Tree:
+    def __init__(self, reader: PsutilReader, pid: int) -> None:
+        self.reader, self.pid = reader, pid
+
+    def read(self) -> list[ProcMem]:
+        return self.reader.tree(self.pid)
+
+    def close(self) -> None:
+        pass
+
+
 class PsutilReader:
     name = "psutil"
 
@@ -31,6 +42,9 @@ class PsutilReader:
 
     def self_mem(self) -> tuple[int, int | None]:
         return self.self_rss(), None
+
+    def open_tree(self, pid: int) -> _Tree:
+        return _Tree(self, pid)
 
     def tree(self, pid: int) -> list[ProcMem]:
         try:

@@ -22,6 +22,13 @@ class ProcMem:
     hwm_bytes: int | None
 
 
+class OpenTree(Protocol):
+    def read(self) -> list[ProcMem]:
+        """What ``tree(pid)`` gives, now."""
+
+    def close(self) -> None: ...
+
+
 class ProcReader(Protocol):
     name: str
 
@@ -39,6 +46,9 @@ class ProcReader(Protocol):
 
     def tree(self, pid: int) -> list[ProcMem]:
         """Memory of ``pid`` and its live descendants; empty once ``pid`` has exited."""
+
+    def open_tree(self, pid: int) -> OpenTree:
+        """``tree(pid)`` to read repeatedly (keeps files open where that is cheaper)."""
 
 
 def _select() -> ProcReader:

@@ -173,7 +173,15 @@ class Sampler:
 
     def _tick(self, clients: list[Client]) -> None:
         now = time.monotonic()
-        due = [c for c in clients if c.next_due <= now]
+        # A measurement due within a quarter of the interval is sampled in this wake-up
+        # (tools wake the thread every 20 ms anyway): its samples fall in step with its
+        # tools' instead of waking the thread on their own.
+        early = now + self.interval_s / 4
+        due = [
+            c
+            for c in clients
+            if c.next_due <= now or (c.next_due <= early and not getattr(c, "is_tool", False))
+        ]
         # This process's RSS only when a measurement (not only tools) is due.
         rss = READER.self_rss() if any(not getattr(c, "is_tool", False) for c in due) else 0
         # Tools first: a measurement's footprint adds its tools' freshest RSS.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskmeter.measure import cgroup
 from taskmeter.measure.orphans import start_ticks
-from taskmeter.measure.proc import READER
+from taskmeter.measure.proc import READER, OpenTree
 from taskmeter.measure.report import PeakMethod, ToolRun
 from taskmeter.measure.sampler import SAMPLER, RssSeries
 from taskmeter.measure.span import BOOK
@@ -92,13 +92,16 @@ class ToolWatch:
         self.oom_end: int | None = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._tree: OpenTree | None = None  # the tool's /proc files, open while sampled
 
     # -- sampler side -----------------------------------------------------------
     def sample(self, now: float, self_rss: int = 0) -> None:
         with self._lock:
             if self._stopped:
                 return
-            procs = READER.tree(self.pid)
+            if self._tree is None:
+                self._tree = READER.open_tree(self.pid)
+            procs = self._tree.read()
             age = now - self.t_start
             # Young processes are sampled densely (1 ms, then half their age) so a short
             # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
@@ -118,6 +121,9 @@ class ToolWatch:
         pid may be reused, so no sample may be taken from then on."""
         with self._lock:
             self._stopped = True
+            if self._tree is not None:
+                self._tree.close()
+                self._tree = None
         SAMPLER.remove(self)
 
     # -- owner side -------------------------------------------------------------
