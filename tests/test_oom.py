@@ -321,3 +321,43 @@ def test_the_counter_line_is_read_exactly():
     assert cgroup._parse(b"low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n") == 2
     assert cgroup._parse(b"oom_kill 4") == 4
     assert cgroup._parse(b"oom_kill_disable 1\noom_group_kill 3\n") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_another_thread_holds_the_lock_does_not_deadlock_the_child():
+    import threading
+
+    cgroup.oom_kills()  # something cached in this process
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cgroup._lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its first reading must not wait for the parent's lock
+            code = 1
+            try:
+                cgroup.oom_kills()
+                code = 0 if cgroup._cached is not None and cgroup._cached[0] == os.getpid() else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child deadlocked on the cgroup lock")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join()

@@ -175,6 +175,24 @@ def _load() -> tuple[MemoryCgroup | None, int | None]:
         return found, fd
 
 
+def _after_fork_in_child() -> None:
+    """A forked child: a new lock (the parent's may have been held by another thread at
+    the fork, and would never be released in the child) and no cached counter (the
+    parent's; its inherited copy of the parent's fd is closed, the child opens its own).
+    An fd cached by another process (a fork that ran no hooks) is left alone: its number
+    may have been reused since."""
+    global _lock, _cached
+    _lock = threading.Lock()
+    cached, _cached = _cached, None
+    if cached is not None and cached[2] is not None and cached[0] == os.getppid():
+        with contextlib.suppress(OSError):
+            os.close(cached[2])
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def memory_cgroup() -> MemoryCgroup | None:
     """This process's memory cgroup (found once per process; see :func:`reset`)."""
     return _load()[0]
