@@ -260,3 +260,23 @@ def test_a_cold_shutdown_records_the_task_it_kills_and_leaves_no_tool(start_work
     (report,) = [r for r in w.reports() if r.task_id == result.id]
     assert report.state == "killed" and report.cause in ("signal", "unknown")
     assert [t.signal for t in report.tools] == [9]
+
+
+def test_a_run_whose_death_handling_raises_stops_no_other_run(monkeypatch):
+    reports: list[TaskReport] = []
+    hub = Hub([reports.append], hostname="h", pool="prefork", interval_s=0.05)
+    for name in ("bad", "good"):
+        hub.started(name, "t." + name, name + "-id", DEAD_PID, time.time())
+    real = hub._after_death
+
+    def after_death(run):  # e.g. an EIO reading /proc, a bug: for one run only
+        if run.task == "t.bad":
+            raise OSError(5, "Input/output error")
+        real(run)
+
+    monkeypatch.setattr(hub, "_after_death", after_death)
+    hub.process_gone(DEAD_PID)
+    hub.tick()  # every tick handles every run: no exception escapes
+    hub.tick(final=True)
+    assert sorted(r.task for r in reports) == ["t.bad", "t.good"]
+    assert {r.state for r in reports} == {"killed"}

@@ -296,11 +296,11 @@ class Hub:
                 log.exception("taskmeter: updating the in-flight journal failed")
         for run in runs:
             if run.pid != self._main_pid and (run.child_gone_at or run.verdict or run.partial):
-                self._after_death(run)
+                self._after_death_safe(run)
         with self._lock:
             lingering = list(self._lingering.items())
         for run_id, (run, until) in lingering:
-            self._after_death(run)
+            self._after_death_safe(run)
             if now > until or all(t.handled for t in run.tools.values()):
                 with self._lock:
                     self._lingering.pop(run_id, None)
@@ -414,6 +414,17 @@ class Hub:
                     st = orphans.read_stat(pid)
                     if st is not None and st.ppid in pids:  # (not a pid reused since)
                         tool.members[pid] = st.start_ticks
+
+    def _after_death_safe(self, run: Run) -> None:
+        """:meth:`_after_death` for one run of a tick: a run whose handling raises must
+        not stop the others' (nor the tick that reports killed runs)."""
+        try:
+            self._after_death(run)
+        except Exception:
+            log.exception(
+                "taskmeter: handling the death of pool process %d (task %s) failed",
+                run.pid, run.task,
+            )  # fmt: skip
 
     def _after_death(self, run: Run) -> None:
         """The run's pool process died or was judged: note the OOM-kill counter, and

@@ -254,9 +254,15 @@ class _Worker:
 
     def _process_gone(self, pid: int) -> None:
         if self.hub is not None:
-            self.hub.process_gone(pid)
+            try:
+                self.hub.process_gone(pid)
+            except Exception:  # the journal's record is still to be handled
+                log.exception("taskmeter: handling the exit of pool process %d failed", pid)
         if self.journal is not None:
-            self.journal.child_gone(pid)
+            try:
+                self.journal.child_gone(pid)
+            except Exception:  # e.g. EACCES, EROFS, EIO removing its record
+                log.exception("taskmeter: the journal could not forget pool process %d", pid)
 
     def _inflight_json(self) -> list[dict[str, Any]]:
         rows = self.hub.inflight() if self.hub else []
@@ -343,7 +349,7 @@ class _Worker:
 
     # -- every process: task signals -------------------------------------------------
     def task_started(self, task_name: str, task_id: str | None, request: Any = None) -> None:
-        pid = os.getpid()
+        pid = _PID[0]
         seq = next(self.seq)
         run_id = f"{pid}:{seq}"
         m = Measurement(task_name, task_id, pool=self.pool)
@@ -427,6 +433,12 @@ class _Worker:
             self._on_message(msg, None)  # solo and threads pools: no channel needed
         elif self.sender is not None:
             self.sender.send(msg)
+
+
+# This process's pid, kept across fork (os.getpid() is a system call).
+_PID = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def _is_revoked(task_id: str) -> bool:

@@ -225,7 +225,10 @@ class Listener:
         del self._buffers[conn]
         conn.close()
         if pid is not None:
-            self._on_gone(pid)
+            try:
+                self._on_gone(pid)
+            except Exception:  # never into the event loop (kombu's hub) or our thread
+                log.exception("taskmeter: handling the exit of pool process %d failed", pid)
 
     def _read(self, conn: socket.socket) -> bool:
         """Read and handle what one channel holds; False when it held nothing (or
