@@ -280,3 +280,36 @@ def test_a_run_whose_death_handling_raises_stops_no_other_run(monkeypatch):
     hub.tick(final=True)
     assert sorted(r.task for r in reports) == ["t.bad", "t.good"]
     assert {r.state for r in reports} == {"killed"}
+
+
+def test_a_stat_read_empty_is_gone_not_an_error(monkeypatch):
+    import io
+
+    monkeypatch.setattr(orphans, "open", lambda *a, **k: io.BytesIO(b""), raising=False)
+    assert orphans.read_stat(os.getpid()) is None
+    monkeypatch.setattr(orphans, "open", lambda *a, **k: io.BytesIO(b"12 (x"), raising=False)
+    assert orphans.read_stat(os.getpid()) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "P_PIDFD"), reason="needs pidfds (Linux >= 5.4)")
+def test_reaping_a_killed_tool_never_waits_for_it():
+    # A child of this process that does not die at once (a SIGKILLed tool in D state
+    # behaves alike): the reap returns at once, and a later tick reaps it.
+    proc = subprocess.Popen(["sleep", "60"])
+    handle = orphans._Handle(proc.pid, os.pidfd_open(proc.pid))
+    try:
+        t0 = time.monotonic()
+        orphans._reap_if_mine([handle])
+        assert time.monotonic() - t0 < 0.05
+        assert orphans.read_stat(proc.pid).state != "Z"
+        assert orphans._pending
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(
+            lambda: orphans.reap_pending() or orphans.read_stat(proc.pid) is None, 5,
+            "the killed child reaped at a tick", 0.01,
+        )  # fmt: skip
+        assert not orphans._pending
+    finally:
+        handle.close()
+        proc.kill()
+        proc.wait(5)

@@ -282,6 +282,7 @@ class Hub:
     def tick(self, final: bool = False) -> None:
         """Observe in-flight pool processes, and finalise runs whose end is known."""
         now = time.monotonic()
+        orphans.reap_pending()  # killed tools not dead yet at their kill (as PID 1)
         if self._recall is not None:
             self._oom_readings.append((now, cgroup.oom_kills()))
         with self._lock:

@@ -33,6 +33,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,9 +61,10 @@ def read_stat(pid: int) -> Stat | None:
             data = f.read()
     except OSError:
         return None
-    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'
-    rest = data[data.rindex(b")") + 2 :].split()
     try:
+        # comm (field 2) may hold spaces and parentheses: fields resume after the last
+        # ')' (none in an empty read: a process that exited as the file was read)
+        rest = data[data.rindex(b")") + 2 :].split()
         ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
         return Stat(
             state=rest[0].decode(),
@@ -243,7 +245,10 @@ def kill_tool(pid: int, ticks: int | None, parent: int) -> Killed | None:
 def _reap_if_mine(handles: list[_Handle]) -> None:
     """Where this process is the tools' new parent (a worker running as PID 1 in a
     container, or a subreaper), reap them so no zombie is left. Through the pidfd only:
-    waiting by pid could reap (or wait for) an unrelated child that reused the pid."""
+    waiting by pid could reap (or wait for) an unrelated child that reused the pid.
+    Never blocks (this runs on the event loop's thread): one WNOHANG wait each; one not
+    dead yet (SIGKILL takes a moment; a process in D state dies when its I/O ends) is
+    waited for again at the hub's next ticks (:func:`reap_pending`)."""
     p_pidfd = getattr(os, "P_PIDFD", None)
     if p_pidfd is None:
         return
@@ -252,10 +257,45 @@ def _reap_if_mine(handles: list[_Handle]) -> None:
         st = read_stat(h.pid)
         if h.fd is None or st is None or st.ppid != me:
             continue
-        for _ in range(100):  # a SIGKILLed process dies at once, unless in D state
-            try:
-                if os.waitid(p_pidfd, h.fd, os.WEXITED | os.WNOHANG) is not None:
-                    break
-            except OSError:
-                break
-            time.sleep(0.01)
+        if not _reaped(p_pidfd, h.fd):
+            with contextlib.suppress(OSError):
+                fd = os.dup(h.fd)  # the handle's own is closed by the caller
+                with _pending_lock:
+                    _pending.append((fd, time.monotonic() + _REAP_GIVE_UP_S))
+
+
+# Killed tools of which this process is the parent, not dead yet when killed: (pidfd,
+# monotonic time to give up), waited for (WNOHANG) at each of the hub's ticks.
+_pending: list[tuple[int, float]] = []
+_pending_lock = threading.Lock()
+_REAP_GIVE_UP_S = 600.0
+
+
+def _reaped(p_pidfd: int, fd: int) -> bool:
+    """Reap the process of pidfd ``fd`` if it died; True when nothing is left to wait
+    for (reaped, or not this process's child)."""
+    try:
+        return os.waitid(p_pidfd, fd, os.WEXITED | os.WNOHANG) is not None
+    except OSError:  # ECHILD: not ours (any more)
+        return True
+
+
+def reap_pending() -> None:
+    """Reap the killed tools that were not dead yet when killed (see _reap_if_mine);
+    called at each hub tick. Never blocks."""
+    if not _pending:
+        return
+    p_pidfd: int = getattr(os, "P_PIDFD", 0)
+    with _pending_lock:
+        items = list(_pending)
+        _pending.clear()
+    now, keep = time.monotonic(), []
+    for fd, until in items:
+        if _reaped(p_pidfd, fd) or now > until:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        else:
+            keep.append((fd, until))
+    if keep:
+        with _pending_lock:
+            _pending.extend(keep)
