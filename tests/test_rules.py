@@ -142,8 +142,12 @@ def test_the_unit_tests_catch_a_broken_rule(tmp_path: Path):
             "histogram_quantile(0.9, sum by (le, task) (increase(celery_task_wall",
         ),
         "new kill series": (
+            'unless last_over_time(celery_task_kills_total{cause="oom"}[10m] offset 15m)',
+            'unless last_over_time(celery_task_kills_total{cause="oom"}[10m] offset 1m)',
+        ),
+        "a stale marker taken for a birth": (
+            'unless last_over_time(celery_task_kills_total{cause="oom"}[10m] offset 15m)',
             'unless celery_task_kills_total{cause="oom"} offset 15m',
-            'unless celery_task_kills_total{cause="oom"} offset 1m',
         ),
     }
     for name, (old, new) in mutants.items():

@@ -229,7 +229,7 @@ def test_server_queries_aggregate_inside_prometheus(fake_prometheus):
     assert set(queries[0:2]) == {
         'sum by (task, state) (increase(celery_task_runs_total{ns="p"}[604800000ms]))',
         'sum by (task, state) (min_over_time(celery_task_runs_total{ns="p"}[604800000ms]) '
-        'unless celery_task_runs_total{ns="p"} offset 604800000ms)',
+        'unless last_over_time(celery_task_runs_total{ns="p"}[15m] offset 604800000ms))',
     }
     peak = 'celery_task_memory_peak_bytes_max{task=~"a",ns="p"}[604800000ms]'
     assert f"max by (task, component) (max_over_time({peak}))" in queries

@@ -13,6 +13,7 @@ prometheusrule.yaml is not this script's default output.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,11 +38,15 @@ def render(
     namespace: str | None = None,
     labels: dict[str, str] | None = None,
 ) -> str:
-    meta = [f"  name: {name}"]
+    # Values quoted (JSON strings are YAML strings): `--label v=1.0` or `team=yes` must
+    # stay strings, or Kubernetes refuses the manifest.
+    meta = [f"  name: {json.dumps(name)}"]
     if namespace:
-        meta.append(f"  namespace: {namespace}")
+        meta.append(f"  namespace: {json.dumps(namespace)}")
     meta.append("  labels:")
-    meta += [f"    {k}: {v}" for k, v in {**DEFAULT_LABELS, **(labels or {})}.items()]
+    meta += [
+        f"    {k}: {json.dumps(v)}" for k, v in {**DEFAULT_LABELS, **(labels or {})}.items()
+    ]
     body = "".join(f"  {line}\n" if line else "\n" for line in groups_text(rules_text).splitlines())
     return (
         "# Generated from taskmeter-rules.yml by prometheusrule.py: edit the rules file, then\n"

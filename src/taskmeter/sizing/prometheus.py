@@ -9,7 +9,8 @@ server (Thanos Query, Mimir, Cortex, VictoriaMetrics) works. Two methods give th
 only per task type results travel (a few KB whatever the fleet and window)::
 
     counts, sums   sum by (task, ...) (increase(x[window]))
-                   + sum by (task, ...) (min_over_time(x[window]) unless x offset window)
+                   + sum by (task, ...) (min_over_time(x[window])
+                       unless last_over_time(x[15m] offset window))
     maxima         max by (task, component) (max_over_time(x_max[window]))
     median         histogram_quantile(0.5, ...) of the per (task, le) bucket increases
                    (the same interpolation, done here on those few numbers)
@@ -22,9 +23,12 @@ relative error is below ~2 x scrape interval / window (60 s / 7 d: < 0.02 %), an
 below zero toward the start. It cannot see the first value of a series born inside the
 window (a new pod, a histogram or counter created at its first observation such as
 ``state="killed"``): that value is added by the second query of each figure,
-``min_over_time(x[window]) unless x offset window`` (a series with no sample within the
-lookback delta before the window start is born; its smallest value is its first unless
-it was also reset inside the window).
+``min_over_time(x[window]) unless last_over_time(x[15m] offset window)`` (a series with
+no sample in the 15 minutes before the window start is born; its smallest value is its
+first unless it was also reset inside the window). Not ``unless x offset window``: one
+failed scrape at the window start (a stale marker) would make a long-lived series look
+born and add its whole history. A series silent for more than 15 minutes right before
+the window (a worker down that long, then back with its old counts) still does.
 
 ``exact`` (short windows on few series): the raw samples of the window are fetched and
 counted here (:func:`counter_increase`), with no extrapolation at all. ``auto`` (the
@@ -470,6 +474,10 @@ SERVER_QUERIES = 24  # the queries of method "server" (for progress messages)
 PARALLEL_QUERIES = 4  # sent at once by method "server"
 
 Key = tuple[str, ...]
+# A series with no sample this long before the window start was born inside it. Longer
+# than a few failed scrapes (a stale marker is not a birth), shorter than a restart gap
+# worth noticing.
+BORN_LOOKBACK = "15m"
 
 
 @dataclass
@@ -648,7 +656,7 @@ def _server(
             (
                 f"{name}, series born in the window",
                 f"sum by ({grouping}) (min_over_time({name}{sel}[{w}]) "
-                f"unless {name}{sel} offset {w})",
+                f"unless last_over_time({name}{sel}[{BORN_LOOKBACK}] offset {w}))",
                 by,
             ),
         ]
