@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -255,15 +256,17 @@ def recommend(
             )
         warn = WarningPrinter(lambda text: click.echo(text, err=True))
         reader = RecordReader(ledgers, on_bad=warn)
-        # One accumulator per pool's sizing rules (a mixed input is refused or narrowed).
-        by_pool: dict[str, tuple[StatsAccumulator, ConcurrencyTracker]] = {}
+        # One accumulator per pool's sizing rules (a mixed input is refused or narrowed);
+        # None: records that say no pool.
+        by_pool: dict[str | None, tuple[StatsAccumulator, ConcurrencyTracker]] = {}
         pools_seen: dict[str | None, int] = {}
         for r in reader:  # one pass, nothing kept per task: memory ~ task types
             if tasks and r.task not in tasks:
                 continue
             pools_seen[r.worker.pool] = pools_seen.get(r.worker.pool, 0) + 1
             acc, tracker = by_pool.setdefault(
-                pool_model(r.worker.pool), (StatsAccumulator(percentile), ConcurrencyTracker())
+                pool_model(r.worker.pool) if r.worker.pool else None,
+                (StatsAccumulator(percentile), ConcurrencyTracker()),
             )
             acc.add(r)
             tracker.add(r)
@@ -275,11 +278,23 @@ def recommend(
         except SizingError as exc:
             raise click.ClickException(str(exc)) from exc
         err.print(why, highlight=False)
-        acc, tracker = by_pool.get(pool) or (
-            next(iter(by_pool.values()))
-            if len(by_pool) == 1
-            else (StatsAccumulator(percentile), ConcurrencyTracker())
-        )
+        if pool in by_pool:
+            acc, tracker = by_pool[pool]
+            left = sum(a.runs for key, (a, _) in by_pool.items() if key != pool)
+            if left:
+                err.print(f"{left} task record(s) of other pools or with no pool recorded "
+                          f"left out (only pool {pool}'s are sized)", highlight=False)  # fmt: skip
+        elif not by_pool:  # no records at all: recommend says so
+            acc, tracker = StatsAccumulator(percentile), ConcurrencyTracker()
+        elif len(by_pool) == 1:  # one group: sized by `pool`'s rules (--pool, or unrecorded)
+            ((key, (acc, tracker)),) = by_pool.items()
+            if key is not None:
+                err.print(f"the {key} task records are sized by pool {pool}'s rules (--pool)",
+                          highlight=False)  # fmt: skip
+        else:
+            have = ", ".join(f"{k or 'not recorded'}: {a.runs}"
+                             for k, (a, _) in by_pool.items()) or "none"  # fmt: skip
+            raise click.ClickException(f"no task records of pool {pool} (records by pool: {have})")
         if pool == "solo":
             concurrency = 1
         if concurrency is None and acc.runs:
@@ -360,18 +375,24 @@ def recommend(
         raise click.ClickException(str(exc)) from exc
     if fmt == "table":
         if output:
-            try:
-                with open(output, "w") as f:
-                    Console(file=f, width=120).print(render.as_table(rec))
-            except OSError as exc:  # checked at the start; the disk may fill up since
-                raise click.ClickException(f"cannot write {output!r}: {exc.strerror}") from exc
+            buf = Console(file=io.StringIO(), width=120)
+            buf.print(render.as_table(rec))
+            text = buf.file.getvalue()  # type: ignore[attr-defined]
         else:
-            Console(width=max(Console().width, 120)).print(render.as_table(rec))
-        return
-    text = render.as_json(rec) if fmt == "json" else render.as_kustomize(rec, deployment, container)
+            Console().print(render.as_table(rec))  # rich's own width detection
+            return
+    else:
+        text = (render.as_json(rec) if fmt == "json"
+                else render.as_kustomize(rec, deployment, container))  # fmt: skip
     if output:
-        try:
-            Path(output).write_text(text)
+        from taskmeter.reporting.command import write_atomic
+
+        target = Path(output)
+        try:  # whole or not at all: checked at the start, the disk may fill up since
+            if target.exists() and not target.is_file():  # /dev/stdout, a FIFO
+                target.write_text(text)
+            else:
+                write_atomic(target, text)
         except OSError as exc:
             raise click.ClickException(f"cannot write {output!r}: {exc.strerror}") from exc
     else:

@@ -505,13 +505,17 @@ def _tool(t: Any, i: int) -> ToolRun:
     argv = _list(t, "argv", where)
     if not all(isinstance(a, str) for a in argv):
         raise RecordError(f"{where}argv holds something that is not a string")
+    try:  # shown in the report's table and hovers
+        "".join(argv).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(f"{where}argv holds an unpaired UTF-16 surrogate") from None
     tracked = t.get("tracked", True)
     if not isinstance(tracked, bool):
         raise RecordError(f"{where}tracked is {_show(tracked)}, not true or false")
     return _new(
         ToolRun,
         argv=tuple(argv),
-        exe=_str(t, "exe", where),
+        exe=_text(t, "exe", where),
         pid=_int(t, "pid", where),
         exit_code=_opt_code(t, "exit_code", where),
         signal=_opt_code(t, "signal", where),
@@ -538,7 +542,7 @@ def _phase(p: Any, i: int) -> PhaseStats:
         raise RecordError(f"phases[{i}] is {_show(p)}, not an object")
     return _new(
         PhaseStats,
-        name=_str(p, "name", where),
+        name=_text(p, "name", where),
         wall_s=_num(p, "wall_s", where),
         cpu_s=_num(p, "cpu_s", where),
         rss_avg_bytes=_int(p, "rss_avg_bytes", where),
@@ -556,9 +560,7 @@ def parse_record(d: Mapping[str, Any]) -> TaskReport:
         raise RecordError("task is empty")
     totals = _obj(d, "tool_totals", "")
     worker = _obj(d, "worker", "")
-    pool = worker.get("pool")
-    if pool is not None and not isinstance(pool, str):
-        raise RecordError(f"worker.pool is {_show(pool)}, not a string or null")
+    pool = _text(worker, "pool", "worker.", optional=True)
     queue_wait = None if d.get("queue_wait_s") is None else _num(d, "queue_wait_s", "")
     return _new(
         TaskReport,
