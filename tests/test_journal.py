@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from taskmeter.celery.hub import Run, SeenTool
+from taskmeter.celery.hub import Hub, Run, SeenTool
 from taskmeter.celery.journal import (
     SLOT_SIZE,
     Journal,
@@ -379,3 +380,39 @@ def test_recycled_children_leave_no_records(start_worker):
     assert len(records) <= 2, records  # at most one per live pool process
     assert w.stop() == 0
     assert not folder.exists()  # a clean stop removes the folder it made
+
+
+def test_a_task_whose_report_fails_is_not_left_running_in_the_journal(tmp_path, monkeypatch):
+    from taskmeter.celery import integration, otel
+
+    j = fresh(tmp_path)
+    j.recover([], hostname="h", pool="solo", interval_s=0.1)
+    worker = integration._Worker(load_settings({}, {}), "solo", ["t.a"])
+    worker.journal = j
+    reports: list[TaskReport] = []
+    worker.hub = Hub([reports.append], hostname="h", pool="solo", interval_s=0.1)
+    path = j.folder / f"{os.getpid()}-0.slot"
+
+    def annotate(report):
+        raise RuntimeError("the user's tracer")
+
+    # The span annotation (third-party code) raises: the report still goes out.
+    monkeypatch.setattr(otel, "AVAILABLE", True)
+    monkeypatch.setattr(otel, "annotate", annotate)
+    worker.task_started("t.a", "id-1")
+    assert decode_slot(path.read_bytes()) is not None
+    worker.task_ended("id-1", "SUCCESS")
+    assert decode_slot(path.read_bytes()) is None
+    assert [(r.task_id, r.state) for r in reports] == [("id-1", "success")]
+    # The measurement itself raises: the slot is still cleared (never recovered lost).
+    worker.task_started("t.a", "id-2")
+    run = worker.runs[("id-2", threading.get_ident())]
+
+    def finish(**kw):
+        raise ValueError("a taskmeter bug")
+
+    monkeypatch.setattr(run.m, "finish", finish)
+    with pytest.raises(ValueError):
+        worker.task_ended("id-2", "SUCCESS")
+    assert decode_slot(path.read_bytes()) is None
+    j.close()

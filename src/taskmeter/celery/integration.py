@@ -406,17 +406,24 @@ class _Worker:
         if not announced:
             SAMPLER.remove(run)
         state = _STATES.get(celery_state or "")
-        report = run.m.finish(state=state or "killed")
-        if self.waits:
-            wait = self.waits.pop(key, None)
-            if wait is not None:
-                report = dataclasses.replace(report, queue_wait_s=wait)
+        wait = self.waits.pop(key, None) if self.waits else None
+        try:
+            report = run.m.finish(state=state or "killed")
+        finally:
+            if self.journal is not None:
+                # Cleared before the report is sent: if the whole worker dies in
+                # between, the task is missing rather than recorded twice. Cleared even
+                # when finish() raised: the task ended, it must not be recovered as lost.
+                self.journal.end()
+        if wait is not None:
+            report = dataclasses.replace(report, queue_wait_s=wait)
         if otel.AVAILABLE:
-            otel.annotate(report)  # the task's span, when one is current (otel.py)
-        if self.journal is not None:
-            # Cleared before the report is sent: if the whole worker dies in between,
-            # the task is missing rather than recorded twice.
-            self.journal.end()
+            try:
+                otel.annotate(report)  # the task's span, when one is current (otel.py)
+            except Exception:  # the user's tracer: never lose the report for it
+                if not _ANNOTATE_FAILED:
+                    _ANNOTATE_FAILED.append(True)
+                    log.exception("taskmeter: annotating the task's span failed (logged once)")
         final = state is not None
         if self.hub is not None:  # solo and threads pools: no channel needed
             self.hub.ended(run.run_id, report, final)
@@ -434,6 +441,8 @@ class _Worker:
         elif self.sender is not None:
             self.sender.send(msg)
 
+
+_ANNOTATE_FAILED: list[bool] = []  # otel.annotate raised once (logged once)
 
 # This process's pid, kept across fork (os.getpid() is a system call).
 _PID = [os.getpid()]
