@@ -134,3 +134,22 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return ""
+
+
+def test_a_timeout_kill_is_never_named_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cgroup's OOM-kill counter rises meanwhile (another process's OOM kill).
+    from taskmeter.measure import cgroup
+
+    readings = iter(range(100))
+    monkeypatch.setattr(cgroup, "oom_kills", lambda: next(readings))
+    with taskmeter.measure("tm.timeout") as m:
+        with pytest.raises(subprocess.TimeoutExpired):
+            taskmeter.run(["sleep", "30"], timeout=0.2)
+        # The same counter, but a SIGKILL from outside taskmeter: the OOM killer's.
+        p = taskmeter.Popen(["sleep", "30"])
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    timed_out, outside = m.report.tools
+    assert timed_out.signal == signal.SIGKILL and timed_out.cause is None
+    assert timed_out.outcome == "killed"
+    assert outside.signal == signal.SIGKILL and outside.cause == "oom"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -90,6 +91,9 @@ class ToolWatch:
         # The cgroup's OOM-kill counter at start and, if it died of SIGKILL, at its death.
         self.oom0 = cgroup.oom_kills()  # before the spawn: one small file read
         self.oom_end: int | None = None
+        # SIGKILL sent through its Popen (run()'s timeout, the task's kill()): never
+        # an OOM kill, whatever the counter did meanwhile (another process's OOM kill)
+        self.killed_by_us = False
         self._lock = threading.Lock()
         self._stopped = False
         self._tree: OpenTree | None = None  # the tool's /proc files, open while sampled
@@ -143,7 +147,12 @@ class ToolWatch:
     def finished(self, status: int | None, rusage: Any) -> None:
         self.t_end = time.monotonic()
         self.status, self.rusage = status, rusage
-        if status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:
+        if (
+            status is not None
+            and os.WIFSIGNALED(status)
+            and os.WTERMSIG(status) == 9
+            and not self.killed_by_us
+        ):
             self.oom_end = cgroup.oom_kills()  # the OOM killer's signal, or kill -9?
         self.rss.close()
         if rusage is not None:
@@ -207,7 +216,9 @@ class ToolWatch:
             samples=self.rss.n,
             read_bytes=ru.ru_inblock * 512 if ru is not None else 0,
             write_bytes=ru.ru_oublock * 512 if ru is not None else 0,
-            cause="oom" if sig == 9 and cgroup.rose(self.oom0, self.oom_end) else None,
+            cause="oom"
+            if sig == 9 and not self.killed_by_us and cgroup.rose(self.oom0, self.oom_end)
+            else None,
         )
 
 
@@ -239,6 +250,12 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
         _, parent_hwm = BOOK.spawn(spawn)
         watch.started(self.pid, parent_hwm)
         self._taskmeter_watch = watch
+
+    def send_signal(self, sig: int) -> None:
+        watch = self._taskmeter_watch
+        if watch is not None and sig == signal.SIGKILL:
+            watch.killed_by_us = True  # before the kill: its death is never an OOM kill
+        super().send_signal(sig)
 
     def _try_wait(self, wait_flags: int) -> tuple[int, int]:
         watch = self._taskmeter_watch
