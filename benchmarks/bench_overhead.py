@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_overhead.py           # full run, about 3.5 minutes
     .venv/bin/python benchmarks/bench_overhead.py --quick   # about 40 seconds
+    PYTHONPATH=/tmp/old/src .venv/bin/python benchmarks/bench_overhead.py --quick
+        # the same against another source tree (before/after: run both back to back)
 
 Prints markdown tables to stdout. Every comparison interleaves its variants in one run
 (A, B, A, B, ... with the order alternating between rounds) and reports medians, so a
@@ -192,6 +194,10 @@ def sleeps(n: int, sleep_s: float, interval_s: float | None) -> SamplerRun:
         samples, thread = 0, 0.0
     else:
         taskmeter.configure(interval_s=interval_s)
+        # The sampler thread may live on between measurements (parked): its CPU over
+        # this measurement is the difference.
+        th0 = SAMPLER.thread
+        thread0 = thread_cpu_s(th0.native_id) if th0 and th0.native_id else 0.0
         with taskmeter.measure("sleeps") as m:
             tprocs = [taskmeter.Popen(argv) for _ in range(n)]
             for tp in tprocs:
@@ -200,6 +206,8 @@ def sleeps(n: int, sleep_s: float, interval_s: float | None) -> SamplerRun:
                 time.sleep(sleep_s)
             th = SAMPLER.thread
             thread = thread_cpu_s(th.native_id) if th and th.native_id else float("nan")
+            if th is th0:
+                thread -= thread0
         samples = sum(t.samples for t in m.report.tools)
     return SamplerRun(self_cpu_s() - c0, time.monotonic() - t0, samples, thread)
 

@@ -115,6 +115,32 @@ def test_no_thread_or_fd_accumulates_over_10000_tasks_in_a_real_worker(quiet_wor
     print(f"{N_TASKS} tasks in {elapsed:.1f} s")
 
 
+def test_a_task_killed_before_its_start_was_announced_is_still_recorded(quiet_worker: Worker):
+    # A pool process tells the main process of a short task only with its end; one
+    # that dies at once never sends it: the main process recalls the run from the
+    # in-flight journal when the pool process dies / Celery reports it lost.
+    w = quiet_worker
+    _send(w, 1)
+    wait_for(
+        lambda: w.proc.poll() is not None or _lines(w.ledger) >= 1,
+        90,
+        f"the worker ready (log: {w.log})",
+    )
+    task_id = str(uuid.uuid4())
+    w.client().send_task("die.now", queue=w.queue, task_id=task_id)
+    reports = wait_for(
+        lambda: [r for r in w.reports() if r.task_id == task_id],
+        60,
+        f"the killed task's record (log: {w.log_text()[-2000:]})",
+    )
+    [report] = reports
+    assert report.task == "die.now"
+    assert report.state == "killed"
+    assert report.cause in ("signal", "unknown")  # SIGKILL, not by the OOM killer
+    assert report.worker.pid != w.proc.pid  # the pool process that died
+    assert 0 <= report.wall_s < 30
+
+
 def _sampler_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "taskmeter-sampler"]
 

@@ -64,6 +64,12 @@ def sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+@app.task(name="die.now")
+def die_now() -> None:
+    # SIGKILL itself at once: before the pool process announces the run (tests/test_hot_path.py)
+    os.kill(os.getpid(), 9)
+
+
 @app.task(name="hog")
 def hog(mib: int, seconds: float) -> None:
     blob = b"x" * (mib * 1024 * 1024)
