@@ -32,6 +32,7 @@ from taskmeter.sizing.prometheus import (
     counter_increase,
     parent_rss_from_prometheus,
     stats_from_prometheus,
+    worker_pools_from_prometheus,
 )
 from taskmeter.sizing.stats import TaskStats, stats_from_reports
 
@@ -615,6 +616,25 @@ def test_fleet_figures_computed_inside_prometheus_equal_the_ledger(fleet, tmp_pa
                           "--parent-memory", "120Mi")  # fmt: skip
     assert auto["options"]["concurrency"] == 4
     assert auto["memory_limit_bytes"] == from_ledger["memory_limit_bytes"]
+
+
+def test_task_filter_narrows_the_workers_read_for_pool_and_parent(fleet):
+    """--task also narrows taskmeter_worker_info and the parent's RSS to the workers that
+    ran those tasks: a Deployment's pool is not taken from another's."""
+    spec, url, reports = fleet
+    since = spec.end - spec.start + 10 * spec.interval_s
+    task = sorted({r.task for r in reports})[0]
+    every = worker_pools_from_prometheus(url, since_s=since, now=spec.end)
+    ran = worker_pools_from_prometheus(url, since_s=since, now=spec.end, tasks=[task])
+    nobody = worker_pools_from_prometheus(url, since_s=since, now=spec.end, tasks=["no.such"])
+    hosts = {r.worker.hostname for r in reports if r.task == task}
+    assert sum(sum(by.values()) for by in ran.pools.values()) == len(hosts)
+    assert ran.concurrency_of("prefork") == every.concurrency_of("prefork") == 4
+    assert nobody.pools == {} and nobody.concurrency_of("prefork") is None
+    parent = parent_rss_from_prometheus(url, since_s=since, now=spec.end)
+    assert parent is not None and parent > 0
+    assert parent_rss_from_prometheus(url, since_s=since, now=spec.end, tasks=[task]) == parent
+    assert parent_rss_from_prometheus(url, since_s=since, now=spec.end, tasks=["no.such"]) is None
 
 
 def recommend_json(*args: str) -> dict[str, Any]:

@@ -323,7 +323,8 @@ def recommend(
                 for note in notes:
                     err.print(note, highlight=False)
                 status.update("querying the workers' pools")
-                workers = worker_pools_from_prometheus(url, since_s=since, selector=selector)
+                workers = worker_pools_from_prometheus(url, since_s=since, selector=selector,
+                                                       tasks=tasks or None)  # fmt: skip
                 counts: dict[str | None, int] = {
                     p: sum(by.values()) for p, by in workers.pools.items()
                 }
@@ -331,12 +332,13 @@ def recommend(
                 err.print(why, highlight=False)
                 if pool == "solo":
                     concurrency = 1
-                elif concurrency is None and workers.concurrency:
-                    concurrency = workers.concurrency
+                elif concurrency is None and workers.concurrency_of(pool):
+                    concurrency = workers.concurrency_of(pool)
                     err.print(f"concurrency {concurrency}: from taskmeter_worker_info")
                 if parent is None and stats and pool == "prefork":
                     status.update("querying the workers' main-process memory")
-                    parent = parent_rss_from_prometheus(url, since_s=since, selector=selector)
+                    parent = parent_rss_from_prometheus(url, since_s=since, selector=selector,
+                                                        tasks=tasks or None)  # fmt: skip
                     if parent is not None:
                         err.print(f"parent process memory {parent / 2**20:.0f} MiB: the largest "
                                   "process_resident_memory_bytes of the workers")  # fmt: skip

@@ -834,18 +834,37 @@ class WorkerPools:
         values = [c for by in self.pools.values() for c in by]
         return max(values) if values else None
 
+    def concurrency_of(self, model: str) -> int | None:
+        """The largest concurrency of the workers whose pool sizes as ``model``."""
+        from taskmeter.sizing.recommend import pool_model
+
+        values = [c for pool, by in self.pools.items() if pool_model(pool) == model for c in by]
+        return max(values) if values else None
+
+
+def _ran(tasks: Sequence[str] | None, sel_user: str, w: str) -> str:
+    """`` and on (job, instance) (...)`` keeping the targets that ran one of ``tasks``
+    in the window ("" when no task filter): --task narrows the workers too."""
+    if not tasks:
+        return ""
+    runs = f"{_RUNS}{_selector(_task_matcher(tasks), sel_user)}[{w}]"
+    return f" and on (job, instance) (max by (job, instance) (max_over_time({runs})) > 0)"
+
 
 def worker_pools_from_prometheus(
-    url: str, *, since_s: float, selector: str = "", timeout_s: float = 30, now: float | None = None
+    url: str, *, since_s: float, selector: str = "", timeout_s: float = 30,
+    now: float | None = None, tasks: Sequence[str] | None = None,
 ) -> WorkerPools:
     """Which pools (prefork, solo, threads, ...) and concurrencies the workers ran with
-    in the window; empty when they export no ``taskmeter_worker_info``."""
+    in the window (only the workers that ran one of ``tasks``, when given); empty when
+    they export no ``taskmeter_worker_info``."""
     client = _Client(url, timeout_s)
     at = time.time() if now is None else now
     user = _user_matchers(selector)
+    w = _range_ms(since_s)
     promql = (
         f"count by (pool, concurrency) "
-        f"(max_over_time({_WORKER_INFO}{_selector(user)}[{_range_ms(since_s)}]))"
+        f"(max_over_time({_WORKER_INFO}{_selector(user)}[{w}]){_ran(tasks, user, w)})"
     )
     pools: dict[str, dict[int, int]] = {}
     for labels, n in client.vector(promql, at):
@@ -859,7 +878,8 @@ def worker_pools_from_prometheus(
 
 
 def parent_rss_from_prometheus(
-    url: str, *, since_s: float, selector: str = "", timeout_s: float = 30, now: float | None = None
+    url: str, *, since_s: float, selector: str = "", timeout_s: float = 30,
+    now: float | None = None, tasks: Sequence[str] | None = None,
 ) -> int | None:
     """The largest RSS of a worker's main process in the window: the "parent" of sizing.
 
@@ -869,12 +889,13 @@ def parent_rss_from_prometheus(
     """
     client = _Client(url, timeout_s)
     at = time.time() if now is None else now
-    sel = _selector(_user_matchers(selector))
+    user = _user_matchers(selector)
+    sel = _selector(user)
     w = _range_ms(since_s)
     promql = (
         f"max(max_over_time(process_resident_memory_bytes{sel}[{w}]) and on (job, instance) "
         f"(max_over_time({_WORKER_INFO}{sel}[{w}]) "
-        f"or max_over_time(celery_task_inflight{sel}[{w}])))"
+        f"or max_over_time(celery_task_inflight{sel}[{w}])){_ran(tasks, user, w)})"
     )
     values = [value for _, value in client.vector(promql, at)]
     return int(max(values)) if values else None
