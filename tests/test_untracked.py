@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -91,6 +92,18 @@ def test_a_200_mb_tool_run_by_plain_subprocess_run_counts_in_the_footprint():
     assert 0 < tool.cpu_s <= child_cpu + 0.02
     assert tool.cpu_s + r.unattributed_child_cpu_s == pytest.approx(child_cpu, abs=0.03)
     assert r.tool_totals.runs == 1 and r.tool_totals.rss_peak_bytes == tool.rss_peak_bytes
+
+
+@linux_only
+def test_an_untracked_tools_name_is_its_executables_not_its_argv0():
+    # argv[0] is any text its starter chose (setproctitle, exec -a): never a label.
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    with taskmeter.measure("argv0") as m:
+        subprocess.run(["task-3f2a9c-retry-7", "1"], executable=sleep, check=True)
+    [tool] = m.report.tools
+    assert not tool.tracked and tool.argv[0] == "task-3f2a9c-retry-7"
+    assert tool.exe == os.path.basename(os.path.realpath(sleep))
 
 
 @linux_only
@@ -300,6 +313,20 @@ def test_patched_asyncio_subprocesses_are_left_to_asyncio(patched):
     # sampler still found it (untracked), and nothing is left being sampled.
     assert [t.tracked for t in m.report.tools] in ([], [False])
     assert taskmeter.wait_idle()
+
+
+def test_a_subclass_made_after_the_patch_is_an_ordinary_class(patched):
+    class MyPopen(subprocess.Popen):  # type: ignore[type-arg]
+        pass
+
+    plain = patch_module.ORIGINAL(["true"])
+    plain.wait(5)
+    assert not isinstance(plain, MyPopen) and isinstance(plain, subprocess.Popen)
+    assert not issubclass(patch_module.ORIGINAL, MyPopen)
+    mine = MyPopen(["true"])
+    mine.wait(5)
+    assert isinstance(mine, MyPopen) and isinstance(mine, subprocess.Popen)
+    assert issubclass(MyPopen, MyPopen) and issubclass(MyPopen, patch_module.ORIGINAL)
 
 
 def test_patch_leaves_another_librarys_popen_alone(monkeypatch, caplog):

@@ -41,13 +41,19 @@ log = logging.getLogger("taskmeter.patch")
 
 
 class _SameAsOriginal(type):
-    """isinstance/issubclass against the patched name answer as for the original."""
+    """isinstance/issubclass against the patched name answer as for the original; a
+    class derived from it after the patch (``class MyPopen(subprocess.Popen)``) answers
+    as any class (a plain Popen is not a MyPopen)."""
 
     def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, ORIGINAL)
+        if cls is PatchedPopen:
+            return isinstance(obj, ORIGINAL)
+        return type.__instancecheck__(cls, obj)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, ORIGINAL)
+        if cls is PatchedPopen:
+            return issubclass(sub, ORIGINAL)
+        return type.__subclasscheck__(cls, sub)
 
 
 class PatchedPopen(_ToolPopen, metaclass=_SameAsOriginal):

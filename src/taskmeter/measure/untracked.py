@@ -140,6 +140,16 @@ def process_children(pid: int) -> list[int]:
     return out
 
 
+def _exe_name(pid: int) -> str:
+    """The name of the file ``pid`` executes; "" when not readable (another user's
+    process, a zombie)."""
+    try:
+        path = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+    return os.path.basename(path.removesuffix(" (deleted)"))
+
+
 def _hwm(pid: int) -> int | None:
     data = _read(f"/proc/{pid}/status")
     if data is None:
@@ -284,7 +294,9 @@ class UntrackedScan:
                 proc.execd = cmd is not None and pcmd is not None and cmd != pcmd
                 if cmd is not None and pid == run.pid and (proc.execd or not run.argv):
                     run.argv = tuple(a.decode(errors="replace") for a in cmd.split(b"\0")[:-1])
-                    run.exe = os.path.basename(run.argv[0]) if run.argv else ""
+                    # The executable's name, not argv[0]: setproctitle and the like
+                    # put any text there (task ids into the ``tool`` label)
+                    run.exe = _exe_name(pid) or st.comm
             if proc.execd:
                 counted = True
                 rss += st.rss_bytes
