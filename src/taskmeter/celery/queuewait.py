@@ -12,6 +12,7 @@ never 0.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -32,6 +33,8 @@ def _epoch(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, str):
+        if value.endswith(("Z", "z")):  # Python 3.10's fromisoformat wants +00:00
+            value = value[:-1] + "+00:00"
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
@@ -45,7 +48,8 @@ def _epoch(value: Any) -> float | None:
 
 def wait_s(request: Any, started_epoch: float) -> float | None:
     """Seconds ``request`` (a task's ``self.request``) waited before starting at
-    ``started_epoch``; None when the sender did not stamp the message."""
+    ``started_epoch``; None when the sender did not stamp the message, or stamped
+    something that is not a finite time (the ledger holds strict JSON)."""
     published = getattr(request, HEADER, None)
     if published is None:
         headers = getattr(request, "headers", None)
@@ -54,7 +58,10 @@ def wait_s(request: Any, started_epoch: float) -> float | None:
     if not isinstance(published, (int, float)) or isinstance(published, bool):
         return None
     ref = float(published)
+    if not math.isfinite(ref):
+        return None
     eta = _epoch(getattr(request, "eta", None))
     if eta is not None and eta > ref:
         ref = eta
-    return max(0.0, started_epoch - ref)
+    wait = max(0.0, started_epoch - ref)
+    return wait if math.isfinite(wait) else None
