@@ -3,6 +3,9 @@ out of the listener, and a sender whose reader stalls gives up instead of blocki
 
 from __future__ import annotations
 
+import time
+
+from taskmeter.celery import transport
 from taskmeter.celery.transport import Listener, Sender
 
 from workerkit import wait_for
@@ -29,5 +32,30 @@ def test_an_exit_handler_that_raises_does_not_stop_the_listener():
         wait_for(lambda: len(got) == 2, 5, "the second message", 0.01)  # the listener still serves
         second.close()
         assert [m for m, _ in got] == [{"n": 1}, {"n": 2}]
+    finally:
+        listener.close()
+
+
+def test_a_sender_whose_channel_is_not_read_drops_instead_of_blocking(monkeypatch):
+    # A warm shutdown: the main process reads no channel until the worker's end, and a
+    # task sending many messages must finish meanwhile.
+    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.2)
+    got: list[object] = []
+    listener = Listener(lambda msg, pid: got.append(msg), lambda pid: None)
+    try:
+        sender = Sender(listener.address, listener.token)
+        pad = "x" * 60_000
+        t0 = time.monotonic()
+        for n in range(200):  # 12 MB: far more than the socket's buffer
+            sender.send({"n": n, "pad": pad})
+        elapsed = time.monotonic() - t0
+        assert sender._stalled and sender._dropped > 0
+        assert elapsed < 3.0  # one wait of 0.2 s, then no more waiting
+        # The reader comes back: the messages sent from then on arrive whole.
+        listener.start()
+        wait_for(lambda: any(m.get("n") == 0 for m in got), 5, "the first message", 0.01)
+        sender.send({"n": "after"})
+        wait_for(lambda: {"n": "after"} in got, 5, "the message sent after", 0.01)
+        sender.close()
     finally:
         listener.close()

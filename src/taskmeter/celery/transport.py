@@ -279,14 +279,27 @@ class Listener:
         return True
 
 
+# How long a pool process waits for room in its channel before dropping a message:
+# nobody reads the channels during a warm shutdown until the worker's end, and a task
+# must finish meanwhile rather than block (until its pod is SIGKILLed).
+SEND_TIMEOUT_S = 5.0
+
+
 class Sender:
     """Pool process side. Connects lazily (after the fork) and never fails a task: a
-    message that cannot be delivered is logged and dropped."""
+    message that cannot be delivered is logged and dropped. A message that waited
+    SEND_TIMEOUT_S for room in the channel (the kernel's SO_SNDTIMEO: no extra system
+    call per message) is dropped, and the following ones are sent only if they fit at
+    once (MSG_DONTWAIT) until one does: a stalled reader costs a task one wait."""
 
     def __init__(self, address: str, token: str) -> None:
         self.address, self._token = address, token
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        # the channel's reader stalled: the stream may end in a partial line, so the
+        # next message starts with a newline (the listener drops the partial line)
+        self._stalled = False
+        self._dropped = 0
 
     def send(self, msg: Message) -> None:
         self.send_line(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
@@ -299,8 +312,26 @@ class Sender:
                     if self._sock is None:
                         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                         self._sock.connect(self.address)
+                        with contextlib.suppress(OSError):
+                            sec, usec = int(SEND_TIMEOUT_S), int(SEND_TIMEOUT_S % 1 * 1e6)
+                            tv = struct.pack("ll", sec, usec)
+                            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+                        self._stalled = False
                         self._sock.sendall(json.dumps({"hello": self._token}).encode() + b"\n")
-                    self._sock.sendall(data)
+                    if self._stalled:
+                        self._sock.sendall(b"\n" + data, socket.MSG_DONTWAIT)
+                        self._stalled = False
+                    else:
+                        self._sock.sendall(data)
+                    return
+                except BlockingIOError:  # no room within SEND_TIMEOUT_S, or at once
+                    self._stalled = True  # (the channel stays open: closing it would
+                    self._dropped += 1  # tell the main process this process exited)
+                    if self._dropped == 1:
+                        log.warning(
+                            "taskmeter: the report channel is not read (warm shutdown?): "
+                            "dropping report messages until it is (logged once)"
+                        )
                     return
                 except OSError as exc:
                     if self._sock is not None:
