@@ -103,9 +103,15 @@ class ToolWatch:
         with self._lock:
             if self._stopped:
                 return
-            if self._tree is None:
+            if self._tree is not None:
+                procs = self._tree.read()
+            elif not self.rss.n:
+                # The first sample as soon as possible after the spawn (a 1 ms tool may
+                # be gone after two opens); the files stay open from the second one.
+                procs = READER.tree(self.pid)
+            else:
                 self._tree = READER.open_tree(self.pid)
-            procs = self._tree.read()
+                procs = self._tree.read()
             age = now - self.t_start
             # Young processes are sampled densely (1 ms, then half their age) so a short
             # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
