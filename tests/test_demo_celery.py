@@ -32,6 +32,8 @@ REDIS_DB12 = "redis://127.0.0.1:6379/12"
 
 
 def run_demo(*args: str, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
+    # A wide "terminal" (rich reads COLUMNS when stdout is not one): names stay on one line.
+    kw["env"] = {"COLUMNS": "200", **kw.get("env", os.environ)}
     return subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -95,8 +97,9 @@ def test_default_demo_end_to_end(tmp_path: Path):
 
     # What is printed: the per task type tables next to bcftools alone, the sizing and
     # the patch written to the workdir.
-    for text in ("vcf.subset_query (means per task)", "vcf.merge (means per task)",
-                 "alone wall", "memory request", "Kustomize patch"):  # fmt: skip
+    for text in ("vcf.subset_query: time (means per task)", "vcf.merge: time (means per task)",
+                 "vcf.merge: CPU and memory", "alone", "memory request",
+                 "Kustomize patch"):  # fmt: skip
         assert text in out.stdout
     patch = yaml.safe_load((workdir / "resources.yaml").read_text())
     assert patch["kind"] == "Deployment"
@@ -112,16 +115,6 @@ def test_default_demo_end_to_end(tmp_path: Path):
     # Everything stopped: the worker's endpoint is gone.
     port = int(summary["metrics_url"].rsplit(":", 1)[1])
     assert not port_open("127.0.0.1", port)
-
-
-@pytest.mark.slow
-def test_quick_demo_removes_its_temporary_directory(tmp_path: Path):
-    require("bcftools")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    out = run_demo("--quick", env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "alone wall" in out.stdout
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -224,7 +224,7 @@ def run_demo(cfg: Config, console: Console) -> Outcome:
                 f"{s3.endpoint or 'AWS'} (bucket {s3.bucket}), broker {broker}"
                 f"{' ' + str(broker_dir) if broker_dir else ''}, queue {worker.queue}. "
                 "Ctrl-C to stop.",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
