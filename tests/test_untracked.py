@@ -95,7 +95,7 @@ def test_a_200_mb_tool_run_by_plain_subprocess_run_counts_in_the_footprint():
 
 
 @linux_only
-def test_an_untracked_tools_name_is_its_executables_not_its_argv0():
+def test_an_untracked_tools_name_is_its_executables_not_its_argv0(tmp_path):
     # argv[0] is any text its starter chose (setproctitle, exec -a): never a label.
     sleep = shutil.which("sleep")
     assert sleep is not None
@@ -104,6 +104,14 @@ def test_an_untracked_tools_name_is_its_executables_not_its_argv0():
     [tool] = m.report.tools
     assert not tool.tracked and tool.argv[0] == "task-3f2a9c-retry-7"
     assert tool.exe == os.path.basename(os.path.realpath(sleep))
+    # Nor the kernel's name of the process (the name it was executed by; a process can
+    # also change it with PR_SET_NAME) when its executable's name differs.
+    link = tmp_path / "task-3f2a9c"
+    link.symlink_to(os.path.realpath(sleep))
+    with taskmeter.measure("comm") as m:
+        subprocess.run([str(link), "1"], check=True)
+    [tool] = m.report.tools
+    assert not tool.tracked and tool.exe == os.path.basename(os.path.realpath(sleep))
 
 
 @linux_only

@@ -140,14 +140,19 @@ def process_children(pid: int) -> list[int]:
     return out
 
 
-def _exe_name(pid: int) -> str:
-    """The name of the file ``pid`` executes; "" when not readable (another user's
-    process, a zombie)."""
+def _exe_name(pid: int, comm: str) -> str:
+    """The name of what ``pid`` executes, never text the process chose: the name it was
+    executed by (``comm``, the kernel's: the basename of the path given to exec, as a
+    tracked tool is named) when the file it executes (``/proc/<pid>/exe``, symlinks
+    resolved: ``python`` -> ``python3.11``) starts with it and it is not truncated to
+    15 characters; else that file's name; ``comm`` when it cannot be read (another
+    user's process, a zombie). ``comm`` alone can be changed (PR_SET_NAME)."""
     try:
         path = os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        return ""
-    return os.path.basename(path.removesuffix(" (deleted)"))
+        return comm
+    name = os.path.basename(path.removesuffix(" (deleted)"))
+    return comm if comm and len(comm) < 15 and name.startswith(comm) else name
 
 
 def _hwm(pid: int) -> int | None:
@@ -296,7 +301,7 @@ class UntrackedScan:
                     run.argv = tuple(a.decode(errors="replace") for a in cmd.split(b"\0")[:-1])
                     # The executable's name, not argv[0]: setproctitle and the like
                     # put any text there (task ids into the ``tool`` label)
-                    run.exe = _exe_name(pid) or st.comm
+                    run.exe = _exe_name(pid, st.comm)
             if proc.execd:
                 counted = True
                 rss += st.rss_bytes
