@@ -184,3 +184,63 @@ def test_a_forked_child_does_not_inherit_a_running_sampler():
     assert outer.report.overhead.rss_avg_bytes > 0
     assert wait_idle(2.0)
     assert len(_sampler_threads()) == 1
+
+
+class _Loop:
+    """The part of kombu's hub the listener uses, driven by hand."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, tuple[object, tuple[object, ...]]] = {}
+        self.timers: list[object] = []
+
+    def add_reader(self, fd: object, cb: object, *args: object) -> None:
+        self.readers[fd.fileno()] = (cb, args)  # type: ignore[attr-defined]
+
+    def remove_reader(self, fd: object) -> None:
+        self.readers.pop(fd.fileno(), None)  # type: ignore[attr-defined]
+
+    def call_later(self, delay: float, cb: object) -> None:
+        self.timers.append(cb)
+
+    def run_once(self) -> None:
+        import select
+
+        fds = list(self.readers)
+        ready, _, _ = select.select(fds, [], [], 0.5)
+        for fd in ready:
+            if fd in self.readers:
+                cb, args = self.readers[fd]
+                cb(*args)  # type: ignore[operator]
+
+
+def test_end_lines_arrive_whole_through_an_event_loop_and_sinks_flush_per_round():
+    from taskmeter.celery.transport import Listener, Sender
+
+    got: list[dict[str, object]] = []
+    batches: list[int] = []
+    listener = Listener(
+        lambda msg, pid: got.append(msg), lambda pid: None, lambda: batches.append(len(got))
+    )
+    loop = _Loop()
+    listener.attach(loop)
+    try:
+        sender = Sender(listener.address, listener.token)
+        record = b'{"schema":"taskmeter.task/1","task":"t\\tx"}'
+        for n in range(3):
+            sender.send_line(b'E["run:%d",true,null]\t' % n + record + b"\n")
+        sender.send({"type": "tool", "run": "run:9"})
+        deadline = time.monotonic() + 5
+        while len(got) < 4 and time.monotonic() < deadline:
+            loop.run_once()
+        assert [m["type"] for m in got] == ["end-line"] * 3 + ["tool"]
+        assert [m["head"] for m in got[:3]] == [[f"run:{n}", True, None] for n in range(3)]
+        assert all(m["body"] == record for m in got[:3])  # the record as encoded, unparsed
+        assert loop.timers and not batches  # the flush waits for its timer (one per round)
+        loop.timers.pop(0)()  # type: ignore[operator]
+        assert batches == [4]
+        sender.send_line(b'E["run:10",false,null]\t' + record + b"\n")
+        sender.close()
+    finally:
+        listener.close()  # reads what is left, and flushes
+    assert got[-1]["head"] == ["run:10", False, None]
+    assert batches[-1] == 5
