@@ -3,6 +3,7 @@ out of the listener, and a sender whose reader stalls gives up instead of blocki
 
 from __future__ import annotations
 
+import threading
 import time
 
 from taskmeter.celery import transport
@@ -45,10 +46,17 @@ def test_a_sender_whose_channel_is_not_read_drops_instead_of_blocking(monkeypatc
     try:
         sender = Sender(listener.address, listener.token)
         pad = "x" * 60_000
+
+        def send_all() -> None:
+            for n in range(200):  # 12 MB: far more than the socket's buffer
+                sender.send({"n": n, "pad": pad})
+
         t0 = time.monotonic()
-        for n in range(200):  # 12 MB: far more than the socket's buffer
-            sender.send({"n": n, "pad": pad})
+        sending = threading.Thread(target=send_all, daemon=True)  # a hang fails, not hangs
+        sending.start()
+        sending.join(10)
         elapsed = time.monotonic() - t0
+        assert not sending.is_alive(), "the sender blocked"
         assert sender._stalled and sender._dropped > 0
         assert elapsed < 3.0  # one wait of 0.2 s, then no more waiting
         # The reader comes back: the messages sent from then on arrive whole.
