@@ -283,9 +283,9 @@ def _reaped(p_pidfd: int, fd: int) -> bool:
 def reap_pending() -> None:
     """Reap the killed tools that were not dead yet when killed (see _reap_if_mine);
     called at each hub tick. Never blocks."""
-    if not _pending:
+    p_pidfd: int | None = getattr(os, "P_PIDFD", None)
+    if not _pending or p_pidfd is None:
         return
-    p_pidfd: int = getattr(os, "P_PIDFD", 0)
     with _pending_lock:
         items = list(_pending)
         _pending.clear()
