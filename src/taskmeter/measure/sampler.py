@@ -30,6 +30,7 @@ ENV_INTERVAL = "TASKMETER_SAMPLE_INTERVAL"
 # points for its average.
 DEFAULT_INTERVAL_S = 0.1
 _INF = float("inf")
+_MAX_WAIT_S = 3600.0
 
 
 def interval_from_env(environ: dict[str, str] | None = None) -> float:
@@ -151,21 +152,32 @@ class Sampler:
         return self._thread
 
     def _run(self) -> None:
-        while True:
+        me = threading.current_thread()
+        try:
+            self._loop()
+        finally:  # should it ever end, the next client starts a new thread
             with self._cond:
-                if not self._clients:
+                if self._thread is me:
+                    self._thread = None
                     self._wake_at = _INF
-                    self._cond.wait()  # parked: no timeout, woken by add()
-                    continue
-                now = time.monotonic()
-                due = min(c.next_due for c in self._clients)
-                if due > now:
-                    self._wake_at = due
-                    self._cond.wait(due - now)
-                    continue
-                self._wake_at = -_INF
-                clients = list(self._clients)
+
+    def _loop(self) -> None:
+        while True:
             try:
+                with self._cond:
+                    if not self._clients:
+                        self._wake_at = _INF
+                        self._cond.wait()  # parked: no timeout, woken by add()
+                        continue
+                    now = time.monotonic()
+                    due = min(c.next_due for c in self._clients)
+                    if due > now:
+                        self._wake_at = due
+                        # (capped: a client due "never" must not overflow the timeout)
+                        self._cond.wait(min(due - now, _MAX_WAIT_S))
+                        continue
+                    self._wake_at = -_INF
+                    clients = list(self._clients)
                 self._tick(clients)
             except Exception:  # never let a sampling bug kill measurement silently
                 log.exception("taskmeter sampler tick failed")
