@@ -244,3 +244,24 @@ def test_end_lines_arrive_whole_through_an_event_loop_and_sinks_flush_per_round(
         listener.close()  # reads what is left, and flushes
     assert got[-1]["head"] == ["run:10", False, None]
     assert batches[-1] == 5
+
+
+def test_the_lasting_sampler_survives_a_client_due_never():
+    class Never:
+        next_due = float("inf")
+        is_tool = True
+
+        def sample(self, now: float, self_rss: int) -> None:  # pragma: no cover
+            raise AssertionError("never due")
+
+    never = Never()
+    SAMPLER.add(never)
+    try:
+        time.sleep(0.05)
+        with taskmeter.measure("after") as m:
+            time.sleep(0.25)
+    finally:
+        SAMPLER.remove(never)
+    assert SAMPLER.thread is not None and SAMPLER.thread.is_alive()
+    assert m.report.overhead.rss_avg_bytes > 0
+    assert wait_idle(2.0)
