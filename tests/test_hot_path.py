@@ -263,5 +263,5 @@ def test_the_lasting_sampler_survives_a_client_due_never():
     finally:
         SAMPLER.remove(never)
     assert SAMPLER.thread is not None and SAMPLER.thread.is_alive()
-    assert m.report.overhead.rss_avg_bytes > 0
+    assert m.rss.n >= 3, "sampled between its start and end (the thread still samples)"
     assert wait_idle(2.0)
