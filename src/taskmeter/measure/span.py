@@ -111,7 +111,9 @@ class Span:
         t1 = time.monotonic()
         user, sys_, maxrss = process_usage()
         cpu1 = (user, sys_)
-        tcpu1 = thread_cpu()
+        # The thread's own CPU only counts when another thread had a span open: read
+        # now if so, else (a span opening before this one closes) right after the close.
+        tcpu1 = thread_cpu() if self.shared else None
         # The peak read while this span is still open (a span opening in another thread
         # meanwhile folds the counter into this one before resetting it): from
         # ru_maxrss when exact (see begin), else with the RSS from one /proc read.
@@ -127,6 +129,8 @@ class Span:
         SAMPLER.remove(self)
         BOOK.close(self, hwm)
         if self.shared:
+            if tcpu1 is None:
+                tcpu1 = thread_cpu()
             user, sys_ = tcpu1[0] - self._tcpu0[0], tcpu1[1] - self._tcpu0[1]
             method: CpuMethod = "thread"
         else:
@@ -136,15 +140,18 @@ class Span:
             peak, peak_method = max(self.hwm_peak, self.rss.peak), "hwm"
         else:
             peak, peak_method = self.rss.peak, "sampled"
-        return SpanStats(
+        # SpanStats(...) without the frozen __init__'s per-field object.__setattr__
+        stats = object.__new__(SpanStats)
+        stats.__dict__.update(
             wall_s=t1 - self.t0,
             user_s=max(user, 0.0),
             sys_s=max(sys_, 0.0),
             rss_avg_bytes=self.rss.avg,
             rss_peak_bytes=peak,
-            peak_method=peak_method,  # type: ignore[arg-type]
+            peak_method=peak_method,
             cpu_method=method,
         )
+        return stats
 
 
 class Book:
