@@ -69,6 +69,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 # The reader lives in records.py; these names stay importable from here.
 from taskmeter.export.records import LedgerProblem, ledger_paths, read_ledgers
@@ -152,7 +153,28 @@ class _Health:
                 )
 
 
-class Ledger:
+_L = TypeVar("_L", bound="_Closing")
+
+
+class _Closing:
+    """``with ledger:`` closes it: what both kinds of ledger share."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Ledger(_Closing):
     """Appends one JSON line per :class:`TaskReport` to ``path``, rotating by size.
 
     The directory must exist: a missing one is an error naming it, raised here.
@@ -296,22 +318,11 @@ class Ledger:
                 os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r}, max_bytes={self.max_bytes}, backups={self.backups})"
 
 
-class StreamLedger:
+class StreamLedger(_Closing):
     """Records as JSON log lines on a file descriptor (standard output by default).
 
     Each line is ``{"event":"taskmeter.task",`` followed by the record's own keys
@@ -366,17 +377,6 @@ class StreamLedger:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-
-    def __enter__(self) -> StreamLedger:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"StreamLedger({self.name})"

@@ -721,10 +721,7 @@ def _server(
     )
     # histogram_quantile's own interpolation (bucket_quantile), over the per (task, le)
     # increases: a few numbers per task type travel, and born series count too.
-    for key, buckets in _buckets(sums[_FOOTPRINT_BUCKET]).items():
-        median = bucket_quantile(0.5, buckets)
-        if median is not None:
-            figures.footprint_median[key] = median
+    figures.footprint_median.update(_medians(sums[_FOOTPRINT_BUCKET]))
     return figures
 
 
@@ -782,12 +779,7 @@ def _exact(
     active = sorted(by_task)
     for step in range(3, len(plan) + 1):
         results[plan[step - 1][0]] = fetch(step, active)
-    footprint_buckets = _buckets(inc(_FOOTPRINT_BUCKET, "le"))
-    medians: dict[Key, float] = {}
-    for key, buckets in footprint_buckets.items():
-        median = bucket_quantile(0.5, buckets)
-        if median is not None:
-            medians[key] = median
+    medians = _medians(inc(_FOOTPRINT_BUCKET, "le"))
     return _Figures(
         runs=runs,
         kills=inc(_KILLS, "cause"),
@@ -807,6 +799,16 @@ def _exact(
 
 def _state_order(state: str) -> tuple[int, str]:
     return (STATES.index(state), "") if state in STATES else (len(STATES), state)
+
+
+def _medians(bucket_increases: Mapping[Key, float]) -> dict[Key, float]:
+    """``{(task, le): n}`` -> the median per task, interpolated as histogram_quantile."""
+    out: dict[Key, float] = {}
+    for key, buckets in _buckets(bucket_increases).items():
+        median = bucket_quantile(0.5, buckets)
+        if median is not None:
+            out[key] = median
+    return out
 
 
 def _buckets(increases: Mapping[Key, float]) -> dict[Key, dict[float, float]]:
