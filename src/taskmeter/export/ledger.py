@@ -52,7 +52,9 @@ Standard output
 descriptor 1 (:class:`StreamLedger`), for log pipelines: ``{"event":"taskmeter.task",
 "schema":"taskmeter.task/1",...}`` (``event`` first, then the record's own keys), in
 one ``os.write`` per line under a lock, so Celery's own log lines (other writes, on
-standard error or through ``sys.stdout``) never land inside one.
+standard error or through ``sys.stdout``) do not land inside one; on a pipe, a line
+longer than ``PIPE_BUF`` (4 KiB) written while another process writes to the same pipe
+can still be interleaved (the reader then skips the damaged line: docs/celery.md).
 
 A reader running during a rotation may miss or re-read lines of the files it lists;
 read after the writers stopped, or accept that.
