@@ -4,6 +4,7 @@ never inherits a running sampler thread (issue 10)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -235,9 +236,10 @@ def test_end_lines_arrive_whole_through_an_event_loop_and_sinks_flush_per_round(
         assert [m["type"] for m in got] == ["end-line"] * 3 + ["tool"]
         assert [m["head"] for m in got[:3]] == [[f"run:{n}", True, None] for n in range(3)]
         assert all(m["body"] == record for m in got[:3])  # the record as encoded, unparsed
-        assert loop.timers and not batches  # the flush waits for its timer (one per round)
+        # the flush waits for its timer (one per round; [0]: attaching flushes, nothing)
+        assert loop.timers and batches == [0]
         loop.timers.pop(0)()  # type: ignore[operator]
-        assert batches == [4]
+        assert batches == [0, 4]
         sender.send_line(b'E["run:10",false,null]\t' + record + b"\n")
         sender.close()
     finally:
@@ -265,3 +267,78 @@ def test_the_lasting_sampler_survives_a_client_due_never():
     assert SAMPLER.thread is not None and SAMPLER.thread.is_alive()
     assert m.rss.n >= 3, "sampled between its start and end (the thread still samples)"
     assert wait_idle(2.0)
+
+
+def test_the_channels_survive_an_event_loop_reset():
+    # Celery resets its hub after a lost broker connection (every reader dropped,
+    # pending timers cancelled), then calls register_with_event_loop again.
+    from taskmeter.celery.transport import Listener, Sender
+
+    got: list[dict[str, object]] = []
+    flushed: list[int] = []
+    listener = Listener(
+        lambda msg, pid: got.append(msg), lambda pid: None, lambda: flushed.append(len(got))
+    )
+    loop = _Loop()
+    listener.attach(loop)
+    try:
+        sender = Sender(listener.address, listener.token)
+        record = b'{"schema":"taskmeter.task/1"}'
+        sender.send_line(b'E["run:1",true,null]\t' + record + b"\n")
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            loop.run_once()
+        assert len(got) == 1 and loop.timers
+        loop.readers.clear()  # the reset: no reader, the flush timer lost
+        loop.timers.clear()
+        sender.send_line(b'E["run:2",true,null]\t' + record + b"\n")
+        time.sleep(0.1)
+        assert len(got) == 1  # nobody listens meanwhile: it waits in the socket
+        listener.attach(loop)  # the loop starts again
+        assert [m["head"][0] for m in got] == ["run:1", "run:2"]  # read at once
+        assert flushed and flushed[-1] == 2  # and the buffered records flushed
+        sender.send_line(b'E["run:3",true,null]\t' + record + b"\n")
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            loop.run_once()
+        assert got[-1]["head"][0] == "run:3"  # served by the loop again
+        sender.close()
+    finally:
+        listener.close()
+
+
+def test_reports_still_flow_after_the_worker_lost_its_broker_connection(quiet_worker: Worker):
+    # Celery resets its event loop's hub after a lost connection: the report channels
+    # must be registered again, or every later task would go unrecorded.
+    import psutil
+    import redis
+
+    w = quiet_worker
+    _send(w, 50)
+    wait_for(
+        lambda: w.proc.poll() is not None or _lines(w.ledger) >= 50,
+        90,
+        f"50 records (log: {w.log})",
+    )
+    r = redis.Redis.from_url(w.broker)
+    mine = [
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.Process(w.proc.pid).net_connections("tcp")
+        if c.raddr and c.raddr.port == 6379 and c.status == psutil.CONN_ESTABLISHED
+    ]
+    assert mine, "the worker's main process holds broker connections"
+    for addr in mine:  # only this worker's connections: Redis is shared
+        with contextlib.suppress(redis.ResponseError):  # closed meanwhile
+            r.client_kill(addr)
+    wait_for(
+        lambda: "onnection" in w.log_text() or w.proc.poll() is not None,
+        30,
+        f"the worker to notice the lost connection (log: {w.log})",
+    )
+    _send(w, 50)
+    wait_for(
+        lambda: w.proc.poll() is not None or _lines(w.ledger) >= 100,
+        90,
+        f"50 more records after the reconnect (log: {w.log_text()[-3000:]})",
+    )
+    assert w.proc.poll() is None

@@ -591,6 +591,13 @@ class TaskmeterStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.worker is not None:
             self.worker.start_threads(getattr(parent, "hub", None))
 
+    def register_with_event_loop(self, parent: Any, hub: Any) -> None:
+        # Celery calls this at every start of its event loop, including after a lost
+        # broker connection, when it has reset the hub and so dropped our readers.
+        w = self.worker
+        if w is not None and w.listener is not None and w.listener._loop is not None:
+            w.listener.attach(hub)
+
     def stop(self, parent: Any) -> None:
         # Warm shutdown: steps stop in reverse order, so this one stops before the pool
         # has finished the tasks it still runs, whose reports come after. With pool

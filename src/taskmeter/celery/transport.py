@@ -32,6 +32,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,7 @@ class Listener:
         self._stop = threading.Event()
         self._loop: Any = None  # an event loop serving the channels (see attach)
         self._flush_due = False
+        self._flush_at = 0.0
 
     def drop_in_child(self) -> None:
         """In a forked child: close this process's copies of the sockets (the main
@@ -106,9 +108,22 @@ class Listener:
         worker's main loop: ``add_reader``/``remove_reader``/``call_later``) instead of
         a thread of our own: a message is handled in the wake-up that handles the
         pool's own result for the task, with no thread switch and no GIL handoff.
-        Sinks that buffer (the ledger) are flushed at most COALESCE_S later."""
+        Sinks that buffer (the ledger) are flushed at most COALESCE_S later.
+
+        Call again whenever the loop (re)starts: Celery resets its hub after a lost
+        broker connection, which drops every reader and may cancel pending timers
+        (``celery.worker.loops.asynloop``); the channels are registered anew and what
+        was buffered is flushed now."""
         self._loop = loop
+        for sock in (self._sock, *self._buffers):
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock)
         loop.add_reader(self._sock, self._on_ready, None)
+        for conn in list(self._buffers):
+            loop.add_reader(conn, self._on_ready, conn)
+        self._flush_due = False
+        self._drain()  # what arrived while no loop listened
+        self._batch_done()
 
     def _on_ready(self, conn: socket.socket | None) -> None:
         try:
@@ -117,9 +132,13 @@ class Listener:
             else:
                 self._read(conn)
         finally:
-            if self._on_batch is not None and not self._flush_due and not self._closing:
-                self._flush_due = True
-                self._loop.call_later(COALESCE_S, self._loop_flush)
+            if self._on_batch is not None and not self._closing:
+                now = time.monotonic()
+                if not self._flush_due or now - self._flush_at > 1.0:
+                    if self._flush_due:  # its timer was lost (a reset hub): flush now
+                        self._batch_done()
+                    self._flush_due, self._flush_at = True, now
+                    self._loop.call_later(COALESCE_S, self._loop_flush)
 
     def _loop_flush(self) -> None:
         self._flush_due = False
