@@ -67,6 +67,10 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# A phase whose name cannot be printed as UTF-8 (an unpaired surrogate).
+BAD_PHASE = {"name": "\ud800", "wall_s": 0.1, "cpu_s": 0.1, "rss_avg_bytes": 1, "rss_peak_bytes": 1}
+
+
 def poisons(valid: dict[str, Any]) -> list[tuple[str, str | None]]:
     """(line, expected reason) pairs; reason None: not a record, skipped silently."""
 
@@ -117,9 +121,7 @@ def poisons(valid: dict[str, Any]) -> list[tuple[str, str | None]]:
         bad(setter("task", "\ud800"), "task holds an unpaired UTF-16 surrogate"),
         bad(setter("tools.0.exe", "\ud800"), "exe holds an unpaired UTF-16 surrogate"),
         bad(setter("tools.0.argv", ["bcftools", "\udc80"]), "argv holds an unpaired"),
-        bad(setter("phases", [{"name": "\ud800", "wall_s": 0.1, "cpu_s": 0.1,
-                               "rss_avg_bytes": 1, "rss_peak_bytes": 1}]),
-            "name holds an unpaired UTF-16 surrogate"),  # fmt: skip
+        bad(setter("phases", [BAD_PHASE]), "name holds an unpaired UTF-16 surrogate"),
         bad(setter("worker.pool", "\ud800"), "pool holds an unpaired UTF-16 surrogate"),
         (whole[: len(whole) * 3 // 5], "not JSON"),  # truncated: a crash mid-write
         ("2026-05-28T20:26:40.029632Z " + whole, "text before the JSON object"),
