@@ -31,6 +31,14 @@ DEMO = [sys.executable, "-m", "taskmeter.cli", "demo"]
 REDIS_DB12 = "redis://127.0.0.1:6379/12"
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    """In the demo's child: SIGINT handled as in a shell's foreground job. A test run
+    started as a background job of a non-interactive shell inherits SIGINT ignored
+    (POSIX), and the demo would inherit that too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def run_demo(*args: str, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
     # A wide "terminal" (rich reads COLUMNS when stdout is not one): names stay on one line.
     kw["env"] = {"COLUMNS": "200", **kw.get("env", os.environ)}
@@ -181,7 +189,8 @@ def test_keep_running_serves_until_ctrl_c_then_stops_everything(tmp_path: Path):
     workdir = tmp_path / "work"
     with open(err, "w") as f:
         proc = subprocess.Popen([*DEMO, "--quick", "--keep-running", "--workdir", str(workdir)],
-                                stdout=subprocess.DEVNULL, stderr=f)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=f,
+                                preexec_fn=_ctrl_c_as_on_a_terminal)  # fmt: skip
     try:
         wait_for(lambda: "Ctrl-C to stop" in err.read_text(), 120, "the demo to keep running")
         url = json.loads((workdir / "summary.json").read_text())["metrics_url"]
@@ -226,8 +235,8 @@ def test_ctrl_c_mid_run_stops_the_worker_its_children_and_s3(tmp_path: Path):
     workdir = tmp_path / "work"
     with open(err, "w") as f:  # a terminal's Ctrl-C reaches the demo's whole process group
         proc = subprocess.Popen([*DEMO, "--quick", "--tasks", "200", "--workdir", str(workdir)],
-                                stdout=subprocess.DEVNULL, stderr=f,
-                                start_new_session=True)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
+                                preexec_fn=_ctrl_c_as_on_a_terminal)  # fmt: skip
     try:
         ledger_file = workdir / "reports.jsonl"
         wait_for(lambda: ledger_file.exists() and ledger_file.read_text().count("\n") >= 2,
