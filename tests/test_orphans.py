@@ -44,7 +44,7 @@ def tree(pid: int) -> list[int]:
 def alive(pid: int, ticks: int | None) -> bool:
     """``pid`` is still the same live process (a reused pid is another process)."""
     st = orphans.read_stat(pid)
-    return st is not None and st.state != "Z" and st.start_ticks == ticks
+    return st is not None and st.state != "Z" and st.start_tick == ticks
 
 
 def test_kill_9_of_a_pool_child_leaves_no_process_of_its_task(start_worker):
@@ -282,13 +282,14 @@ def test_a_run_whose_death_handling_raises_stops_no_other_run(monkeypatch):
     assert {r.state for r in reports} == {"killed"}
 
 
-def test_a_stat_read_empty_is_gone_not_an_error(monkeypatch):
-    import io
+def test_a_stat_read_empty_is_gone_not_an_error():
+    from taskmeter.measure.proc import parse_stat
 
-    monkeypatch.setattr(orphans, "open", lambda *a, **k: io.BytesIO(b""), raising=False)
-    assert orphans.read_stat(os.getpid()) is None
-    monkeypatch.setattr(orphans, "open", lambda *a, **k: io.BytesIO(b"12 (x"), raising=False)
-    assert orphans.read_stat(os.getpid()) is None
+    assert parse_stat(b"") is None  # read as the process exited
+    assert parse_stat(b"12 (x") is None  # cut short
+    me = orphans.read_stat(os.getpid())
+    assert me is not None and me.ppid == os.getppid() and me.state in "RS"
+    assert orphans.read_stat(2**22 + 1) is None  # above pid_max: gone
 
 
 @pytest.mark.skipif(not hasattr(os, "P_PIDFD"), reason="needs pidfds (Linux >= 5.4)")

@@ -414,7 +414,7 @@ class Hub:
                 for pid in pids - tool.members.keys() - {tool.pid}:
                     st = orphans.read_stat(pid)
                     if st is not None and st.ppid in pids:  # (not a pid reused since)
-                        tool.members[pid] = st.start_ticks
+                        tool.members[pid] = st.start_tick
 
     def _after_death_safe(self, run: Run) -> None:
         """:meth:`_after_death` for one run of a tick: a run whose handling raises must

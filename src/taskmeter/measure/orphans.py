@@ -37,44 +37,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from taskmeter.measure.proc import READER
+from taskmeter.measure.proc import READER, ProcStat
+from taskmeter.measure.proc import read_stat as read_stat  # re-exported: hub, tests
 
 _LINUX = sys.platform.startswith("linux")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-@dataclass(frozen=True)
-class Stat:
-    """The fields of ``/proc/<pid>/stat`` the kill needs."""
-
-    state: str
-    ppid: int
-    pgid: int
-    cpu_s: float  # utime + stime + cutime + cstime (the children it reaped included)
-    start_ticks: int
-
-
-def read_stat(pid: int) -> Stat | None:
-    """``/proc/<pid>/stat`` of a live (or zombie) process; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        # comm (field 2) may hold spaces and parentheses: fields resume after the last
-        # ')' (none in an empty read: a process that exited as the file was read)
-        rest = data[data.rindex(b")") + 2 :].split()
-        ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
-        return Stat(
-            state=rest[0].decode(),
-            ppid=int(rest[1]),
-            pgid=int(rest[2]),
-            cpu_s=ticks / _TICK,
-            start_ticks=int(rest[19]),
-        )
-    except (IndexError, ValueError):
-        return None
+# One parser of /proc/<pid>/stat for the package (proc.py); the names stay here too.
+Stat = ProcStat
 
 
 def start_ticks(pid: int) -> int | None:
@@ -83,7 +54,7 @@ def start_ticks(pid: int) -> int | None:
     if not _LINUX:
         return None
     st = read_stat(pid)
-    return None if st is None else st.start_ticks
+    return None if st is None else st.start_tick
 
 
 @dataclass(frozen=True)
@@ -137,7 +108,7 @@ def _open(pid: int, expect_ticks: int | None, parent: int | None) -> _Handle | N
     ok = (
         st is not None
         and st.state != "Z"
-        and (expect_ticks is None or st.start_ticks == expect_ticks)
+        and (expect_ticks is None or st.start_tick == expect_ticks)
         and (parent is None or st.ppid == parent)
     )
     if not ok:
@@ -167,7 +138,7 @@ def _io(pid: int) -> tuple[int, int]:
 def same_process(pid: int, ticks: int | None) -> bool:
     """Whether ``pid`` is still the live process that started at ``ticks``."""
     st = read_stat(pid) if ticks is not None else None
-    return st is not None and st.state != "Z" and st.start_ticks == ticks
+    return st is not None and st.state != "Z" and st.start_tick == ticks
 
 
 def still_running(pid: int, ticks: int | None, parent: int) -> bool | None:
@@ -177,7 +148,7 @@ def still_running(pid: int, ticks: int | None, parent: int) -> bool | None:
     if ticks is None:
         return False
     st = read_stat(pid)
-    if st is None or st.state == "Z" or st.start_ticks != ticks:
+    if st is None or st.state == "Z" or st.start_tick != ticks:
         return False
     return None if st.ppid == parent else True
 

@@ -42,11 +42,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from taskmeter.measure.proc import ProcStat, read_stat
 from taskmeter.measure.report import ToolRun
 from taskmeter.measure.sampler import RssSeries
 
 _HZ = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
 
@@ -68,39 +68,6 @@ def _read(path: str, to_eof: bool = False) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    """What one read of /proc/PID/stat tells: enough to count a process."""
-
-    comm: str  # the executable's name, to 15 characters (kept by a zombie)
-    state: str
-    start_tick: int
-    user_s: float  # utime + cutime: its own and its reaped descendants'
-    sys_s: float  # stime + cstime
-    rss_bytes: int
-
-
-def read_stat(pid: int) -> ProcStat | None:
-    data = _read(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    try:
-        # The command name (field 2) may hold spaces and parentheses: split after the
-        # last ")".
-        end = data.rindex(b")")
-        f = data[end + 2 :].split()
-        return ProcStat(
-            comm=data[data.index(b"(") + 1 : end].decode(errors="replace"),
-            state=f[0].decode(),
-            start_tick=int(f[19]),
-            user_s=(int(f[11]) + int(f[13])) / _HZ,
-            sys_s=(int(f[12]) + int(f[14])) / _HZ,
-            rss_bytes=int(f[21]) * _PAGE,
-        )
-    except (ValueError, IndexError):  # cut short as the process went away
-        return None
 
 
 def children_of(pid: int, tid: int | None = None) -> list[int]:
