@@ -406,11 +406,16 @@ def _text(d: Mapping[str, Any], key: str, where: str, *, optional: bool = False)
     escape): names that end up in tables and pages."""
     v = _str(d, key, where, optional=optional)
     if v is not None:
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RecordError(f"{where}{key} holds an unpaired UTF-16 surrogate") from None
+        _printable(v, f"{where}{key}")
     return v
+
+
+def _printable(text: str, what: str) -> None:
+    """Refuse text that cannot be written as UTF-8 (an unpaired surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(f"{what} holds an unpaired UTF-16 surrogate") from None
 
 
 def _choice(d: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...],
@@ -505,10 +510,7 @@ def _tool(t: Any, i: int) -> ToolRun:
     argv = _list(t, "argv", where)
     if not all(isinstance(a, str) for a in argv):
         raise RecordError(f"{where}argv holds something that is not a string")
-    try:  # shown in the report's table and hovers
-        "".join(argv).encode("utf-8")
-    except UnicodeEncodeError:
-        raise RecordError(f"{where}argv holds an unpaired UTF-16 surrogate") from None
+    _printable("".join(argv), f"{where}argv")  # shown in the report's table and hovers
     tracked = t.get("tracked", True)
     if not isinstance(tracked, bool):
         raise RecordError(f"{where}tracked is {_show(tracked)}, not true or false")
