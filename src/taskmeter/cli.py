@@ -387,7 +387,7 @@ def recommend(
         text = (render.as_json(rec) if fmt == "json"
                 else render.as_kustomize(rec, deployment, container))  # fmt: skip
     if output:
-        from taskmeter.reporting.command import write_atomic
+        from taskmeter.cli_checks import write_atomic
 
         target = Path(output)
         try:  # whole or not at all: checked at the start, the disk may fill up since

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import math
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 import click
@@ -69,3 +71,21 @@ def cannot_start(command: str, exc: OSError) -> tuple[int, str]:
         return EXIT_CANNOT_EXECUTE, f"{command}: Is a directory"
     reason = exc.strerror or str(exc)
     return EXIT_CANNOT_EXECUTE, f"{command}: {reason}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a new file beside ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one, and a failure leaves no partial file."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

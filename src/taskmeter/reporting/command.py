@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from taskmeter.cli_checks import FiniteFloat
+from taskmeter.cli_checks import FiniteFloat, write_atomic
 from taskmeter.format import bytes_h
 from taskmeter.options import DURATION_UNITS, duration_s, memory_bytes
 
@@ -244,24 +243,6 @@ def report(
         f"wrote {output} ({runs} tasks of {len(stats)} type(s), {bytes_h(len(page.encode()))})",
         err=True,
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a new file beside ``path``, then rename it over ``path``: readers
-    see the old file or the whole new one, and a failure leaves no partial file."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_output(output: Path) -> None:
