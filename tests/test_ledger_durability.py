@@ -223,11 +223,18 @@ def test_a_real_worker_on_a_full_disk_counts_in_metrics_and_resumes(
     def runs() -> float:
         return _sample(w.metrics(), "celery_task_runs_total", state="success", task="noop")
 
+    def errors() -> float:
+        return _sample(w.metrics(), "taskmeter_ledger_errors_total")
+
     wait_for(lambda: runs() >= 40, 90, "40 noop runs counted")
+    # The metrics see a report before the ledger's batched write (up to 20 ms later):
+    # wait until every record was either written or counted as failed.
+    wait_for(lambda: len(strict_records(ledger)) + errors() >= 40, 30,
+             "every record written or counted")  # fmt: skip
     kept = strict_records(ledger)
-    errors = _sample(w.metrics(), "taskmeter_ledger_errors_total")
+    errors_seen = errors()
     assert 0 < len(kept) < 40, "the disk did not fill up"
-    assert errors == 40 - len(kept)
+    assert errors_seen == 40 - len(kept)
     # In order, every record whole; a shorter record may still fit after a longer one
     # did not, so the kept ones are a subsequence of the sent ones, not always a prefix.
     kept_ids = [r["task_id"] for r in kept]
@@ -241,5 +248,5 @@ def test_a_real_worker_on_a_full_disk_counts_in_metrics_and_resumes(
     wait_for(lambda: len(strict_records(ledger)) >= len(kept) + 5, 60, "records after space")
     after = strict_records(ledger)
     assert [r["task_id"] for r in after] == kept_ids + more
-    assert _sample(w.metrics(), "taskmeter_ledger_errors_total") == errors
+    assert errors() == errors_seen
     assert w.stop() == 0
