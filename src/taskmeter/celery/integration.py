@@ -41,14 +41,9 @@ from taskmeter.measure import cgroup
 from taskmeter.measure.core import Measurement
 from taskmeter.measure.report import (
     Cause,
-    PhaseStats,
-    ProcessStats,
-    SamplerInfo,
     State,
     TaskReport,
-    ToolRun,
-    ToolTotals,
-    WorkerInfo,
+    compact_json,
 )
 from taskmeter.measure.sampler import SAMPLER, configure
 from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
@@ -87,22 +82,6 @@ class _Run:
         self.next_due = float("inf")
         SAMPLER.remove(self)
         self.worker._announce(self)
-
-
-def _trusted_report(d: dict[str, Any]) -> TaskReport:
-    """A record a pool process of this worker encoded with ``to_json``: built without
-    from_dict's validation (the channel is authenticated, the encoder is ours)."""
-    return TaskReport(
-        **{
-            **d,
-            "overhead": ProcessStats(**d["overhead"]),
-            "tools": tuple(ToolRun(**{**t, "argv": tuple(t["argv"])}) for t in d["tools"]),
-            "tool_totals": ToolTotals(**d["tool_totals"]),
-            "phases": tuple(PhaseStats(**p) for p in d["phases"]),
-            "worker": WorkerInfo(**d["worker"]),
-            "sampler": SamplerInfo(**d["sampler"]),
-        }
-    )
 
 
 class _Worker:
@@ -285,7 +264,7 @@ class _Worker:
             # E[run id, final, start fields or null]\t<record>: one message per task
             run_id, final, start = msg["head"]
             body: bytes = msg["body"]
-            report = _trusted_report(json.loads(body))
+            report = TaskReport.from_trusted(json.loads(body))
             if start is not None and not final:  # the main process's verdict decides
                 task, task_id, pid_, epoch, cpu0, oom0 = start
                 self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
@@ -430,10 +409,8 @@ class _Worker:
         elif self.sender is not None:
             # One line: the run, the start when not announced yet, and the record as
             # the ledger writes it (encoded here, once; the main process only parses it).
-            head = json.dumps([run.run_id, final, None if announced else run.start])
-            self.sender.send_line(
-                b"E" + head.encode() + b"\t" + report.to_json().encode() + b"\n"
-            )
+            head = compact_json([run.run_id, final, None if announced else run.start])
+            self.sender.send_line(b"E" + head.encode() + b"\t" + report.to_json().encode() + b"\n")
 
     def _deliver(self, msg: Message) -> None:
         if self.hub is not None:

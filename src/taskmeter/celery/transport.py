@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from taskmeter.measure.report import compact_json
+
 log = logging.getLogger("taskmeter.transport")
 
 Message = dict[str, Any]
@@ -321,7 +323,7 @@ class Sender:
         self._dropped = 0
 
     def send(self, msg: Message) -> None:
-        self.send_line(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self.send_line(compact_json(msg).encode() + b"\n")
 
     def send_line(self, data: bytes) -> None:
         """One message already encoded (ending with a newline)."""

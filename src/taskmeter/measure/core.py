@@ -4,7 +4,6 @@ explicit ``start``/``finish`` calls (what a framework integration uses)."""
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
 import math
 import os
@@ -13,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,6 +25,7 @@ from taskmeter.measure.report import (
     ToolTotals,
     WorkerInfo,
     iso_utc,
+    new_record,
 )
 from taskmeter.measure.sampler import SAMPLER
 from taskmeter.measure.span import Span, SpanStats, children_cpu
@@ -224,9 +223,7 @@ class Measurement(Span):
         if self._untracked is not None:
             # Sampled lower bounds, listed with the tools (tracked=False). The CPU of
             # those this process reaped is in its RUSAGE_CHILDREN: not unattributed.
-            extra, reaped_untracked = self._untracked.finish(
-                self.t0, end, {t.pid for t in tools}
-            )
+            extra, reaped_untracked = self._untracked.finish(self.t0, end, {t.pid for t in tools})
             tools += tuple(extra)
             unattributed -= reaped_untracked
         unattributed = max(unattributed, 0.0)
@@ -264,31 +261,10 @@ class Measurement(Span):
 
 _NO_TOOLS = ToolTotals.of(())
 _T = TypeVar("_T")
-_DEFAULTS: dict[type, dict[str, Any]] = {}
 
 
 def _new(cls: type[_T], **values: Any) -> _T:
-    """A frozen dataclass record from values this module computed, given in field order
-    (the defaulted fields last, may be left out): the object ``cls(**values)`` makes,
-    field order included (``to_dict`` keeps it), without the per-field
-    ``object.__setattr__`` of a frozen ``__init__`` (a few µs per task)."""
-    defaults = _DEFAULTS.get(cls)
-    obj = object.__new__(cls)
-    d = obj.__dict__
-    d.update(values)
-    if defaults is None:  # first use: the fields, and a check of the order given
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        defaults = {f.name: f.default for f in fields if f.default is not MISSING}
-        for k, v in defaults.items():
-            d.setdefault(k, v)
-        if list(d) != [f.name for f in fields]:
-            raise TypeError(f"{cls.__name__}: fields given out of order: {list(values)}")
-        _DEFAULTS[cls] = defaults
-        return obj
-    for k, v in defaults.items():
-        if k not in values:
-            d[k] = v
-    return obj
+    return new_record(cls, values)
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,6 +279,8 @@ def _worker_info(pool: str | None) -> WorkerInfo:
 @functools.lru_cache(maxsize=16)
 def _sampler_info(interval_s: float) -> SamplerInfo:
     return SamplerInfo(interval_s=interval_s)
+
+
 # This process's pid, kept across fork (os.getpid() is a system call per task).
 _PID = [os.getpid()]
 if hasattr(os, "register_at_fork"):
