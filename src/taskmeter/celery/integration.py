@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from celery import bootsteps, signals
 
 from taskmeter.celery import otel, queuewait
@@ -264,7 +264,7 @@ class _Worker:
             # E[run id, final, start fields or null]\t<record>: one message per task
             run_id, final, start = msg["head"]
             body: bytes = msg["body"]
-            report = TaskReport.from_trusted(json.loads(body))
+            report = TaskReport.from_trusted(orjson.loads(body))
             if start is not None and not final:  # the main process's verdict decides
                 task, task_id, pid_, epoch, cpu0, oom0 = start
                 self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
@@ -410,7 +410,7 @@ class _Worker:
             # One line: the run, the start when not announced yet, and the record as
             # the ledger writes it (encoded here, once; the main process only parses it).
             head = compact_json([run.run_id, final, None if announced else run.start])
-            self.sender.send_line(b"E" + head.encode() + b"\t" + report.to_json().encode() + b"\n")
+            self.sender.send_line(b"E" + head.encode() + b"\t" + report.to_json_bytes() + b"\n")
 
     def _deliver(self, msg: Message) -> None:
         if self.hub is not None:

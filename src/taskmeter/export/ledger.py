@@ -256,7 +256,7 @@ class Ledger(_Closing):
         A write that fails is counted and logged (see the module's docstring), never
         raised: the worker goes on, and the next record is written whole.
         """
-        self.write_encoded(report.to_json().encode("utf-8"))
+        self.write_encoded(report.to_json_bytes())
 
     def write_encoded(self, record: bytes) -> None:
         """:meth:`write` of a record already encoded (``report.to_json()`` as UTF-8,
@@ -345,7 +345,7 @@ class StreamLedger(_Closing):
         self.health = _Health(name)
 
     def write(self, report: TaskReport) -> None:
-        self.write_encoded(report.to_json().encode("utf-8"))
+        self.write_encoded(report.to_json_bytes())
 
     def write_encoded(self, record: bytes) -> None:
         """:meth:`write` of a record already encoded (``report.to_json()``, UTF-8)."""
@@ -434,4 +434,3 @@ def _replace(src: Path, dst: Path) -> None:
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-

@@ -13,6 +13,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
+import orjson
+
 SCHEMA = "taskmeter.task/1"
 
 
@@ -217,7 +219,24 @@ class TaskReport:
         return d
 
     def to_json(self) -> str:
-        return compact_json(self.to_dict())
+        return self.to_json_bytes().decode()
+
+    def to_json_bytes(self) -> bytes:
+        """:meth:`to_json` as UTF-8 (all ASCII), what the ledger writes.
+
+        orjson encodes the record's dataclasses directly, ten times faster than
+        ``json`` (this runs once per task in the worker); its text differs from
+        ``json.dumps`` only in how some floats are written (``0.00001`` for ``1e-05``:
+        the same value). A record orjson cannot write as ASCII (a non-ASCII name, a
+        lone surrogate from an undecodable argv, an integer beyond 64 bits) is written
+        by ``json``, which escapes it."""
+        try:
+            out = orjson.dumps({"schema": self.schema, **vars(self)})
+        except TypeError:  # orjson.JSONEncodeError
+            out = b""
+        if out and out.isascii():
+            return out
+        return compact_json(self.to_dict()).encode()
 
     @classmethod
     def from_trusted(cls, d: Mapping[str, Any]) -> TaskReport:
@@ -268,8 +287,8 @@ class TaskReport:
             raise ValueError(f"malformed {SCHEMA} record: {exc!r}") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> TaskReport:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> TaskReport:
+        return cls.from_dict(orjson.loads(text))
 
 
 _T = TypeVar("_T")

@@ -1,0 +1,170 @@
+"""taskmeter's own CPU per task in a prefork worker, pool side and main side, without
+Celery around it.
+
+    .venv/bin/python benchmarks/bench_hotpath.py                        # about 40 s
+    .venv/bin/python benchmarks/bench_hotpath.py --quick                # about 10 s
+    .venv/bin/python benchmarks/bench_hotpath.py --baseline /tmp/old/src   # two trees
+
+``bench_worker.py`` measures what a real worker spends per task with taskmeter on and
+off; its difference mixes taskmeter's code with Celery's own reaction to slower tasks,
+and moves by a few hundred µs between runs on a shared machine. This benchmark
+isolates taskmeter's code, precisely enough to compare two source trees:
+
+- the main process of a worker (``_Worker.open``: hub, journal, ledger, metrics
+  endpoint) serves its channel from a listener thread (a worker serves it from
+  Celery's event loop instead; the work per message is the same);
+- a forked child runs what a pool process runs per task, the Celery signal handlers
+  ``_on_prerun`` and ``_on_postrun`` (measurement, journal slot, the record encoded,
+  one line sent over the real channel), N times back to back; its CPU
+  (``time.process_time``) over the N tasks is the **pool side**;
+- the main process's CPU from the fork until the ledger holds the N records (parse,
+  hub, metrics, journal, ledger write) is the **main side**.
+
+Each round runs every tree in its own subprocess (``--child``), order alternating;
+medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine, median, table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child(src: Path, n: int) -> dict[str, float]:
+    """One tree, one run: the pool side in a forked child, the main side here."""
+    sys.path.insert(0, str(src))
+    from taskmeter.celery import integration as tm
+    from taskmeter.config import Settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-hotpath-"))
+    ledger = tmp / "ledger.jsonl"
+    settings = Settings(
+        enabled=True, port=0, addr="127.0.0.1", ledger=str(ledger), journal=str(tmp / "journal")
+    )
+    w = tm._Worker(settings, "prefork", ["noop"])
+    w.open()
+    w.start_threads(None)
+    tm._WORKER = w
+
+    class Task:  # what the handlers read of Celery's task: its name and request
+        name = "noop"
+        request = None
+
+    task = Task()
+    warm = 200
+    r, wfd = os.pipe()
+    c0 = time.process_time()
+    pid = os.fork()
+    if pid == 0:  # the pool process
+        try:
+            os.close(r)
+            w.after_fork_in_child()
+            for i in range(warm):
+                tm._on_prerun(sender=task, task_id=f"w{i}", task=task)
+                tm._on_postrun(sender=task, task_id=f"w{i}", state="SUCCESS")
+            p0 = time.process_time()
+            for i in range(n):
+                tm._on_prerun(sender=task, task_id=f"t{i}", task=task)
+                tm._on_postrun(sender=task, task_id=f"t{i}", state="SUCCESS")
+            os.write(wfd, f"{time.process_time() - p0}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(r) as f:
+        pool_s = float(f.read().strip() or "nan")
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + 60
+    while True:
+        with open(ledger, "rb") as f:
+            lines = f.read().count(b"\n")
+        if lines >= warm + n:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ledger holds {lines} of {warm + n} records")
+        time.sleep(0.002)
+    main_s = time.process_time() - c0
+    w.close()
+    # the warm-up tasks' records are handled by the main process too: per task of all
+    return {"pool_us": pool_s / n * 1e6, "main_us": main_s / (warm + n) * 1e6}
+
+
+def run_child(src: Path, n: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(src), "--tasks", str(n)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 2000 tasks")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--tasks", type=int)
+    ap.add_argument("--baseline", type=Path, help="another src/ folder, run side by side")
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    n = args.tasks or (2000 if args.quick else 5000)
+    if args.child is not None:
+        print(json.dumps(child(args.child, n)))
+        return 0
+    rounds = args.rounds or (3 if args.quick else 7)
+    trees = {"this tree": REPO / "src"}
+    if args.baseline is not None:
+        trees["baseline"] = args.baseline.resolve()
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    print(f"# bench_hotpath{' (quick)' if args.quick else ''}\n\nMachine: {machine()}\n")
+    print(f"{rounds} rounds of {n} no-op tasks per tree, order alternating\n")
+    for i in range(rounds):
+        for name in trees if i % 2 == 0 else reversed(list(trees)):
+            results[name].append(run_child(trees[name], n))
+        print(f"round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
+    rows = []
+    base = results.get("baseline")
+    for name, runs in results.items():
+        pool = [r["pool_us"] for r in runs]
+        main_ = [r["main_us"] for r in runs]
+        total = [p + m for p, m in zip(pool, main_, strict=True)]
+        vs = "-"
+        if base is not None and name != "baseline":
+            b = median(r["pool_us"] + r["main_us"] for r in base)
+            vs = f"{median(total) / b:.2f}"
+        rows.append(
+            [
+                name,
+                f"{median(pool):.1f}",
+                f"{min(pool):.1f}-{max(pool):.1f}",
+                f"{median(main_):.1f}",
+                f"{min(main_):.1f}-{max(main_):.1f}",
+                f"{median(total):.1f}",
+                vs,
+            ]
+        )
+    header = [
+        "tree",
+        "pool side µs/task",
+        "range",
+        "main side µs/task",
+        "range",
+        "total µs/task",
+        "vs baseline",
+    ]
+    print(table(header, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
