@@ -522,7 +522,13 @@ class TaskMetrics:
             raise ValueError(f"report state {state!r}: expected one of {STATES}")
         f = self._f
         ts = time.time()
-        exemplar = report.task_id
+        # The exemplar's label text, formatted once for the three histograms that keep it.
+        task_id = report.task_id
+        exemplar = (
+            (task_id, f'{{task_id="{_escape_value(task_id)}"}}')
+            if task_id is not None and len(task_id) + 7 <= _EXEMPLAR_MAX_CHARS
+            else None
+        )
         with self._lock:
             self.generation += 1
             keys = self._keys(report.task)
@@ -657,7 +663,7 @@ class TaskMetrics:
         family: _Family,
         key: tuple[str, ...],
         value: float,
-        exemplar: str | None = None,
+        exemplar: tuple[str, str] | None = None,
         ts: float = 0.0,
     ) -> None:
         h = family.histo(key)
@@ -666,8 +672,8 @@ class TaskMetrics:
         h.counts[i] += 1
         h.total += value
         h.n += 1
-        if exemplar is not None and len(exemplar) + 7 <= _EXEMPLAR_MAX_CHARS:
-            h.exemplars[i] = (exemplar, f'{{task_id="{_escape_value(exemplar)}"}}', value, ts)
+        if exemplar is not None:  # (task id, its label text), see observe()
+            h.exemplars[i] = (exemplar[0], exemplar[1], value, ts)
         h.text = h.om = None
         family.cache.clear()
 
