@@ -50,43 +50,95 @@ def _children(pid: int) -> list[int]:
 
 class ProcTree:
     """``tree(pid)`` with the root's status and children files kept open: a sample of a
-    one-process tool is two preads, not three opens, reads and closes. The open files
-    stay the root process's (a reused pid never answers through them). Close with
+    one-process tool is two preads, not three opens, reads and closes. The status file
+    is read as soon as it is open (a 1 ms tool may be gone after a second open); the
+    children file from the second reading of :meth:`totals` on (the first is taken
+    right after the exec, when the tool has hardly started, let alone forked). The open
+    files stay the root process's (a reused pid never answers through them). Close with
     :meth:`close`, before the root is reaped."""
+
+    __slots__ = ("_children", "_fresh", "_status", "pid", "reader")
 
     def __init__(self, reader: LinuxReader, pid: int) -> None:
         self.reader, self.pid = reader, pid
-        self._fds: list[int] = []
+        self._children = -1
+        self._fresh = True
         try:
-            self._fds.append(os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC))
-            self._fds.append(
-                os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
-            )
+            self._status = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            self.close()
+            self._status = -2  # not readable this way: tree() by name at every read
 
     def read(self) -> list[ProcMem]:
-        if len(self._fds) != 2:
+        if self._status < 0:
             return self.reader.tree(self.pid)
-        status_fd, children_fd = self._fds
         try:
-            mem = _parse_status(os.pread(status_fd, 8192, 0))
+            mem = _parse_status(os.pread(self._status, 8192, 0))
         except OSError:  # gone
             return []
         out = [] if mem is None else [ProcMem(self.pid, mem[0], mem[1])]
-        try:
-            kids = [int(p) for p in os.pread(children_fd, 65536, 0).split()]
-        except OSError:
-            kids = []
-        for kid in kids:
+        for kid in self._kids():
             out.extend(self.reader.tree(kid))
         return out
 
+    def totals(self) -> tuple[int, int] | None:
+        """(summed RSS, largest VmHWM) of the tree, None when no process of it is alive:
+        :meth:`read` without a record per process (a tool's sample, 50 times a second)."""
+        if self._status < 0:
+            procs = self.reader.tree(self.pid)
+            if not procs:
+                return None
+            return sum(p.rss_bytes for p in procs), max(p.hwm_bytes or 0 for p in procs)
+        try:
+            data = os.pread(self._status, 8192, 0)
+        except OSError:  # gone
+            return None
+        i = data.find(b"\nVmRSS:")
+        if i < 0:  # a zombie: its children (if any) are reparented, not its own any more
+            rss = hwm = -1
+        else:
+            rss = int(data[i + 7 : data.index(b"kB", i)]) * 1024
+            j = data.find(b"\nVmHWM:")
+            hwm = int(data[j + 7 : data.index(b"kB", j)]) * 1024 if j >= 0 else 0
+        if self._children == -1 and self._fresh:
+            # The first reading, right after the exec: the tool has not forked yet
+            # (the children file is opened from the second reading on).
+            self._fresh = False
+            return None if rss < 0 else (rss, hwm)
+        kids = self._kids()
+        if kids:
+            for p in [q for kid in kids for q in self.reader.tree(kid)]:
+                if rss < 0:
+                    rss = hwm = 0
+                rss += p.rss_bytes
+                if p.hwm_bytes is not None and p.hwm_bytes > hwm:
+                    hwm = p.hwm_bytes
+        return None if rss < 0 else (rss, hwm)
+
+    def _kids(self) -> list[int]:
+        fd = self._children
+        if fd == -1:
+            try:
+                fd = self._children = os.open(
+                    f"/proc/{self.pid}/task/{self.pid}/children", os.O_RDONLY | os.O_CLOEXEC
+                )
+            except OSError:
+                self._children = -2  # gone, or no such file: no children read
+                return []
+        elif fd < 0:
+            return []
+        try:
+            data = os.pread(fd, 65536, 0)
+        except OSError:
+            return []
+        return [int(p) for p in data.split()] if data else []
+
     def close(self) -> None:
-        fds, self._fds = self._fds, []
+        fds = (self._status, self._children)
+        self._status = self._children = -2
         for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __del__(self) -> None:
         self.close()

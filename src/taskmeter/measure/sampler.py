@@ -8,7 +8,8 @@ prefork pool process) never inherits it: threads do not survive ``fork``, and th
 child's sampler is reset (``os.register_at_fork``), its first client starting a
 thread of its own. Peaks do not depend on it where the kernel keeps a high-water mark;
 it feeds the time-weighted RSS averages, the footprint, and the peaks of processes
-whose high-water mark can only be read while they live.
+whose high-water mark can only be read while they live. A tool that a thread waits
+for is taken off the list for the wait: that thread samples it (tools.Popen._wait).
 """
 
 from __future__ import annotations
@@ -69,15 +70,21 @@ class RssSeries:
 
     def add(self, t: float, rss: int) -> None:
         with self._lock:
-            if self.closed or (self.n and t < self.t_last):
-                return  # a late sample from the sampler thread after the final one
-            if self.n:
-                self.integral += (t - self.t_last) * (rss + self.rss_last) / 2
-            else:
-                self.t0 = t
-            self.t_last, self.rss_last = t, rss
-            self.peak = max(self.peak, rss)
-            self.n += 1
+            self.add_unlocked(t, rss)
+
+    def add_unlocked(self, t: float, rss: int) -> None:
+        """:meth:`add` for a caller that serializes every add and the close itself (a
+        tool's samples, under the tool's lock)."""
+        if self.closed or (self.n and t < self.t_last):
+            return  # a late sample from the sampler thread after the final one
+        if self.n:
+            self.integral += (t - self.t_last) * (rss + self.rss_last) / 2
+        else:
+            self.t0 = t
+        self.t_last, self.rss_last = t, rss
+        if rss > self.peak:
+            self.peak = rss
+        self.n += 1
 
     def close(self) -> None:
         with self._lock:
@@ -119,6 +126,9 @@ class Sampler:
         # When the thread looks next (monotonic): inf while parked, -inf while ticking
         # (it looks again right after). A new client wakes it only if due earlier.
         self._wake_at = _INF
+        # How often the thread returned from a wait, and how many ticks it ran (for
+        # tests and benchmarks: a tool its owner waits for must not wake it).
+        self.wakeups = self.ticks = 0
 
     def add(self, client: Client) -> None:
         with self._cond:
@@ -168,6 +178,7 @@ class Sampler:
                     if not self._clients:
                         self._wake_at = _INF
                         self._cond.wait()  # parked: no timeout, woken by add()
+                        self.wakeups += 1
                         continue
                     now = time.monotonic()
                     due = min(c.next_due for c in self._clients)
@@ -175,9 +186,11 @@ class Sampler:
                         self._wake_at = due
                         # (capped: a client due "never" must not overflow the timeout)
                         self._cond.wait(min(due - now, _MAX_WAIT_S))
+                        self.wakeups += 1
                         continue
                     self._wake_at = -_INF
                     clients = list(self._clients)
+                    self.ticks += 1
                 self._tick(clients)
             except Exception:  # never let a sampling bug kill measurement silently
                 log.exception("taskmeter sampler tick failed")
@@ -189,16 +202,17 @@ class Sampler:
         # (tools wake the thread every 20 ms anyway): its samples fall in step with its
         # tools' instead of waking the thread on their own.
         early = now + self.interval_s / 4
-        due = [
-            c
-            for c in clients
-            if c.next_due <= now or (c.next_due <= early and not getattr(c, "is_tool", False))
-        ]
-        # This process's RSS only when a measurement (not only tools) is due.
-        rss = READER.self_rss() if any(not getattr(c, "is_tool", False) for c in due) else 0
-        # Tools first: a measurement's footprint adds its tools' freshest RSS.
-        for c in sorted(due, key=lambda c: not getattr(c, "is_tool", False)):
-            c.sample(now, rss)
+        spans: list[Client] = []
+        for c in clients:
+            if getattr(c, "is_tool", False):
+                if c.next_due <= now:  # tools first: a footprint adds their freshest RSS
+                    c.sample(now, 0)
+            elif c.next_due <= early:
+                spans.append(c)
+        if spans:  # this process's RSS only when a measurement (not only tools) is due
+            rss = READER.self_rss()
+            for c in spans:
+                c.sample(now, rss)
 
 
 SAMPLER = Sampler()
