@@ -8,8 +8,10 @@ lives, and from ``ru_maxrss`` only when it provably is the tool's own (see
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -36,6 +38,8 @@ _MAXRSS_UNIT = 1 if os.uname().sysname == "Darwin" else 1024
 # the floor read after the spawn by more than that to be taken as the tool's own.
 _COUNTER_SLACK = max(1 << 20, (os.cpu_count() or 1) * 64 * 4096)
 _FIRST_SAMPLE_S = 0.001
+_INF = float("inf")
+_UNREAD: Any = object()  # a start time not read yet
 # Tools are sampled at least this often, whatever the interval: their peak is read
 # from VmHWM, which vanishes at exit, so it is caught when reached at least this long
 # before the tool exits (bcftools sort, say, peaks while writing its output in its
@@ -57,6 +61,23 @@ class ReapedCpu:
 
 
 REAPED = ReapedCpu()
+
+# The waiting thread samples the tool it waits for through a pidfd (Linux >= 5.3).
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "poll")
+# The pidfds of the waits in progress: a forked child closes its copies (it waits for
+# none of them; no waiter state survives a fork).
+_WAIT_FDS: set[int] = set()
+
+
+def _close_wait_fds_in_child() -> None:
+    for fd in list(_WAIT_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _WAIT_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_wait_fds_in_child)
 
 # Called with every tool started inside a measurement (after it is spawned): the Celery
 # integration tells the main process, which kills a dead pool child's tools.
@@ -83,11 +104,14 @@ class ToolWatch:
         self.hwm_max = 0
         self.last_rss = 0
         self.next_due = self.t_start + _FIRST_SAMPLE_S
+        self._t_sampled = -_INF
+        self._period = min(SAMPLER.interval_s, TOOL_INTERVAL_MAX_S)
+        # Who samples it now: the sampler thread, or the thread waiting for it (wait).
+        self.in_sampler = False
         self.parent_hwm: int | None = None
         self.status: int | None = None
         self.rusage: Any = None
-        # The tool's start time (clock ticks since boot): with the pid, its identity.
-        self.start_ticks: int | None = None
+        self._ticks: int | None = _UNREAD
         # The cgroup's OOM-kill counter at start and, if it died of SIGKILL, at its death.
         self.oom0 = cgroup.oom_kills()  # before the spawn: one small file read
         self.oom_end: int | None = None
@@ -97,34 +121,45 @@ class ToolWatch:
         self._lock = threading.Lock()
         self._stopped = False
         self._tree: OpenTree | None = None  # the tool's /proc files, open while sampled
+        self._totals: Callable[[], tuple[int, int] | None] | None = None
 
     # -- sampler side -----------------------------------------------------------
     def sample(self, now: float, self_rss: int = 0) -> None:
+        """One reading of the tool's tree, by the sampler thread or the thread waiting
+        for the tool (never both at once: under the lock; a reading older than the last
+        one is dropped)."""
         with self._lock:
-            if self._stopped:
+            if self._stopped or now <= self._t_sampled:
                 return
-            if self._tree is not None:
-                procs = self._tree.read()
-            elif not self.rss.n:
+            self._t_sampled = now
+            tree = self._tree
+            if tree is None:
                 # The first sample as soon as possible after the spawn (a 1 ms tool may
-                # be gone after two opens); the files stay open from the second one.
-                procs = READER.tree(self.pid)
+                # be gone after two opens): the status file is read as soon as opened.
+                tree = self._tree = READER.open_tree(self.pid)
+                self._totals = getattr(tree, "totals", None)
+            if self._totals is not None:
+                got = self._totals()
             else:
-                self._tree = READER.open_tree(self.pid)
-                procs = self._tree.read()
-            age = now - self.t_start
+                procs = tree.read()
+                got = (
+                    (sum(p.rss_bytes for p in procs), max(p.hwm_bytes or 0 for p in procs))
+                    if procs
+                    else None
+                )
             # Young processes are sampled densely (1 ms, then half their age) so a short
             # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
-            period = min(SAMPLER.interval_s, TOOL_INTERVAL_MAX_S)
-            self.next_due = now + min(period, max(_FIRST_SAMPLE_S, age / 2))
-            if not procs:
+            age = now - self.t_start
+            self.next_due = now + (
+                self._period if age >= 2 * self._period else max(_FIRST_SAMPLE_S, age / 2)
+            )
+            if got is None:
                 return
-            total = sum(p.rss_bytes for p in procs)
-            self.rss.add(now, total)
+            total, hwm = got
+            self.rss.add_unlocked(now, total)
             self.last_rss = total
-            for p in procs:
-                if p.hwm_bytes is not None and p.hwm_bytes > self.hwm_max:
-                    self.hwm_max = p.hwm_bytes
+            if hwm > self.hwm_max:
+                self.hwm_max = hwm
 
     def stop_sampling(self) -> None:
         """Called once the tool has exited and before it is reaped: after the reap its
@@ -134,21 +169,52 @@ class ToolWatch:
             if self._tree is not None:
                 self._tree.close()
                 self._tree = None
-        SAMPLER.remove(self)
+        if self.in_sampler:
+            self.in_sampler = False
+            SAMPLER.remove(self)
+
+    def to_sampler(self) -> None:
+        """Have the sampler thread sample it (from now on, until it is held or stopped)."""
+        if not self.in_sampler and not self._stopped:
+            self.in_sampler = True
+            SAMPLER.add(self)
+
+    def hold(self) -> None:
+        """The calling thread samples it from now on (it waits for the tool): the sampler
+        thread neither wakes for it nor samples it (a tick already running may still
+        read it once, serialized by the lock)."""
+        if self.in_sampler:
+            self.in_sampler = False
+            SAMPLER.remove(self)
+
+    @property
+    def start_ticks(self) -> int | None:
+        """The tool's start time (clock ticks since boot): with the pid, its identity.
+        Read on first use (the Celery integration's TOOL_STARTED hook, for the main
+        process's orphan records), which is correct at any time before the reap: an
+        unreaped child keeps its pid. None once sampling stopped without it (the reap
+        may follow at once), or where /proc is not available."""
+        with self._lock:
+            if self._ticks is _UNREAD:
+                if self._stopped or not self.pid:
+                    return None
+                self._ticks = start_ticks(self.pid)
+            return self._ticks
+
+    @start_ticks.setter
+    def start_ticks(self, value: int | None) -> None:
+        with self._lock:
+            self._ticks = value
 
     # -- owner side -------------------------------------------------------------
-    def started(self, pid: int, parent_hwm: int | None) -> None:
+    def started(self, pid: int, parent_hwm: int | None, defer: bool = False) -> None:
+        """``defer``: the caller is about to wait for it (run() without pipes), so the
+        waiting thread samples it and the sampler thread is not told (a thread's
+        wake-up costs more than a sample)."""
         self.pid, self.parent_hwm = pid, parent_hwm
-        self.start_ticks = start_ticks(pid)  # unreaped, so the pid is still the tool's
         self.sample(time.monotonic())
-        SAMPLER.add(self)
-        for m in self.owners:
-            m._tool_started(self)
-        for hook in TOOL_STARTED:
-            try:
-                hook(self)
-            except Exception:  # never fail the task over its bookkeeping
-                _log.exception("taskmeter: a tool-start hook failed")
+        if not defer:
+            self.to_sampler()
 
     def finished(self, status: int | None, rusage: Any) -> None:
         self.t_end = time.monotonic()
@@ -236,6 +302,9 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
     ``poll`` or ``with``.
     """
 
+    # run() without pipes: the tool goes straight to the waiting thread (see _wait).
+    _taskmeter_defer = False
+
     def __init__(self, args: Any, *posargs: Any, **kwargs: Any) -> None:
         from taskmeter.measure.core import current
 
@@ -254,8 +323,15 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
             super(Popen, self).__init__(args, *posargs, **kwargs)
 
         _, parent_hwm = BOOK.spawn(spawn)
-        watch.started(self.pid, parent_hwm)
         self._taskmeter_watch = watch
+        watch.started(self.pid, parent_hwm, defer=self._taskmeter_defer)
+        for m in watch.owners:
+            m._tool_started(watch)
+        for hook in TOOL_STARTED:
+            try:
+                hook(watch)
+            except Exception:  # never fail the task over its bookkeeping
+                _log.exception("taskmeter: a tool-start hook failed")
 
     def send_signal(self, sig: int) -> None:
         watch = self._taskmeter_watch
@@ -263,12 +339,80 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
             watch.killed_by_us = True  # before the kill: its death is never an OOM kill
         super().send_signal(sig)
 
+    def _wait(self, timeout: float | None) -> int | None:
+        """``subprocess.Popen._wait``; for a tracked tool, with a pidfd (Linux >= 5.3),
+        the waiting thread samples the tool itself between polls of the pidfd (timeout:
+        the tool's next sample), so the sampler thread neither wakes for it nor reads it.
+        A wait that ends with the tool alive (timeout, exception) hands it back."""
+        watch = self._taskmeter_watch
+        if self.returncode is not None or watch is None or watch.done or not _HAVE_PIDFD:
+            if watch is not None and not watch.done:
+                watch.to_sampler()  # a stdlib wait: the sampler thread samples it
+            return super()._wait(timeout)  # type: ignore[misc,no-any-return]
+        endtime = None if timeout is None else time.monotonic() + timeout
+        lock: threading.Lock = self._waitpid_lock  # type: ignore[attr-defined]
+        if timeout is None:
+            lock.acquire()
+        elif not lock.acquire(timeout=max(timeout, 0.0)):
+            # Another thread waits for it (and samples it): stdlib semantics.
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        try:
+            if self.returncode is not None:
+                return self.returncode
+            if not self._taskmeter_await_exit(watch, endtime):
+                raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+            pid, status = self._taskmeter_reap(0, exited=True)
+            if pid == self.pid:
+                self._handle_exitstatus(status)  # type: ignore[attr-defined]
+        finally:
+            lock.release()
+        return self.returncode
+
+    def _taskmeter_await_exit(self, watch: ToolWatch, endtime: float | None) -> bool:
+        """Wait for the tool's exit (True) or ``endtime`` (False), sampling it when due.
+        Called with ``_waitpid_lock`` held. On False or an exception the tool is handed
+        back to the sampler thread."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:  # ESRCH (reaped by someone else), EMFILE, ENOSYS: waitid decides
+            watch.to_sampler()
+            return True
+        _WAIT_FDS.add(fd)
+        exited = False
+        try:
+            watch.hold()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poll, monotonic = poller.poll, time.monotonic
+            while True:
+                now = monotonic()
+                until = watch.next_due if endtime is None else min(watch.next_due, endtime)
+                # milliseconds, rounded up by poll (a sample at most 1 ms late)
+                if poll((until - now) * 1000 if until > now else 0):
+                    exited = True
+                    return True
+                now = monotonic()
+                if now >= watch.next_due:
+                    watch.sample(now)
+                if endtime is not None and now >= endtime:
+                    return False
+        finally:
+            _WAIT_FDS.discard(fd)
+            os.close(fd)
+            if not exited:
+                watch.to_sampler()
+
     def _try_wait(self, wait_flags: int) -> tuple[int, int]:
+        return self._taskmeter_reap(wait_flags)
+
+    def _taskmeter_reap(self, wait_flags: int, exited: bool = False) -> tuple[int, int]:
+        """``_try_wait``: reaped with wait4 (exact CPU), after sampling stopped.
+        ``exited``: its pidfd said so (no waitid needed)."""
         watch = self._taskmeter_watch
         if watch is None or watch.done:
             return super()._try_wait(wait_flags)  # type: ignore[misc,no-any-return]
         try:
-            if hasattr(os, "waitid"):
+            if not exited and hasattr(os, "waitid"):
                 # Wait for the exit without reaping, so sampling can stop while the pid
                 # still cannot be reused.
                 flags = os.WEXITED | os.WNOWAIT | (wait_flags & os.WNOHANG)
@@ -302,6 +446,13 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
         return self.returncode
 
 
+class _WaitedPopen(Popen):
+    """The Popen of run() without pipes: waited for at once, by the thread that samples
+    it (an object of this class is never handed to the caller)."""
+
+    _taskmeter_defer = True
+
+
 def run(
     args: Any,
     *popenargs: Any,
@@ -328,7 +479,12 @@ def run(
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kwargs["stdout"] = subprocess.PIPE
         kwargs["stderr"] = subprocess.PIPE
-    with Popen(args, *popenargs, **kwargs) as process:
+    # Without pipes, communicate() goes straight to wait(): the waiting thread samples
+    # the tool and the sampler thread is not woken. With pipes, the sampler thread
+    # samples it while communicate() reads them (and the wait takes it over after).
+    pipes = (kwargs.get(k) == subprocess.PIPE for k in ("stdin", "stdout", "stderr"))
+    cls = _WaitedPopen if not popenargs and not any(pipes) else Popen
+    with cls(args, *popenargs, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
