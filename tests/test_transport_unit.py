@@ -67,3 +67,53 @@ def test_a_sender_whose_channel_is_not_read_drops_instead_of_blocking(monkeypatc
         sender.close()
     finally:
         listener.close()
+
+
+def test_on_a_kombu_hub_a_record_costs_no_wake_up_and_is_read_at_the_next_tick():
+    """With Celery's event loop (a kombu Hub), the channels are not in the loop's poll
+    set: a message wakes nobody, and is read at the loop's next iteration (which, in a
+    worker, Celery's own result for the task starts) when the shared byte says so, or
+    by the POLL_S timer. A closed channel is still seen."""
+    from kombu.asynchronous import Hub
+
+    got: list[object] = []
+    gone: list[int] = []
+    batches: list[int] = []
+    hub = Hub()
+    listener = Listener(
+        lambda msg, pid: got.append(msg), gone.append, lambda: batches.append(len(got))
+    )
+    iterations = [0]
+    hub.on_tick.add(lambda: iterations.__setitem__(0, iterations[0] + 1))
+    listener.attach(hub)
+    loop = hub.create_loop()
+
+    def turn(n: int = 1) -> None:  # what Celery's worker does: run the loop
+        for _ in range(n):
+            next(loop)
+
+    try:
+        sender = Sender(listener.address, listener.token, listener.dirty)
+        sender.send({"n": 1})
+        turn(2)  # accept (the listening socket is a reader), then the tick reads it
+        wait_for(lambda: (turn(), got)[1] == [{"n": 1}], 5, "the first message", 0)
+        readers = set(hub.readers)
+        assert readers == {listener._sock.fileno()}, "a channel is in the poll set"
+        # A message on its own wakes nobody: nothing in the poll set became readable.
+        sender.send({"n": 2})
+        time.sleep(0.05)
+        assert not hub.poller.poll(0), "the message made the loop's poll return"
+        wait_for(lambda: (turn(), got)[1][-1] == {"n": 2}, 5, "the second message", 0)
+        # With the byte set, the next iteration reads it, whatever woke the loop.
+        sender.send({"n": 3})
+        assert listener.dirty[0] == 1
+        hub.call_soon(lambda: None)  # something else wakes the loop (Celery's result)
+        turn(2)
+        assert got[-1] == {"n": 3} and listener.dirty[0] == 0
+        assert batches and batches[-1] == 3  # flushed after the read
+        # A closed channel (a pool process gone) is seen by the timer.
+        sender.close()
+        wait_for(lambda: (turn(), gone)[1] != [], 5, "the closed channel", 0)
+    finally:
+        listener.close()
+        hub.close()

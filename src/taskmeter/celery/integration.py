@@ -294,7 +294,7 @@ class _Worker:
             self.server.close()  # in a forked child this only drops its copy of the socket
         if self.listener is not None:
             self.listener.drop_in_child()
-            self.sender = Sender(self.listener.address, self.listener.token)
+            self.sender = Sender(self.listener.address, self.listener.token, self.listener.dirty)
         self.hub = self.server = self.listener = self.ledger = None
         if self.journal is not None:
             self.journal.after_fork_in_child()

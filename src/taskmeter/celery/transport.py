@@ -24,6 +24,7 @@ import contextlib
 import hmac
 import json
 import logging
+import mmap
 import os
 import secrets
 import selectors
@@ -45,6 +46,10 @@ Message = dict[str, Any]
 # report reaches the main process at most this much later, and a busy worker's main
 # process wakes up at most 1 / COALESCE_S times a second for them.
 COALESCE_S = 0.02
+# With Celery's event loop, the channels are read when a pool process says it sent
+# something (see Listener.attach), and at the latest this often (seconds): a long
+# task's start or a dead pool process's closed channel is seen at most this late.
+POLL_S = 0.2
 _LINUX = sys.platform.startswith("linux")
 
 
@@ -94,6 +99,12 @@ class Listener:
         self._loop: Any = None  # an event loop serving the channels (see attach)
         self._flush_due = False
         self._flush_at = 0.0
+        # One shared byte, inherited by every pool process forked later: a sender sets
+        # it after each message, the event loop's tick reads it (a memory load) and
+        # reads the channels only then. See attach().
+        self.dirty = mmap.mmap(-1, 1)
+        self._polled = False  # channels read at the loop's ticks, not woken for
+        self._timer: Any = None
 
     def drop_in_child(self) -> None:
         """In a forked child: close this process's copies of the sockets (the main
@@ -107,25 +118,65 @@ class Listener:
 
     def attach(self, loop: Any) -> None:
         """Serve the channels from an event loop's thread (Celery's kombu hub, the
-        worker's main loop: ``add_reader``/``remove_reader``/``call_later``) instead of
-        a thread of our own: a message is handled in the wake-up that handles the
-        pool's own result for the task, with no thread switch and no GIL handoff.
-        Sinks that buffer (the ledger) are flushed at most COALESCE_S later.
+        worker's main loop) instead of a thread of our own.
+
+        With a kombu hub (``on_tick``), the channels are not in the loop's poll set at
+        all: a pool process sends a task's record just before Celery's own result for
+        the task, and the loop reads the channels at the start of its next iteration
+        (``on_tick``), which that result triggers, when the shared ``dirty`` byte says
+        something was sent. So a record costs the main process no wake-up of its own
+        (for tasks of 10 ms, a wake-up of Celery's loop costs more than handling the
+        record), and the ledger gets one write per iteration that read records. Other
+        messages (a long task's start, its tools) and closed channels are read at the
+        next iteration, or by a timer every POLL_S. Elsewhere, the channels are
+        readers of the loop and buffered sinks are flushed at most COALESCE_S later.
 
         Call again whenever the loop (re)starts: Celery resets its hub after a lost
         broker connection, which drops every reader and may cancel pending timers
         (``celery.worker.loops.asynloop``); the channels are registered anew and what
-        was buffered is flushed now."""
+        was buffered is handled now."""
+        if self._timer is not None:
+            with contextlib.suppress(Exception):
+                self._timer.cancel()
+            self._timer = None
+        if self._loop is not None and self._polled:
+            with contextlib.suppress(Exception):
+                self._loop.on_tick.discard(self._on_tick)
         self._loop = loop
         for sock in (self._sock, *self._buffers):
             with contextlib.suppress(Exception):
                 loop.remove_reader(sock)
         loop.add_reader(self._sock, self._on_ready, None)
-        for conn in list(self._buffers):
-            loop.add_reader(conn, self._on_ready, conn)
+        self._polled = isinstance(getattr(loop, "on_tick", None), set) and hasattr(
+            loop, "call_repeatedly"
+        )
+        if self._polled:
+            loop.on_tick.add(self._on_tick)
+            self._timer = loop.call_repeatedly(POLL_S, self._poll)
+        else:
+            for conn in list(self._buffers):
+                loop.add_reader(conn, self._on_ready, conn)
         self._flush_due = False
         self._drain()  # what arrived while no loop listened
         self._batch_done()
+
+    def _on_tick(self) -> None:
+        """Every iteration of the event loop: read the channels if a sender said so."""
+        dirty = self.dirty
+        if dirty[0] and not self._closing:
+            dirty[0] = 0  # before reading: a message sent meanwhile sets it again
+            self._poll()
+
+    def _poll(self) -> None:
+        """Read every channel until empty (closed ones are dropped), then flush."""
+        if self._closing:
+            return
+        try:
+            self._drain()
+        except Exception:  # never into the event loop
+            log.exception("taskmeter: reading the report channels failed")
+        finally:
+            self._batch_done()
 
     def _on_ready(self, conn: socket.socket | None) -> None:
         try:
@@ -165,6 +216,12 @@ class Listener:
         if self._thread is not None:
             self._thread.join(5)
         if self._loop is not None:
+            if self._timer is not None:
+                with contextlib.suppress(Exception):
+                    self._timer.cancel()
+            if self._polled:
+                with contextlib.suppress(Exception):
+                    self._loop.on_tick.discard(self._on_tick)
             for sock in (self._sock, *self._buffers):
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(sock)
@@ -229,7 +286,7 @@ class Listener:
         conn.setblocking(False)
         self._buffers[conn] = (bytearray(), pid, False)
         if self._loop is not None:
-            if not self._closing:
+            if not self._closing and not self._polled:
                 self._loop.add_reader(conn, self._on_ready, conn)
         else:
             self._sel.register(conn, selectors.EVENT_READ, "conn")
@@ -237,7 +294,7 @@ class Listener:
 
     def _drop(self, conn: socket.socket, pid: int | None) -> None:
         if self._loop is not None:
-            if not self._closing:
+            if not self._closing and not self._polled:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(conn)
         else:
@@ -313,8 +370,9 @@ class Sender:
     call per message) is dropped, and the following ones are sent only if they fit at
     once (MSG_DONTWAIT) until one does: a stalled reader costs a task one wait."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, dirty: mmap.mmap | None = None) -> None:
         self.address, self._token = address, token
+        self._dirty = dirty  # the listener's shared byte: set after every message
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         # the channel's reader stalled: the stream may end in a partial line, so the
@@ -344,6 +402,8 @@ class Sender:
                         self._stalled = False
                     else:
                         self._sock.sendall(data)
+                    if self._dirty is not None:
+                        self._dirty[0] = 1
                     return
                 except BlockingIOError:  # no room within SEND_TIMEOUT_S, or at once
                     self._stalled = True  # (the channel stays open: closing it would
