@@ -69,6 +69,19 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "poll")
 _WAIT_FDS: set[int] = set()
 
 
+def _ready_within(fd: int) -> Callable[[float], bool]:
+    """A function telling whether ``fd`` becomes readable within a timeout (seconds).
+    select() keeps the timeout to the microsecond (the 1 ms first sample of a short
+    tool is not late); poll(), to the millisecond rounded up, serves fds above
+    select's limit."""
+    if fd < 1024:
+        fds, sel = [fd], select.select
+        return lambda timeout: bool(sel(fds, (), (), timeout)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return lambda timeout: bool(poller.poll(timeout * 1000))
+
+
 def _close_wait_fds_in_child() -> None:
     for fd in list(_WAIT_FDS):
         with contextlib.suppress(OSError):
@@ -381,14 +394,12 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
         exited = False
         try:
             watch.hold()
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            poll, monotonic = poller.poll, time.monotonic
+            ready = _ready_within(fd)
+            monotonic = time.monotonic
             while True:
                 now = monotonic()
                 until = watch.next_due if endtime is None else min(watch.next_due, endtime)
-                # milliseconds, rounded up by poll (a sample at most 1 ms late)
-                if poll((until - now) * 1000 if until > now else 0):
+                if ready(until - now if until > now else 0.0):
                     exited = True
                     return True
                 now = monotonic()
