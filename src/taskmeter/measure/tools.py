@@ -43,7 +43,8 @@ _UNREAD: Any = object()  # a start time not read yet
 # Tools are sampled at least this often, whatever the interval: their peak is read
 # from VmHWM, which vanishes at exit, so it is caught when reached at least this long
 # before the tool exits (bcftools sort, say, peaks while writing its output in its
-# last ~30 ms). Cost, measured (docs/benchmarks.md): 0.3-0.7 % of a core per tool.
+# last ~30 ms). Cost, measured (docs/benchmarks.md): 0.3-0.9 % of a core per tool,
+# most of it the 50 wake-ups a second of the thread that samples it.
 TOOL_INTERVAL_MAX_S = 0.02
 
 
