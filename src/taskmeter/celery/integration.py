@@ -43,7 +43,7 @@ from taskmeter.measure.report import (
     Cause,
     State,
     TaskReport,
-    compact_json,
+    json_bytes,
 )
 from taskmeter.measure.sampler import SAMPLER, configure
 from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
@@ -409,8 +409,8 @@ class _Worker:
         elif self.sender is not None:
             # One line: the run, the start when not announced yet, and the record as
             # the ledger writes it (encoded here, once; the main process only parses it).
-            head = compact_json([run.run_id, final, None if announced else run.start])
-            self.sender.send_line(b"E" + head.encode() + b"\t" + report.to_json_bytes() + b"\n")
+            head = json_bytes([run.run_id, final, None if announced else run.start])
+            self.sender.send_line(b"E" + head + b"\t" + report.to_json_bytes() + b"\n")
 
     def _deliver(self, msg: Message) -> None:
         if self.hub is not None:

@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from taskmeter.measure.report import compact_json
 
 log = logging.getLogger("taskmeter.transport")
@@ -331,11 +333,11 @@ class Listener:
                     tab = line.index(b"\t")
                     msg = {
                         "type": "end-line",
-                        "head": json.loads(line[1:tab]),
+                        "head": orjson.loads(line[1:tab]),
                         "body": bytes(line[tab + 1 :]),
                     }
                 else:
-                    msg = json.loads(line)
+                    msg = orjson.loads(line)
             except ValueError:
                 log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
                 continue

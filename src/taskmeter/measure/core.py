@@ -22,6 +22,7 @@ from taskmeter.measure.report import (
     SamplerInfo,
     State,
     TaskReport,
+    ToolRun,
     ToolTotals,
     WorkerInfo,
     iso_utc,
@@ -218,8 +219,10 @@ class Measurement(Span):
         self, stats: SpanStats, state: State, epoch1: float, unattributed: float
     ) -> TaskReport:
         end = self.t0 + stats.wall_s
-        with self._tools_lock:
-            tools = tuple(w.to_run(self.t0, end) for w in self._watches)
+        tools: tuple[ToolRun, ...] = ()
+        if self._watches:
+            with self._tools_lock:
+                tools = tuple(w.to_run(self.t0, end) for w in self._watches)
         if self._untracked is not None:
             # Sampled lower bounds, listed with the tools (tracked=False). The CPU of
             # those this process reaped is in its RUSAGE_CHILDREN: not unattributed.
@@ -252,7 +255,7 @@ class Measurement(Span):
             tools=tools,
             tool_totals=totals,
             footprint_peak_bytes=max(self._footprint, stats.rss_peak_bytes),
-            phases=_merge_phases(self._phases),
+            phases=_merge_phases(self._phases) if self._phases else (),
             unattributed_child_cpu_s=unattributed,
             worker=_worker_info(self.pool),
             sampler=_sampler_info(SAMPLER.interval_s),

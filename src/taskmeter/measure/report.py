@@ -40,6 +40,15 @@ def _compact_encoder() -> Callable[[Any], str]:
 
 compact_json = _compact_encoder()
 
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 with orjson, else (a lone surrogate, an integer beyond 64
+    bits) :func:`compact_json`'s text, whose escapes make it ASCII."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # orjson.JSONEncodeError
+        return compact_json(obj).encode()
+
 # lost: the task was in flight when its whole worker died (e.g. a pod OOM kill) and was
 # recovered from the in-flight journal by the next incarnation of the worker.
 State = Literal["success", "failure", "retry", "revoked", "killed", "lost"]
