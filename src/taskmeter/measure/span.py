@@ -199,13 +199,19 @@ class Book:
     def spawn(self, start: Callable[[], T]) -> tuple[T, int | None]:
         """Run ``start`` (which forks a tool) and read this process's peak right after.
 
-        A child's wait4 ``ru_maxrss`` is at least this value (the kernel carries the
-        parent's high-water mark across fork and exec); only a larger figure is the
-        tool's own. Holding the lock keeps a reset from landing between the two.
+        A child's wait4 ``ru_maxrss`` is at least the floor it inherited: this
+        process's high-water mark at the fork (or, with vfork, at the exec, while this
+        process waits), carried across fork and exec by the kernel; only a larger
+        figure is the tool's own. The value returned is this process's ``ru_maxrss``
+        (one getrusage), which is at least that mark (it also holds the marks of
+        threads that exited): a floor never too low, so a figure above it is never
+        wrongly taken as the tool's own. ``/proc/self/status`` only where
+        ``ru_maxrss`` is not in KiB. Holding the lock keeps a reset from landing
+        between the two.
         """
         with self._lock:
             result = start()
-            return result, READER.self_hwm()
+            return result, (process_usage()[2] or READER.self_hwm())
 
 
 BOOK = Book()
