@@ -45,7 +45,7 @@ from taskmeter.measure.report import (
     TaskReport,
     json_bytes,
 )
-from taskmeter.measure.sampler import SAMPLER, configure
+from taskmeter.measure.sampler import configure
 from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
 
 log = logging.getLogger("taskmeter.celery")
@@ -64,23 +64,17 @@ _STATES: dict[str, State] = {
 
 class _Run:
     """A task running in this process. A pool process tells the main process of its
-    start only once the task outlives its first sample (the sampler calls
-    :meth:`sample` then); a shorter task sends its start with its end: one message per
-    task. ``announced`` is read and set under the worker's lock."""
+    start only once the task outlives its first sample (the measurement's first sample
+    calls ``on_first_sample`` then); a shorter task sends its start with its end: one
+    message per task. ``announced`` is read and set under the worker's lock."""
 
-    is_tool = True  # for the sampler: needs no RSS reading
-    __slots__ = ("announced", "m", "next_due", "run_id", "start", "worker")
+    __slots__ = ("announced", "m", "run_id", "start", "worker")
 
-    def __init__(
-        self, worker: _Worker, run_id: str, m: Measurement, start: list[Any], due: float
-    ) -> None:
+    def __init__(self, worker: _Worker, run_id: str, m: Measurement, start: list[Any]) -> None:
         self.worker, self.run_id, self.m, self.start = worker, run_id, m, start
         self.announced = False
-        self.next_due = due
 
-    def sample(self, now: float, self_rss: int) -> None:
-        self.next_due = float("inf")
-        SAMPLER.remove(self)
+    def announce(self) -> None:
         self.worker._announce(self)
 
 
@@ -344,14 +338,14 @@ class _Worker:
             self.journal.begin(seq, task_name, task_id, epoch, cpu0)  # memory writes only
         # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
         start = [task_name, task_id, pid, epoch, cpu0, cgroup.oom_kills()]
-        run = _Run(self, run_id, m, start, m.t0 + SAMPLER.interval_s)
+        run = _Run(self, run_id, m, start)
         with self.lock:
             self.runs[key] = run
         if self.sender is not None and self.journal is not None:
             # A pool process: the main process hears of the run at its first sample if
             # it still runs then (for /inflight and its tools), else with its end. A
             # death or a verdict in between: the hub recalls it from the journal.
-            SAMPLER.add(run)
+            m.on_first_sample = run.announce
         else:
             self._announce(run)
 
@@ -383,7 +377,7 @@ class _Worker:
                 return
             announced, run.announced = run.announced, True  # no announcement from now
         if not announced:
-            SAMPLER.remove(run)
+            run.m.on_first_sample = None
         state = _STATES.get(celery_state or "")
         wait = self.waits.pop(key, None) if self.waits else None
         try:

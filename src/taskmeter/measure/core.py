@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import math
 import os
 import socket
@@ -40,6 +41,7 @@ _current: contextvars.ContextVar[Measurement | None] = contextvars.ContextVar(
     "taskmeter_current", default=None
 )
 _HOSTNAME = socket.gethostname()
+_log = logging.getLogger("taskmeter.measure")
 
 
 def current() -> Measurement | None:
@@ -77,6 +79,9 @@ class Measurement(Span):
         self._children0 = self._reaped0 = 0.0
         self._untracked: UntrackedScan | None = None  # made at the first sample
         self._untracked_rss = 0  # untracked processes' RSS at the last sample
+        # Called once, from the sampler thread, at the measurement's first sample (one
+        # interval in): an integration announces a task that outlives it (Celery).
+        self.on_first_sample: Callable[[], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> Measurement:
@@ -190,6 +195,13 @@ class Measurement(Span):
 
     def sample(self, now: float, self_rss: int) -> None:
         super().sample(now, self_rss)
+        hook = self.on_first_sample
+        if hook is not None:
+            self.on_first_sample = None
+            try:
+                hook()
+            except Exception:  # never let an integration's hook stop the sampling
+                _log.exception("taskmeter: a first-sample hook failed")
         # Descendants not started through taskmeter (plain subprocess.run): at the
         # sampler's interval only, never on the task's start/end path. While tasks
         # overlap in threads, only the children of this task's thread are its own.
