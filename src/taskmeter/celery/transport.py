@@ -174,7 +174,7 @@ class Listener:
         if self._closing:
             return
         try:
-            self._drain()
+            self._drain(accept=False)  # new channels: _on_ready, from the poll set
         except Exception:  # never into the event loop
             log.exception("taskmeter: reading the report channels failed")
         finally:
@@ -267,9 +267,10 @@ class Listener:
             if events and COALESCE_S > 0 and self._stop.wait(COALESCE_S):
                 return
 
-    def _drain(self) -> None:
-        """Accept the channels waiting and read every channel until it is empty."""
-        while self._accept():
+    def _drain(self, accept: bool = True) -> None:
+        """Accept the channels waiting (unless ``accept`` is False: the listening
+        socket is in the loop's poll set) and read every channel until it is empty."""
+        while accept and self._accept():
             pass
         for conn in list(self._buffers):
             while conn in self._buffers and self._read(conn):
