@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from celery import bootsteps, signals
 
 from taskmeter.celery import otel, queuewait
@@ -44,6 +43,7 @@ from taskmeter.measure.report import (
     State,
     TaskReport,
     json_bytes,
+    loads,
 )
 from taskmeter.measure.sampler import configure
 from taskmeter.measure.tools import TOOL_STARTED, ToolWatch
@@ -258,7 +258,7 @@ class _Worker:
             # E[run id, final, start fields or null]\t<record>: one message per task
             run_id, final, start = msg["head"]
             body: bytes = msg["body"]
-            report = TaskReport.from_trusted(orjson.loads(body))
+            report = TaskReport.from_trusted(loads(body))
             if start is not None and not final:  # the main process's verdict decides
                 task, task_id, pid_, epoch, cpu0, oom0 = start
                 self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)

@@ -41,6 +41,16 @@ def _compact_encoder() -> Callable[[Any], str]:
 compact_json = _compact_encoder()
 
 
+def loads(data: str | bytes | bytearray) -> Any:
+    """JSON text (what :meth:`TaskReport.to_json_bytes`, :func:`json_bytes` or a pool
+    process wrote) parsed with orjson, else with ``json``: their fallback escapes an
+    undecodable argv's lone surrogates (``\\udcff``), which orjson refuses."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def json_bytes(obj: Any) -> bytes:
     """Compact JSON as UTF-8 with orjson, else (a lone surrogate, an integer beyond 64
     bits) :func:`compact_json`'s text, whose escapes make it ASCII."""
@@ -238,7 +248,9 @@ class TaskReport:
         ``json.dumps`` only in how some floats are written (``0.00001`` for ``1e-05``:
         the same value). A record orjson cannot write as ASCII (a non-ASCII name, a
         lone surrogate from an undecodable argv, an integer beyond 64 bits) is written
-        by ``json``, which escapes it."""
+        by ``json``, which escapes it: read such text with :func:`loads`. (orjson
+        would write a non-finite float as ``null``; no field of a record can be one:
+        the figures are differences of kernel counters and clocks.)"""
         try:
             out = orjson.dumps({"schema": self.schema, **vars(self)})
         except TypeError:  # orjson.JSONEncodeError
@@ -297,7 +309,7 @@ class TaskReport:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TaskReport:
-        return cls.from_dict(orjson.loads(text))
+        return cls.from_dict(loads(text))
 
 
 _T = TypeVar("_T")
