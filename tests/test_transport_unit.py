@@ -104,16 +104,57 @@ def test_on_a_kombu_hub_a_record_costs_no_wake_up_and_is_read_at_the_next_tick()
         time.sleep(0.05)
         assert not hub.poller.poll(0), "the message made the loop's poll return"
         wait_for(lambda: (turn(), got)[1][-1] == {"n": 2}, 5, "the second message", 0)
-        # With the byte set, the next iteration reads it, whatever woke the loop.
+        # With the byte set, the next iteration reads it, whatever woke the loop, long
+        # before the timer would.
         sender.send({"n": 3})
         assert listener.dirty[0] == 1
-        hub.call_soon(lambda: None)  # something else wakes the loop (Celery's result)
-        turn(2)
+        hub.call_later(0.01, lambda: None)  # something else wakes the loop soon
+        t0 = time.monotonic()
+        turn(1)  # its tick (before its poll) reads the message
         assert got[-1] == {"n": 3} and listener.dirty[0] == 0
-        assert batches and batches[-1] == 3  # flushed after the read
+        assert time.monotonic() - t0 < transport.POLL_S / 2
+        # Buffered sinks are flushed at most every COALESCE_S from the ticks, and by
+        # the POLL_S timer: the round holding message 3 is flushed within that.
+        wait_for(lambda: (turn(), batches)[1][-1:] == [3], 5, "the flush", 0)
         # A closed channel (a pool process gone) is seen by the timer.
         sender.close()
         wait_for(lambda: (turn(), gone)[1] != [], 5, "the closed channel", 0)
     finally:
         listener.close()
         hub.close()
+
+
+def test_a_record_json_had_to_write_is_read_back_whole():
+    """A tool whose argv is not valid UTF-8 (os.fsdecode's lone surrogates): orjson
+    cannot write it, json escapes it, and the main process must still read it (orjson
+    alone refuses the escape) rather than drop the task's record."""
+    import dataclasses
+
+    import taskmeter
+    from taskmeter.measure.report import TaskReport, json_bytes, loads
+
+    with taskmeter.measure("vcf") as m:
+        taskmeter.run([b"true", b"bad-\xff.vcf"])
+    report = m.report
+    assert report.tools[0].argv == ("true", "bad-\udcff.vcf")
+    body = report.to_json_bytes()
+    assert b"\\udcff" in body  # json's escape
+    assert TaskReport.from_trusted(loads(body)) == report == TaskReport.from_json(body)
+    head = json_bytes(["1:1", True, ["vcf", "id-\udcff", 1, 0.5, 0.1, None]])
+    got: list[object] = []
+    listener = Listener(lambda msg, pid: got.append(msg), lambda pid: None)
+    listener.start()
+    try:
+        sender = Sender(listener.address, listener.token)
+        sender.send_line(b"E" + head + b"\t" + body + b"\n")
+        sender.send({"type": "tool", "argv": list(report.tools[0].argv)})
+        wait_for(lambda: len(got) == 2, 5, "both messages", 0.01)
+        end, tool = got
+        assert isinstance(end, dict) and isinstance(tool, dict)
+        assert end["head"][2][1] == "id-\udcff"
+        assert TaskReport.from_trusted(loads(end["body"])) == report
+        assert tool["argv"] == ["true", "bad-\udcff.vcf"]
+        sender.close()
+    finally:
+        listener.close()
+    assert dataclasses.replace(report).to_json_bytes() == body

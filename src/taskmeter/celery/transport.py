@@ -37,9 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from taskmeter.measure.report import compact_json
+from taskmeter.measure.report import compact_json, loads
 
 log = logging.getLogger("taskmeter.transport")
 
@@ -107,6 +105,11 @@ class Listener:
         self.dirty = mmap.mmap(-1, 1)
         self._polled = False  # channels read at the loop's ticks, not woken for
         self._timer: Any = None
+        self._batched_at = 0.0  # when buffered sinks were last flushed (polled mode)
+        # One reader of the channels at a time: the loop's tick or timer, close(), and
+        # Celery's prefork shutdown, which fires the loop's timers from a thread of its
+        # own while the pool joins (TaskPool.on_stop).
+        self._reading = threading.Lock()
 
     def drop_in_child(self) -> None:
         """In a forked child: close this process's copies of the sockets (the main
@@ -159,33 +162,51 @@ class Listener:
             for conn in list(self._buffers):
                 loop.add_reader(conn, self._on_ready, conn)
         self._flush_due = False
-        self._drain()  # what arrived while no loop listened
+        with self._reading:
+            self._drain()  # what arrived while no loop listened
         self._batch_done()
 
     def _on_tick(self) -> None:
-        """Every iteration of the event loop: read the channels if a sender said so."""
+        """Every iteration of the event loop: read the channels if a sender said so.
+        A busy loop iterates several times per task, so buffered sinks are flushed at
+        most every COALESCE_S from here (a one-shot timer flushes the rest then)."""
         dirty = self.dirty
-        if dirty[0] and not self._closing:
-            dirty[0] = 0  # before reading: a message sent meanwhile sets it again
-            self._poll()
+        if not dirty[0] or self._closing:
+            return
+        dirty[0] = 0  # before reading: a message sent meanwhile sets it again
+        self._poll(flush=False)
+        now = time.monotonic()
+        if now - self._batched_at >= COALESCE_S:
+            self._batched_at = now
+            self._batch_done()
+        elif not self._flush_due and self._on_batch is not None:
+            self._flush_due, self._flush_at = True, now
+            self._loop.call_later(COALESCE_S, self._loop_flush)
 
-    def _poll(self) -> None:
-        """Read every channel until empty (closed ones are dropped), then flush."""
-        if self._closing:
+    def _poll(self, flush: bool = True) -> None:
+        """Read every channel until empty (closed ones are dropped), then flush.
+        Skipped if another thread is reading them (it reads what this would)."""
+        if self._closing or not self._reading.acquire(blocking=False):
             return
         try:
             self._drain(accept=False)  # new channels: _on_ready, from the poll set
         except Exception:  # never into the event loop
             log.exception("taskmeter: reading the report channels failed")
         finally:
-            self._batch_done()
+            self._reading.release()
+            if flush:
+                self._batched_at = time.monotonic()
+                self._batch_done()
 
     def _on_ready(self, conn: socket.socket | None) -> None:
         try:
-            if conn is None:
-                self._accept()
-            else:
-                self._read(conn)
+            with self._reading:
+                if conn is None:
+                    self._accept()
+                else:
+                    self._read(conn)
+        except Exception:  # never into the event loop (asynloop would reset its hub)
+            log.exception("taskmeter: reading a report channel failed")
         finally:
             if self._on_batch is not None and not self._closing:
                 now = time.monotonic()
@@ -197,6 +218,7 @@ class Listener:
 
     def _loop_flush(self) -> None:
         self._flush_due = False
+        self._batched_at = time.monotonic()
         self._batch_done()
 
     def _batch_done(self) -> None:
@@ -228,9 +250,11 @@ class Listener:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(sock)
         # What pool processes sent since the last round (tasks that ended during a
-        # warm shutdown, while the event loop no longer ran): handled now.
+        # warm shutdown, while the event loop no longer ran): handled now, once no
+        # other thread reads the channels (Celery's shutdown timer thread may).
         try:
-            self._drain()
+            with self._reading:
+                self._drain()
         finally:
             self._batch_done()
         for conn in list(self._buffers):
@@ -250,13 +274,14 @@ class Listener:
         while not self._closing:
             events = self._sel.select(timeout=1.0)
             try:
-                for key, _ in events:
-                    if key.data == "wake":
-                        return
-                    if key.fileobj is self._sock:
-                        self._accept()
-                    else:
-                        self._read(key.fileobj)  # type: ignore[arg-type]
+                with self._reading:
+                    for key, _ in events:
+                        if key.data == "wake":
+                            return
+                        if key.fileobj is self._sock:
+                            self._accept()
+                        else:
+                            self._read(key.fileobj)  # type: ignore[arg-type]
             finally:
                 if events:
                     self._batch_done()
@@ -334,11 +359,11 @@ class Listener:
                     tab = line.index(b"\t")
                     msg = {
                         "type": "end-line",
-                        "head": orjson.loads(line[1:tab]),
+                        "head": loads(line[1:tab]),
                         "body": bytes(line[tab + 1 :]),
                     }
                 else:
-                    msg = orjson.loads(line)
+                    msg = loads(line)
             except ValueError:
                 log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
                 continue
@@ -400,6 +425,10 @@ class Sender:
                             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
                         self._stalled = False
                         self._sock.sendall(json.dumps({"hello": self._token}).encode() + b"\n")
+                    if self._dirty is not None:
+                        # before too: a message larger than the room left in the
+                        # channel is read at the loop's next iteration, not its timer's
+                        self._dirty[0] = 1
                     if self._stalled:
                         self._sock.sendall(b"\n" + data, socket.MSG_DONTWAIT)
                         self._stalled = False
