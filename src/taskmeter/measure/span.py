@@ -100,6 +100,7 @@ class Span:
         # (a thread exiting during the span leaves a mark of the span's). Then the peak
         # at the end comes with the CPU (one getrusage), not from /proc/self/status.
         self._maxrss_exact = 0 < maxrss <= rss
+        BOOK.maxrss_exact = self._maxrss_exact  # until the next reset (Book.spawn)
         self.t0 = time.monotonic()
         self.rss.add(self.t0, rss)
 
@@ -164,6 +165,9 @@ class Book:
         self._lock = threading.Lock()
         self._open: list[Span] = []
         self._reset_works: bool | None = None
+        # ru_maxrss equals VmHWM since the last reset (the span that made it found the
+        # marks of exited threads no higher than its RSS): see spawn()
+        self.maxrss_exact = False
 
     def open(self, span: Span) -> None:
         with self._lock:
@@ -200,18 +204,19 @@ class Book:
         """Run ``start`` (which forks a tool) and read this process's peak right after.
 
         A child's wait4 ``ru_maxrss`` is at least the floor it inherited: this
-        process's high-water mark at the fork (or, with vfork, at the exec, while this
-        process waits), carried across fork and exec by the kernel; only a larger
-        figure is the tool's own. The value returned is this process's ``ru_maxrss``
-        (one getrusage), which is at least that mark (it also holds the marks of
-        threads that exited): a floor never too low, so a figure above it is never
-        wrongly taken as the tool's own. ``/proc/self/status`` only where
-        ``ru_maxrss`` is not in KiB. Holding the lock keeps a reset from landing
-        between the two.
+        process's high-water mark (VmHWM) at the fork (or, with vfork, at the exec,
+        while this process waits), carried across fork and exec by the kernel; only a
+        larger figure is the tool's own. Read from this process's ``ru_maxrss`` (one
+        getrusage) when that equals VmHWM since the last reset, else from
+        ``/proc/self/status``: ``ru_maxrss`` also keeps the marks of threads that
+        exited, which can stand far above VmHWM, and a floor too high would turn an
+        exact tool peak into a sampled one. Holding the lock keeps a reset from
+        landing between the two.
         """
         with self._lock:
             result = start()
-            return result, (process_usage()[2] or READER.self_hwm())
+            maxrss = process_usage()[2] if self.maxrss_exact else 0
+            return result, (maxrss or READER.self_hwm())
 
 
 BOOK = Book()

@@ -9,6 +9,7 @@ lives, and from ``ru_maxrss`` only when it provably is the tool's own (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -65,12 +66,15 @@ REAPED = ReapedCpu()
 
 # The waiting thread samples the tool it waits for through a pidfd (Linux >= 5.3).
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "poll")
+# False once pidfd_open said it cannot work here (ENOSYS, EPERM): no more attempts.
+_PIDFD_OK = [_HAVE_PIDFD]
+_SAMPLE_FAILED: list[bool] = []  # a waiter's sample raised once (logged once)
 # The pidfds of the waits in progress: a forked child closes its copies (it waits for
 # none of them; no waiter state survives a fork).
 _WAIT_FDS: set[int] = set()
 
 
-def _ready_within(fd: int) -> Callable[[float], bool]:
+def _ready_within(fd: int) -> Callable[[float | None], bool]:
     """A function telling whether ``fd`` becomes readable within a timeout (seconds).
     select() keeps the timeout to the microsecond (the 1 ms first sample of a short
     tool is not late); poll(), to the millisecond rounded up, serves fds above
@@ -80,7 +84,7 @@ def _ready_within(fd: int) -> Callable[[float], bool]:
         return lambda timeout: bool(sel(fds, (), (), timeout)[0])
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return lambda timeout: bool(poller.poll(timeout * 1000))
+    return lambda timeout: bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def _close_wait_fds_in_child() -> None:
@@ -183,23 +187,28 @@ class ToolWatch:
             if self._tree is not None:
                 self._tree.close()
                 self._tree = None
-        if self.in_sampler:
-            self.in_sampler = False
-            SAMPLER.remove(self)
+            if self.in_sampler:
+                self.in_sampler = False
+                SAMPLER.remove(self)
 
+    # (in_sampler changes with the sampler's list, under the lock: a hand-back racing
+    # the reap in another thread never leaves a stopped tool in the sampler, whose
+    # sample() would return without moving next_due and keep the thread ticking)
     def to_sampler(self) -> None:
         """Have the sampler thread sample it (from now on, until it is held or stopped)."""
-        if not self.in_sampler and not self._stopped:
-            self.in_sampler = True
-            SAMPLER.add(self)
+        with self._lock:
+            if not self.in_sampler and not self._stopped:
+                self.in_sampler = True
+                SAMPLER.add(self)
 
     def hold(self) -> None:
         """The calling thread samples it from now on (it waits for the tool): the sampler
         thread neither wakes for it nor samples it (a tick already running may still
         read it once, serialized by the lock)."""
-        if self.in_sampler:
-            self.in_sampler = False
-            SAMPLER.remove(self)
+        with self._lock:
+            if self.in_sampler:
+                self.in_sampler = False
+                SAMPLER.remove(self)
 
     @property
     def start_ticks(self) -> int | None:
@@ -359,53 +368,75 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
         the tool's next sample), so the sampler thread neither wakes for it nor reads it.
         A wait that ends with the tool alive (timeout, exception) hands it back."""
         watch = self._taskmeter_watch
-        if self.returncode is not None or watch is None or watch.done or not _HAVE_PIDFD:
+        if self.returncode is not None or watch is None or watch.done or not _PIDFD_OK[0]:
             if watch is not None and not watch.done:
                 watch.to_sampler()  # a stdlib wait: the sampler thread samples it
             return super()._wait(timeout)  # type: ignore[misc,no-any-return]
         endtime = None if timeout is None else time.monotonic() + timeout
+        try:
+            fd: int | None = os.pidfd_open(self.pid)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                # No pidfd here (ENOSYS: kernel < 5.3; EPERM: a seccomp profile) or
+                # none left (EMFILE): the standard library's wait, timeout included,
+                # and the sampler thread samples the tool meanwhile.
+                if exc.errno in (errno.ENOSYS, errno.EPERM):
+                    _PIDFD_OK[0] = False
+                watch.to_sampler()
+                return super()._wait(timeout)  # type: ignore[misc,no-any-return]
+            fd = None  # ESRCH: reaped by someone else; the reap below says so
         lock: threading.Lock = self._waitpid_lock  # type: ignore[attr-defined]
         if timeout is None:
             lock.acquire()
         elif not lock.acquire(timeout=max(timeout, 0.0)):
             # Another thread waits for it (and samples it): stdlib semantics.
+            if fd is not None:
+                os.close(fd)
             raise subprocess.TimeoutExpired(self.args, timeout)
         try:
             if self.returncode is not None:
+                if fd is not None:
+                    os.close(fd)
                 return self.returncode
-            if not self._taskmeter_await_exit(watch, endtime):
+            if fd is not None and not self._taskmeter_await_exit(watch, endtime, fd):
                 raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
-            pid, status = self._taskmeter_reap(0, exited=True)
+            pid, status = self._taskmeter_reap(0, exited=fd is not None)
             if pid == self.pid:
                 self._handle_exitstatus(status)  # type: ignore[attr-defined]
         finally:
             lock.release()
         return self.returncode
 
-    def _taskmeter_await_exit(self, watch: ToolWatch, endtime: float | None) -> bool:
-        """Wait for the tool's exit (True) or ``endtime`` (False), sampling it when due.
-        Called with ``_waitpid_lock`` held. On False or an exception the tool is handed
-        back to the sampler thread."""
-        try:
-            fd = os.pidfd_open(self.pid)
-        except OSError:  # ESRCH (reaped by someone else), EMFILE, ENOSYS: waitid decides
-            watch.to_sampler()
-            return True
+    def _taskmeter_await_exit(self, watch: ToolWatch, endtime: float | None, fd: int) -> bool:
+        """Wait for the tool's exit (True) or ``endtime`` (False) on its pidfd ``fd``
+        (closed here), sampling it when due. Called with ``_waitpid_lock`` held. On
+        False or an exception the tool is handed back to the sampler thread; a sample
+        that fails does the same (logged once), and the wait goes on unsampled."""
         _WAIT_FDS.add(fd)
         exited = False
         try:
             watch.hold()
             ready = _ready_within(fd)
             monotonic = time.monotonic
+            sampling = True
             while True:
                 now = monotonic()
-                until = watch.next_due if endtime is None else min(watch.next_due, endtime)
-                if ready(until - now if until > now else 0.0):
+                due = watch.next_due if sampling else float("inf")
+                until = due if endtime is None else min(due, endtime)
+                timeout = None if until == float("inf") else max(until - now, 0.0)
+                if ready(timeout):
                     exited = True
                     return True
                 now = monotonic()
-                if now >= watch.next_due:
-                    watch.sample(now)
+                if sampling and now >= watch.next_due:
+                    try:
+                        watch.sample(now)
+                    except Exception:  # never into the user's wait(): the sampler's job
+                        if not _SAMPLE_FAILED:
+                            _SAMPLE_FAILED.append(True)
+                            _log.exception("taskmeter: sampling a waited tool failed")
+                        sampling = False  # the wait alone from now on
+                        watch.to_sampler()
                 if endtime is not None and now >= endtime:
                     return False
         finally:
