@@ -39,8 +39,8 @@ def process_cpu() -> tuple[float, float]:
     return ru.ru_utime, ru.ru_stime
 
 
-# ru_maxrss is in KiB on Linux, where it is max(the memory's high-water mark, the
-# largest mark a thread of this process took with it when it exited or exec'd).
+# ru_maxrss is in KiB on Linux, where it is max(the memory's high-water mark, the mark
+# this process inherited through exec: the image it replaced, e.g. a big parent's).
 _MAXRSS_KIB = sys.platform.startswith("linux")
 
 
@@ -95,10 +95,10 @@ class Span:
         self._tcpu0 = thread_cpu()
         user, sys_, maxrss = process_usage()
         self._cpu0 = (user, sys_)
-        # Right after the reset, ru_maxrss no higher than the RSS read since: the marks
-        # exiting threads left are no higher than the span's own values, and stay so
-        # (a thread exiting during the span leaves a mark of the span's). Then the peak
-        # at the end comes with the CPU (one getrusage), not from /proc/self/status.
+        # Right after the reset, ru_maxrss no higher than the RSS read since: the mark
+        # inherited through exec is no higher than the span's own values, and ru_maxrss
+        # is VmHWM until the next reset. Then the peak at the end comes with the CPU
+        # (one getrusage), not from /proc/self/status.
         self._maxrss_exact = 0 < maxrss <= rss
         BOOK.maxrss_exact = self._maxrss_exact  # until the next reset (Book.spawn)
         self.t0 = time.monotonic()
@@ -166,7 +166,7 @@ class Book:
         self._open: list[Span] = []
         self._reset_works: bool | None = None
         # ru_maxrss equals VmHWM since the last reset (the span that made it found the
-        # marks of exited threads no higher than its RSS): see spawn()
+        # mark inherited through exec no higher than its RSS): see spawn()
         self.maxrss_exact = False
 
     def open(self, span: Span) -> None:
@@ -208,9 +208,10 @@ class Book:
         while this process waits), carried across fork and exec by the kernel; only a
         larger figure is the tool's own. Read from this process's ``ru_maxrss`` (one
         getrusage) when that equals VmHWM since the last reset, else from
-        ``/proc/self/status``: ``ru_maxrss`` also keeps the marks of threads that
-        exited, which can stand far above VmHWM, and a floor too high would turn an
-        exact tool peak into a sampled one. Holding the lock keeps a reset from
+        ``/proc/self/status``: ``ru_maxrss`` also keeps the mark this process inherited
+        through exec (a worker started by a big process), which clear_refs does not
+        reset and can stand far above VmHWM, and a floor too high would turn an exact
+        tool peak into a sampled one. Holding the lock keeps a reset from
         landing between the two.
         """
         with self._lock:
