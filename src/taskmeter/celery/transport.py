@@ -46,6 +46,7 @@ Message = dict[str, Any]
 # report reaches the main process at most this much later, and a busy worker's main
 # process wakes up at most 1 / COALESCE_S times a second for them.
 COALESCE_S = 0.02
+_RECV = 1 << 16  # bytes per recv from a channel
 # With Celery's event loop, the channels are read when a pool process says it sent
 # something (see Listener.attach), and at the latest this often (seconds): a long
 # task's start or a dead pool process's closed channel is seen at most this late.
@@ -189,7 +190,8 @@ class Listener:
         if self._closing or not self._reading.acquire(blocking=False):
             return
         try:
-            self._drain(accept=False)  # new channels: _on_ready, from the poll set
+            # new channels: _on_ready, from the poll set; the timer reads until empty
+            self._drain(accept=False, until_empty=flush)
         except Exception:  # never into the event loop
             log.exception("taskmeter: reading the report channels failed")
         finally:
@@ -292,14 +294,20 @@ class Listener:
             if events and COALESCE_S > 0 and self._stop.wait(COALESCE_S):
                 return
 
-    def _drain(self, accept: bool = True) -> None:
+    def _drain(self, accept: bool = True, until_empty: bool = True) -> None:
         """Accept the channels waiting (unless ``accept`` is False: the listening
-        socket is in the loop's poll set) and read every channel until it is empty."""
+        socket is in the loop's poll set) and read every channel until it is empty
+        (``until_empty``) or, from the loop's ticks, until a read comes back short: a
+        stream socket had no more then, and what a sender adds later sets the shared
+        byte again (one recv per channel and tick, not two; a closed channel is seen
+        by the next read, at the latest the POLL_S timer's)."""
         while accept and self._accept():
             pass
         for conn in list(self._buffers):
-            while conn in self._buffers and self._read(conn):
-                pass
+            while conn in self._buffers:
+                n = self._read(conn)
+                if not n or (not until_empty and n < _RECV):
+                    break
 
     def _accept(self) -> bool:
         try:
@@ -336,19 +344,19 @@ class Listener:
             except Exception:  # never into the event loop (kombu's hub) or our thread
                 log.exception("taskmeter: handling the exit of pool process %d failed", pid)
 
-    def _read(self, conn: socket.socket) -> bool:
-        """Read and handle what one channel holds; False when it held nothing (or
-        closed)."""
+    def _read(self, conn: socket.socket) -> int:
+        """Read and handle what one channel holds: the bytes read (at most _RECV), 0
+        when it held nothing (or closed)."""
         buf, pid, trusted = self._buffers[conn]
         try:
-            data = conn.recv(1 << 16)
+            data = conn.recv(_RECV)
         except BlockingIOError:
-            return False
+            return 0
         except OSError:
             data = b""
         if not data:
             self._drop(conn, pid)
-            return False
+            return 0
         buf += data
         *lines, rest = buf.split(b"\n")
         for line in lines:
@@ -374,7 +382,7 @@ class Listener:
                         "taskmeter: refused a report channel without the token (pid %s)", pid
                     )
                     self._drop(conn, None)
-                    return False
+                    return 0
                 trusted = True
                 continue
             try:
@@ -382,7 +390,7 @@ class Listener:
             except Exception:
                 log.exception("taskmeter: handling a report message failed")
         self._buffers[conn] = (bytearray(rest), pid, trusted)
-        return True
+        return len(data)
 
 
 # How long a pool process waits for room in its channel before dropping a message:
