@@ -665,15 +665,23 @@ def _figure(fig: Any, div_id: str, height: int) -> str:
         font={"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"},
         uniformtext={"minsize": 10, "mode": "hide"},  # no unreadable labels in thin bars
     )
-    inner: str = pio.to_html(
-        fig,
-        include_plotlyjs=False,  # inlined once in the head
-        full_html=False,
-        div_id=div_id,
-        config=_PLOTLY_CONFIG,
-        default_width="100%",
-        default_height=f"{height}px",
-    )
+    # plotly's "auto" JSON engine is orjson when installed (taskmeter depends on it),
+    # which writes non-ASCII as is: the json engine keeps the page's figures the same,
+    # all ASCII, whatever is installed.
+    engine = pio.json.config.default_engine
+    pio.json.config.default_engine = "json"
+    try:
+        inner: str = pio.to_html(
+            fig,
+            include_plotlyjs=False,  # inlined once in the head
+            full_html=False,
+            div_id=div_id,
+            config=_PLOTLY_CONFIG,
+            default_width="100%",
+            default_height=f"{height}px",
+        )
+    finally:
+        pio.json.config.default_engine = engine
     return f'<div class="figure">{inner}</div>'
 
 
