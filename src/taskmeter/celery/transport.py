@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from taskmeter.measure.report import compact_json, loads
+from taskmeter.measure.report import json_bytes, loads
 
 log = logging.getLogger("taskmeter.transport")
 
@@ -408,7 +408,7 @@ class Sender:
 
     def __init__(self, address: str, token: str, dirty: mmap.mmap | None = None) -> None:
         self.address, self._token = address, token
-        self._dirty = dirty  # the listener's shared byte: set after every message
+        self._dirty = dirty  # the listener's shared byte: set around every message
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         # the channel's reader stalled: the stream may end in a partial line, so the
@@ -417,7 +417,7 @@ class Sender:
         self._dropped = 0
 
     def send(self, msg: Message) -> None:
-        self.send_line(compact_json(msg).encode() + b"\n")
+        self.send_line(json_bytes(msg) + b"\n")
 
     def send_line(self, data: bytes) -> None:
         """One message already encoded (ending with a newline)."""
