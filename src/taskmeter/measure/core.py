@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from taskmeter.measure.report import (
     STATES,
@@ -243,43 +243,42 @@ class Measurement(Span):
             unattributed -= reaped_untracked
         unattributed = max(unattributed, 0.0)
         totals = ToolTotals.of(tools) if tools else _NO_TOOLS
-        overhead = _new(
+        overhead = new_record(
             ProcessStats,
-            wall_s=max(stats.wall_s - totals.wall_s, 0.0),
-            cpu_s=stats.cpu_s,
-            user_s=stats.user_s,
-            sys_s=stats.sys_s,
-            rss_avg_bytes=stats.rss_avg_bytes,
-            rss_peak_bytes=stats.rss_peak_bytes,
-            peak_method=stats.peak_method,
-            cpu_method=stats.cpu_method,
+            {
+                "wall_s": max(stats.wall_s - totals.wall_s, 0.0),
+                "cpu_s": stats.cpu_s,
+                "user_s": stats.user_s,
+                "sys_s": stats.sys_s,
+                "rss_avg_bytes": stats.rss_avg_bytes,
+                "rss_peak_bytes": stats.rss_peak_bytes,
+                "peak_method": stats.peak_method,
+                "cpu_method": stats.cpu_method,
+            },
         )
-        return _new(
+        return new_record(
             TaskReport,
-            task=self.name,
-            task_id=self.task_id,
-            state=state,
-            started_at=_iso_utc(self._epoch0),
-            ended_at=_iso_utc(epoch1),
-            wall_s=stats.wall_s,
-            cpu_s=overhead.cpu_s + totals.cpu_s,
-            overhead=overhead,
-            tools=tools,
-            tool_totals=totals,
-            footprint_peak_bytes=max(self._footprint, stats.rss_peak_bytes),
-            phases=_merge_phases(self._phases) if self._phases else (),
-            unattributed_child_cpu_s=unattributed,
-            worker=_worker_info(self.pool),
-            sampler=_sampler_info(SAMPLER.interval_s),
+            {
+                "task": self.name,
+                "task_id": self.task_id,
+                "state": state,
+                "started_at": _iso_utc(self._epoch0),
+                "ended_at": _iso_utc(epoch1),
+                "wall_s": stats.wall_s,
+                "cpu_s": overhead.cpu_s + totals.cpu_s,
+                "overhead": overhead,
+                "tools": tools,
+                "tool_totals": totals,
+                "footprint_peak_bytes": max(self._footprint, stats.rss_peak_bytes),
+                "phases": _merge_phases(self._phases) if self._phases else (),
+                "unattributed_child_cpu_s": unattributed,
+                "worker": _worker_info(self.pool),
+                "sampler": _sampler_info(SAMPLER.interval_s),
+            },
         )
 
 
 _NO_TOOLS = ToolTotals.of(())
-_T = TypeVar("_T")
-
-
-def _new(cls: type[_T], **values: Any) -> _T:
-    return new_record(cls, values)
 
 
 @functools.lru_cache(maxsize=64)
