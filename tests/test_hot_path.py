@@ -9,8 +9,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,26 +214,39 @@ class _Loop:
                 cb, args = self.readers[fd]
                 cb(*args)  # type: ignore[operator]
 
+    def run_until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            self.run_once()
 
-def test_end_lines_arrive_whole_through_an_event_loop_and_sinks_flush_per_round():
-    from taskmeter.celery.transport import Listener, Sender
+
+def _listener_on(loop: _Loop) -> tuple[Any, list[dict[str, object]], list[int]]:
+    """A Listener served by ``loop`` (a loop without kombu's on_tick: its channels are
+    readers of the loop), with the messages it handled and the message count at each
+    flush of buffered sinks."""
+    from taskmeter.celery.transport import Listener
 
     got: list[dict[str, object]] = []
-    batches: list[int] = []
+    flushed: list[int] = []
     listener = Listener(
-        lambda msg, pid: got.append(msg), lambda pid: None, lambda: batches.append(len(got))
+        lambda msg, pid: got.append(msg), lambda pid: None, lambda: flushed.append(len(got))
     )
-    loop = _Loop()
     listener.attach(loop)
+    return listener, got, flushed
+
+
+def test_end_lines_arrive_whole_through_an_event_loop_and_sinks_flush_per_round():
+    from taskmeter.celery.transport import Sender
+
+    loop = _Loop()
+    listener, got, batches = _listener_on(loop)
     try:
         sender = Sender(listener.address, listener.token)
         record = b'{"schema":"taskmeter.task/1","task":"t\\tx"}'
         for n in range(3):
             sender.send_line(b'E["run:%d",true,null]\t' % n + record + b"\n")
         sender.send({"type": "tool", "run": "run:9"})
-        deadline = time.monotonic() + 5
-        while len(got) < 4 and time.monotonic() < deadline:
-            loop.run_once()
+        loop.run_until(lambda: len(got) >= 4)
         assert [m["type"] for m in got] == ["end-line"] * 3 + ["tool"]
         assert [m["head"] for m in got[:3]] == [[f"run:{n}", True, None] for n in range(3)]
         assert all(m["body"] == record for m in got[:3])  # the record as encoded, unparsed
@@ -272,22 +286,15 @@ def test_the_lasting_sampler_survives_a_client_due_never():
 def test_the_channels_survive_an_event_loop_reset():
     # Celery resets its hub after a lost broker connection (every reader dropped,
     # pending timers cancelled), then calls register_with_event_loop again.
-    from taskmeter.celery.transport import Listener, Sender
+    from taskmeter.celery.transport import Sender
 
-    got: list[dict[str, object]] = []
-    flushed: list[int] = []
-    listener = Listener(
-        lambda msg, pid: got.append(msg), lambda pid: None, lambda: flushed.append(len(got))
-    )
     loop = _Loop()
-    listener.attach(loop)
+    listener, got, flushed = _listener_on(loop)
     try:
         sender = Sender(listener.address, listener.token)
         record = b'{"schema":"taskmeter.task/1"}'
         sender.send_line(b'E["run:1",true,null]\t' + record + b"\n")
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            loop.run_once()
+        loop.run_until(lambda: bool(got))
         assert len(got) == 1 and loop.timers
         loop.readers.clear()  # the reset: no reader, the flush timer lost
         loop.timers.clear()
@@ -298,9 +305,7 @@ def test_the_channels_survive_an_event_loop_reset():
         assert [m["head"][0] for m in got] == ["run:1", "run:2"]  # read at once
         assert flushed and flushed[-1] == 2  # and the buffered records flushed
         sender.send_line(b'E["run:3",true,null]\t' + record + b"\n")
-        deadline = time.monotonic() + 5
-        while len(got) < 3 and time.monotonic() < deadline:
-            loop.run_once()
+        loop.run_until(lambda: len(got) >= 3)
         assert got[-1]["head"][0] == "run:3"  # served by the loop again
         sender.close()
     finally:
