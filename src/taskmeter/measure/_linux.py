@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from taskmeter.measure.proc import ProcMem
+from taskmeter.measure.proc import ProcMem, tree_totals
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # This process's pid, kept current across fork: os.getpid() is a system call, and the
@@ -84,10 +84,7 @@ class ProcTree:
         """(summed RSS, largest VmHWM) of the tree, None when no process of it is alive:
         :meth:`read` without a record per process (a tool's sample, 50 times a second)."""
         if self._status < 0:
-            procs = self.reader.tree(self.pid)
-            if not procs:
-                return None
-            return sum(p.rss_bytes for p in procs), max(p.hwm_bytes or 0 for p in procs)
+            return tree_totals(self.reader.tree(self.pid))
         try:
             data = os.pread(self._status, 8192, 0)
         except OSError:  # gone

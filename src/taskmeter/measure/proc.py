@@ -81,6 +81,14 @@ class ProcMem:
     hwm_bytes: int | None
 
 
+def tree_totals(procs: list[ProcMem]) -> tuple[int, int] | None:
+    """(summed RSS, largest VmHWM, 0 where unknown) of a tree's processes; None for
+    none: what a tool's sample keeps."""
+    if not procs:
+        return None
+    return sum(p.rss_bytes for p in procs), max(p.hwm_bytes or 0 for p in procs)
+
+
 class OpenTree(Protocol):
     def read(self) -> list[ProcMem]:
         """What ``tree(pid)`` gives, now."""

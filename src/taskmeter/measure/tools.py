@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskmeter.measure import cgroup
 from taskmeter.measure.orphans import start_ticks
-from taskmeter.measure.proc import READER, OpenTree
+from taskmeter.measure.proc import READER, OpenTree, tree_totals
 from taskmeter.measure.report import PeakMethod, ToolRun
 from taskmeter.measure.sampler import SAMPLER, RssSeries
 from taskmeter.measure.span import BOOK
@@ -156,15 +156,8 @@ class ToolWatch:
                 # be gone after two opens): the status file is read as soon as opened.
                 tree = self._tree = READER.open_tree(self.pid)
                 self._totals = getattr(tree, "totals", None)
-            if self._totals is not None:
-                got = self._totals()
-            else:
-                procs = tree.read()
-                got = (
-                    (sum(p.rss_bytes for p in procs), max(p.hwm_bytes or 0 for p in procs))
-                    if procs
-                    else None
-                )
+            totals = self._totals
+            got = totals() if totals is not None else tree_totals(tree.read())
             # Young processes are sampled densely (1 ms, then half their age) so a short
             # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
             age = now - self.t_start
@@ -421,9 +414,9 @@ class Popen(subprocess.Popen):  # type: ignore[type-arg]
             sampling = True
             while True:
                 now = monotonic()
-                due = watch.next_due if sampling else float("inf")
+                due = watch.next_due if sampling else _INF
                 until = due if endtime is None else min(due, endtime)
-                timeout = None if until == float("inf") else max(until - now, 0.0)
+                timeout = None if until == _INF else max(until - now, 0.0)
                 if ready(timeout):
                     exited = True
                     return True
