@@ -59,6 +59,7 @@ def json_bytes(obj: Any) -> bytes:
     except TypeError:  # orjson.JSONEncodeError
         return compact_json(obj).encode()
 
+
 # lost: the task was in flight when its whole worker died (e.g. a pod OOM kill) and was
 # recovered from the in-flight journal by the next incarnation of the worker.
 State = Literal["success", "failure", "retry", "revoked", "killed", "lost"]
