@@ -150,6 +150,9 @@ class LinuxReader:
         # by pid: a forked child must reopen its own instead of its parent's.
         self._pid = -1
         self._fds: dict[str, int] = {}
+        # statm and clear_refs, read or written at every span's start and end: their
+        # fds (-1 until open) for the pid _fds holds, without a call to _fd
+        self._statm = self._clear = -1
 
     def _fd(self, name: str, flags: int = os.O_RDONLY) -> int:
         pid = _PID[0]
@@ -158,18 +161,27 @@ class LinuxReader:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._fds = {}
+            self._statm = self._clear = -1
             self._pid = pid
         if name not in self._fds:
             fd = os.open(f"/proc/{pid}/{name}", flags | os.O_CLOEXEC)
             if self._fds.setdefault(name, fd) != fd:  # another thread won (no lock: fork)
                 os.close(fd)
-        return self._fds[name]
+        fd = self._fds[name]
+        if name == "statm":
+            self._statm = fd
+        elif name == "clear_refs":
+            self._clear = fd
+        return fd
 
     def usable(self) -> bool:
         return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def self_rss(self) -> int:
-        return int(os.pread(self._fd("statm"), 256, 0).split()[1]) * _PAGE
+        fd = self._statm
+        if fd < 0 or self._pid != _PID[0]:
+            fd = self._fd("statm")
+        return int(os.pread(fd, 256, 0).split()[1]) * _PAGE
 
     def self_hwm(self) -> int | None:
         try:
@@ -189,8 +201,11 @@ class LinuxReader:
 
     def reset_self_hwm(self) -> bool:
         # "5" resets only the peak-RSS counter (Linux >= 4.0) and walks no page tables.
+        fd = self._clear
         try:
-            os.write(self._fd("clear_refs", os.O_WRONLY), b"5")
+            if fd < 0 or self._pid != _PID[0]:
+                fd = self._fd("clear_refs", os.O_WRONLY)
+            os.write(fd, b"5")
         except OSError:
             return False
         return True

@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import os
+import resource
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from types import TracebackType
 from typing import ParamSpec, TypeVar
 
 from taskmeter.measure.report import (
+    SCHEMA,
     STATES,
     PhaseStats,
     ProcessStats,
@@ -30,7 +32,7 @@ from taskmeter.measure.report import (
     new_record,
 )
 from taskmeter.measure.sampler import SAMPLER
-from taskmeter.measure.span import Span, SpanStats, children_cpu
+from taskmeter.measure.span import Span, SpanStats
 from taskmeter.measure.tools import REAPED, ToolWatch
 from taskmeter.measure.untracked import UntrackedScan
 
@@ -79,6 +81,9 @@ class Measurement(Span):
         self._children0 = self._reaped0 = 0.0
         self._untracked: UntrackedScan | None = None  # made at the first sample
         self._untracked_rss = 0  # untracked processes' RSS at the last sample
+        # Seconds the task waited in its queue, when an integration knows (the record's
+        # queue_wait_s): set before finish()
+        self.queue_wait_s: float | None = None
         # Called once, from the sampler thread, at the measurement's first sample (one
         # interval in): an integration announces a task that outlives it (Celery).
         self.on_first_sample: Callable[[], None] | None = None
@@ -91,7 +96,8 @@ class Measurement(Span):
         self.parent = _current.get()
         self._token = _current.set(self)
         self._epoch0 = time.time()
-        self._children0, self._reaped0 = children_cpu(), REAPED.total_s
+        ru = _getrusage(_RUSAGE_CHILDREN)
+        self._children0, self._reaped0 = ru.ru_utime + ru.ru_stime, REAPED.total_s
         self.begin()
         self._footprint = self.rss.peak
         return self
@@ -105,7 +111,8 @@ class Measurement(Span):
             raise RuntimeError(f"measurement {self.name!r} was never started")
         stats = self.end()
         epoch1 = time.time()
-        children = children_cpu() - self._children0
+        ru = _getrusage(_RUSAGE_CHILDREN)
+        children = ru.ru_utime + ru.ru_stime - self._children0
         reaped = REAPED.total_s - self._reaped0
         if self._token is not None:
             try:
@@ -114,7 +121,7 @@ class Measurement(Span):
                 _current.set(self.parent)
             self._token = None
         state = state or self.state or ("failure" if exc is not None else "success")
-        if state not in STATES:
+        if state not in _STATE_SET:
             raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
         self._report = self._build(stats, state, epoch1, children - reaped)
         if self.on_report is not None:
@@ -241,13 +248,15 @@ class Measurement(Span):
             extra, reaped_untracked = self._untracked.finish(self.t0, end, {t.pid for t in tools})
             tools += tuple(extra)
             unattributed -= reaped_untracked
-        unattributed = max(unattributed, 0.0)
+        if unattributed < 0.0:
+            unattributed = 0.0
         totals = ToolTotals.of(tools) if tools else _NO_TOOLS
+        cpu = stats.user_s + stats.sys_s
         overhead = new_record(
             ProcessStats,
             {
                 "wall_s": max(stats.wall_s - totals.wall_s, 0.0),
-                "cpu_s": stats.cpu_s,
+                "cpu_s": cpu,
                 "user_s": stats.user_s,
                 "sys_s": stats.sys_s,
                 "rss_avg_bytes": stats.rss_avg_bytes,
@@ -265,7 +274,7 @@ class Measurement(Span):
                 "started_at": _iso_utc(self._epoch0),
                 "ended_at": _iso_utc(epoch1),
                 "wall_s": stats.wall_s,
-                "cpu_s": overhead.cpu_s + totals.cpu_s,
+                "cpu_s": cpu + totals.cpu_s,
                 "overhead": overhead,
                 "tools": tools,
                 "tool_totals": totals,
@@ -274,25 +283,41 @@ class Measurement(Span):
                 "unattributed_child_cpu_s": unattributed,
                 "worker": _worker_info(self.pool),
                 "sampler": _sampler_info(SAMPLER.interval_s),
+                "schema": SCHEMA,
+                "cause": None,
+                "queue_wait_s": self.queue_wait_s,
             },
         )
 
 
 _NO_TOOLS = ToolTotals.of(())
+_STATE_SET = frozenset(STATES)
+_RUSAGE_CHILDREN = resource.RUSAGE_CHILDREN
+_getrusage = resource.getrusage
 
 
-@functools.lru_cache(maxsize=64)
-def _worker_info_of(pid: int, pool: str | None) -> WorkerInfo:
-    return WorkerInfo(hostname=_HOSTNAME, pid=pid, pool=pool)
+# Immutable records, one per (pid, pool) and per interval: made once, shared by reports.
+_WORKER_INFOS: dict[tuple[int, str | None], WorkerInfo] = {}
+_SAMPLER_INFOS: dict[float, SamplerInfo] = {}
 
 
 def _worker_info(pool: str | None) -> WorkerInfo:
-    return _worker_info_of(_PID[0], pool)  # immutable: one object per pid and pool
+    key = (_PID[0], pool)
+    info = _WORKER_INFOS.get(key)
+    if info is None:
+        if len(_WORKER_INFOS) >= 64:  # a bound, should a process cycle through many
+            _WORKER_INFOS.clear()
+        info = _WORKER_INFOS[key] = WorkerInfo(hostname=_HOSTNAME, pid=key[0], pool=pool)
+    return info
 
 
-@functools.lru_cache(maxsize=16)
 def _sampler_info(interval_s: float) -> SamplerInfo:
-    return SamplerInfo(interval_s=interval_s)
+    info = _SAMPLER_INFOS.get(interval_s)
+    if info is None:
+        if len(_SAMPLER_INFOS) >= 16:
+            _SAMPLER_INFOS.clear()
+        info = _SAMPLER_INFOS[interval_s] = SamplerInfo(interval_s=interval_s)
+    return info
 
 
 # This process's pid, kept across fork (os.getpid() is a system call per task).

@@ -90,6 +90,12 @@ class RssSeries:
         with self._lock:
             self.closed = True
 
+    def add_last(self, t: float, rss: int) -> None:
+        """:meth:`add` then :meth:`close`, under one lock: a span's final reading."""
+        with self._lock:
+            self.add_unlocked(t, rss)
+            self.closed = True
+
     @property
     def avg(self) -> int:
         span = self.t_last - self.t0
@@ -120,7 +126,8 @@ class Sampler:
         self._interval_s = value
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._clients: list[Client] = []
         self._thread: threading.Thread | None = None
         # When the thread looks next (monotonic): inf while parked, -inf while ticking
@@ -130,8 +137,10 @@ class Sampler:
         # tests and benchmarks: a tool its owner waits for must not wake it).
         self.wakeups = self.ticks = 0
 
+    # add() and remove() hold the condition's lock itself (a C-level ``with``, not the
+    # Condition's Python __enter__/__exit__): notify() needs only that lock held.
     def add(self, client: Client) -> None:
-        with self._cond:
+        with self._lock:
             self._clients.append(client)
             if self._thread is None:
                 self._wake_at = -_INF
@@ -145,7 +154,7 @@ class Sampler:
 
     def remove(self, client: Client) -> None:
         # No wake-up: the thread finds nothing due when it next looks, and parks.
-        with self._cond:
+        with self._lock:
             try:
                 self._clients.remove(client)
             except ValueError:

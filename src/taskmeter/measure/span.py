@@ -24,6 +24,9 @@ from taskmeter.measure.sampler import SAMPLER, RssSeries
 T = TypeVar("T")
 
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
+_RUSAGE_SELF = resource.RUSAGE_SELF
+_getrusage = resource.getrusage
+_monotonic = time.monotonic
 
 
 def thread_cpu() -> tuple[float, float]:
@@ -89,29 +92,35 @@ class Span:
     def begin(self) -> None:
         BOOK.open(self)
         rss = READER.self_rss()
-        self.next_due = time.monotonic() + SAMPLER.interval_s
+        self.next_due = _monotonic() + SAMPLER.interval_s
         SAMPLER.add(self)
         # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
-        self._tcpu0 = thread_cpu()
-        user, sys_, maxrss = process_usage()
-        self._cpu0 = (user, sys_)
+        if _RUSAGE_THREAD is not None:
+            ru = _getrusage(_RUSAGE_THREAD)
+            self._tcpu0 = (ru.ru_utime, ru.ru_stime)
+        else:
+            self._tcpu0 = thread_cpu()
+        ru = _getrusage(_RUSAGE_SELF)
+        self._cpu0 = (ru.ru_utime, ru.ru_stime)
         # Right after the reset, ru_maxrss no higher than the RSS read since: the mark
         # inherited through exec is no higher than the span's own values, and ru_maxrss
         # is VmHWM until the next reset. Then the peak at the end comes with the CPU
         # (one getrusage), not from /proc/self/status.
-        self._maxrss_exact = 0 < maxrss <= rss
-        BOOK.maxrss_exact = self._maxrss_exact  # until the next reset (Book.spawn)
-        self.t0 = time.monotonic()
-        self.rss.add(self.t0, rss)
+        maxrss = ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
+        self._maxrss_exact = exact = 0 < maxrss <= rss
+        BOOK.maxrss_exact = exact  # until the next reset (Book.spawn)
+        self.t0 = t0 = _monotonic()
+        self.rss.add(t0, rss)
 
     def sample(self, now: float, self_rss: int) -> None:
         self.rss.add(now, self_rss)
         self.next_due = now + SAMPLER.interval_s
 
     def end(self) -> SpanStats:
-        t1 = time.monotonic()
-        user, sys_, maxrss = process_usage()
-        cpu1 = (user, sys_)
+        t1 = _monotonic()
+        ru = _getrusage(_RUSAGE_SELF)
+        user, sys_ = ru.ru_utime, ru.ru_stime
+        maxrss = ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
         # The thread's own CPU only counts when another thread had a span open: read
         # now if so, else (a span opening before this one closes) right after the close.
         tcpu1 = thread_cpu() if self.shared else None
@@ -125,8 +134,8 @@ class Span:
             rss, hwm = READER.self_mem()
         else:
             rss = READER.self_rss()
-        self.rss.add(t1, rss)
-        self.rss.close()
+        series = self.rss
+        series.add_last(t1, rss)
         SAMPLER.remove(self)
         BOOK.close(self, hwm)
         if self.shared:
@@ -135,19 +144,19 @@ class Span:
             user, sys_ = tcpu1[0] - self._tcpu0[0], tcpu1[1] - self._tcpu0[1]
             method: CpuMethod = "thread"
         else:
-            user, sys_ = cpu1[0] - self._cpu0[0], cpu1[1] - self._cpu0[1]
+            user, sys_ = user - self._cpu0[0], sys_ - self._cpu0[1]
             method = "process"
         if self.hwm_ok:
-            peak, peak_method = max(self.hwm_peak, self.rss.peak), "hwm"
+            peak, peak_method = max(self.hwm_peak, series.peak), "hwm"
         else:
-            peak, peak_method = self.rss.peak, "sampled"
+            peak, peak_method = series.peak, "sampled"
         # SpanStats(...) without the frozen __init__'s per-field object.__setattr__
         stats = object.__new__(SpanStats)
         stats.__dict__.update(
             wall_s=t1 - self.t0,
-            user_s=max(user, 0.0),
-            sys_s=max(sys_, 0.0),
-            rss_avg_bytes=self.rss.avg,
+            user_s=user if user > 0.0 else 0.0,
+            sys_s=sys_ if sys_ > 0.0 else 0.0,
+            rss_avg_bytes=series.avg,
             rss_peak_bytes=peak,
             peak_method=peak_method,
             cpu_method=method,
@@ -171,24 +180,30 @@ class Book:
 
     def open(self, span: Span) -> None:
         with self._lock:
-            if any(s.thread_id != span.thread_id for s in self._open):
+            opened = self._open
+            if not opened:  # the usual case: one task at a time in the process
+                if self._reset_works:  # nothing open to fold the counter into: reset only
+                    self._reset_works = READER.reset_self_hwm()
+                elif self._reset_works is None:  # the first span: does the counter work?
+                    self._reset_works = READER.self_hwm() is not None and READER.reset_self_hwm()
+                span.hwm_ok = bool(self._reset_works)
+                opened.append(span)
+                return
+            if any(s.thread_id != span.thread_id for s in opened):
                 span.shared = True
-                for s in self._open:
+                for s in opened:
                     s.shared = True
             # The counter is per process. Before resetting it for the new span, fold
             # its value into every open span, so each still gets the exact peak of its
             # own time: max(values read at resets during it, value read at its end).
-            if self._reset_works is not False and (self._open or self._reset_works is None):
-                # Another span is open (or the first span: does the counter work?)
+            if self._reset_works is not False:
                 hwm = READER.self_hwm()
                 if hwm is not None:
-                    for s in self._open:
+                    for s in opened:
                         s.hwm_peak = max(s.hwm_peak, hwm)
                 self._reset_works = hwm is not None and READER.reset_self_hwm()
-            elif self._reset_works:  # nothing open to fold the counter into: reset only
-                self._reset_works = READER.reset_self_hwm()
             span.hwm_ok = bool(self._reset_works)
-            self._open.append(span)
+            opened.append(span)
 
     def close(self, span: Span, hwm: int | None = None) -> None:
         """``hwm``: the counter as the span read it at its end (else read here)."""
