@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import itertools
 import logging
 import os
@@ -108,8 +107,6 @@ class _Worker:
         # messages (listener thread only)
         self._ledger_buf: list[bytes] = []
         self.seq = itertools.count(1)
-        # queue wait of the runs in flight (stamped messages only), by the runs' keys
-        self.waits: dict[tuple[str | None, int], float] = {}
         self.lock = threading.Lock()
         self.patched = False  # subprocess.Popen routed through taskmeter (patch.py)
 
@@ -330,10 +327,8 @@ class _Worker:
         # The process CPU and the time the measurement itself took at its start.
         cpu0, epoch = sum(m._cpu0), m._epoch0
         key = (task_id, threading.get_ident())
-        if request is not None:
-            wait = queuewait.wait_s(request, epoch)
-            if wait is not None:
-                self.waits[key] = wait
+        if request is not None:  # in the record as it is built: no copy of it at the end
+            m.queue_wait_s = queuewait.wait_s(request, epoch)
         if self.journal is not None:
             self.journal.begin(seq, task_name, task_id, epoch, cpu0)  # memory writes only
         # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
@@ -379,7 +374,6 @@ class _Worker:
         if not announced:
             run.m.on_first_sample = None
         state = _STATES.get(celery_state or "")
-        wait = self.waits.pop(key, None) if self.waits else None
         try:
             report = run.m.finish(state=state or "killed")
         finally:
@@ -388,8 +382,6 @@ class _Worker:
                 # between, the task is missing rather than recorded twice. Cleared even
                 # when finish() raised: the task ended, it must not be recovered as lost.
                 self.journal.end()
-        if wait is not None:
-            report = dataclasses.replace(report, queue_wait_s=wait)
         if otel.AVAILABLE:
             try:
                 otel.annotate(report)  # the task's span, when one is current (otel.py)
