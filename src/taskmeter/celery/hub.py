@@ -156,8 +156,8 @@ class Hub:
         now = time.monotonic()
         # The start as the pool process stamped it, on this clock (announced late).
         started_mono = now - min(max(time.time() - started_epoch, 0.0), 3600.0)
-        if oom0 is None:  # the pool process's reading as the task started, else the
-            oom0 = self._oom_before(started_mono)  # hub's last before it (or now)
+        if oom0 is None:  # the pool process's reading as it announced the run, else
+            oom0 = self._oom_before(started_mono)  # the hub's last before its start
         with self._lock:
             if run_id in self._done_runs or run_id in self._runs:
                 return

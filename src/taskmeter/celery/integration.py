@@ -331,8 +331,9 @@ class _Worker:
             m.queue_wait_s = queuewait.wait_s(request, epoch)
         if self.journal is not None:
             self.journal.begin(seq, task_name, task_id, epoch, cpu0)  # memory writes only
-        # the cgroup's OOM-kill counter as the task starts (one pread, ~2 us)
-        start = [task_name, task_id, pid, epoch, cpu0, cgroup.oom_kills()]
+        # [5]: the cgroup's OOM-kill counter, read when the run is announced (see
+        # _announce); a run that ends first never needs it
+        start = [task_name, task_id, pid, epoch, cpu0, None]
         run = _Run(self, run_id, m, start)
         with self.lock:
             self.runs[key] = run
@@ -350,6 +351,13 @@ class _Worker:
             if run.announced:
                 return
             run.announced = True
+            # The OOM-kill counter, for telling an OOM kill from another SIGKILL should
+            # this process die during the run: an OOM kill from now on raises it. Read
+            # here (the first sample, ~100 ms in, or at once where there is no journal)
+            # rather than at every task's start: a kill before the announcement is
+            # judged against the main process's reading from before the run's start
+            # (Hub.started), and a run that ends first never needs it.
+            run.start[5] = cgroup.oom_kills()
             task, task_id, pid, epoch, cpu0, oom0 = run.start
             self._deliver(
                 {
