@@ -17,7 +17,10 @@ noisy shared machine slows both sides alike.
     sleeps and no measurement; per tracked process per second, as % of one core. N = 0
     is a measurement around a plain ``time.sleep`` (the worker's own sampling alone).
     The worker is sampled every ``interval``; tools every ``min(interval, 20 ms)``
-    (``TOOL_INTERVAL_MAX_S``). The sampler thread's own CPU
+    (``TOOL_INTERVAL_MAX_S``), except a one-process tool whose memory tops this
+    process's (the floor it inherits: "1 above the floor", a Python child holding
+    200 MB or twice this process's RSS), sampled every ``interval`` once it holds it.
+    The sampler thread's own CPU
     (``/proc/self/task/TID/schedstat``) is shown as a check.
 """
 
@@ -36,6 +39,7 @@ import taskmeter
 from _common import machine, median, table
 from taskmeter.measure import tools as tools_module
 from taskmeter.measure import wait_idle
+from taskmeter.measure.proc import READER
 from taskmeter.measure.sampler import DEFAULT_INTERVAL_S, SAMPLER
 
 
@@ -182,8 +186,17 @@ class SamplerRun:
     thread_cpu_s: float
 
 
-def sleeps(n: int, sleep_s: float, interval_s: float | None) -> SamplerRun:
-    argv = ["sleep", f"{sleep_s:g}"]
+def big_tool_argv(sleep_s: float) -> list[str]:
+    """A one-process tool that holds more memory than this process (the floor every tool
+    inherits), then sleeps: its exact peak comes from wait4, so it is sampled at the
+    measurement's interval rather than every 20 ms (taskmeter.measure.tools)."""
+    hold = max(200 << 20, 2 * READER.self_rss())
+    code = f"import time; b = b'x' * {hold}; time.sleep({sleep_s:g})"
+    return [sys.executable, "-c", code]
+
+
+def sleeps(n: int, sleep_s: float, interval_s: float | None, big: bool = False) -> SamplerRun:
+    argv = big_tool_argv(sleep_s) if big else ["sleep", f"{sleep_s:g}"]
     t0, c0 = time.monotonic(), self_cpu_s()
     if interval_s is None:
         procs = [subprocess.Popen(argv) for _ in range(n)]
@@ -215,11 +228,13 @@ def sleeps(n: int, sleep_s: float, interval_s: float | None) -> SamplerRun:
 def bench_sampler(s: Settings) -> str:
     rows = []
     keys: list[float | None] = [None, *s.intervals_s]
-    for n in s.tool_counts:
+    # (tools, big): N sleeps, then one tool holding more memory than this process
+    cases = [(n, False) for n in s.tool_counts] + [(1, True)]
+    for n, big in cases:
         runs: dict[float | None, list[SamplerRun]] = {k: [] for k in keys}
         for r in range(s.sampler_rounds):
             for k in keys if r % 2 == 0 else reversed(keys):
-                runs[k].append(sleeps(n, s.sleep_s, k))
+                runs[k].append(sleeps(n, s.sleep_s, k, big))
                 wait_idle()
         base_cpu = median(x.cpu_s for x in runs[None])
         for k in s.intervals_s:
@@ -228,11 +243,12 @@ def bench_sampler(s: Settings) -> str:
             thread = median(x.thread_cpu_s for x in runs[k])
             samples = median(x.samples for x in runs[k])
             extra = cpu - base_cpu
+            period = k if big else min(k, TOOL_PERIOD_S)
             rows.append(
                 (
-                    str(n) if n else "0 (task alone)",
+                    "1 above the floor" if big else str(n) if n else "0 (task alone)",
                     f"{k:g}",
-                    f"{min(k, TOOL_PERIOD_S) * 1e3:g}" if n else "-",
+                    f"{period * 1e3:g}" if n else "-",
                     f"{cpu * 1e3:.1f}",
                     f"{base_cpu * 1e3:.1f}",
                     f"{thread * 1e3:.1f}",

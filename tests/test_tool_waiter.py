@@ -18,6 +18,7 @@ import pytest
 
 import taskmeter
 from taskmeter.measure import tools, wait_idle
+from taskmeter.measure.proc import READER
 from taskmeter.measure.sampler import SAMPLER
 
 from helpers import PRINT_OWN_HWM, child, linux_only
@@ -92,6 +93,74 @@ def test_a_waited_tool_is_sampled_densely_and_its_peak_caught(quiet_sampler, tmp
     assert tool.samples <= life / 0.001  # and not a busy loop
     # the waiting thread did it all: the sampler thread slept through the tool's life
     assert wakeups == 0
+
+
+def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_exact(
+    tmp_path,
+):
+    """A one-process tool whose own mark tops the floor it inherited from this process
+    is not sampled every 20 ms: wait4's ru_maxrss gives its exact peak, even one it
+    reaches 30 ms before exiting, between two samples 200 ms apart."""
+    before = SAMPLER.interval_s
+    taskmeter.configure(interval_s=0.2)
+    # well above this process's own RSS (the floor), whatever the test run holds
+    hold = max(150 * MiB, 2 * READER.self_rss())
+    truth_file = tmp_path / "hwm"
+    try:
+        with taskmeter.measure("big") as m:
+            t0 = time.monotonic()
+            taskmeter.run(
+                child(
+                    f"""
+                    import time
+                    time.sleep(0.05)
+                    blob = b"x" * {hold}
+                    time.sleep(2.0)
+                    spike = b"y" * {100 * MiB}  # the peak, in the tool's last 30 ms
+                    time.sleep(0.03)
+                    for line in open("/proc/self/status"):
+                        if line.startswith("VmHWM:"):
+                            open({str(truth_file)!r}, "w").write(str(int(line.split()[1]) * 1024))
+                    """
+                ),
+                check=True,
+            )
+            life = time.monotonic() - t0
+    finally:
+        SAMPLER.interval_s = before
+    truth = int(truth_file.read_text())
+    [tool] = m.report.tools
+    assert truth > hold + 100 * MiB
+    assert tool.peak_method == "hwm"
+    assert tool.rss_peak_bytes == pytest.approx(truth, rel=0.01)
+    # the spike came after the last sample: the samples never saw it
+    assert tool.rss_avg_bytes < hold + 50 * MiB
+    # dense while young (1 ms, then half its age), every 20 ms until its mark tops the
+    # floor, then one per 200 ms: ~25 in all, where every 20 ms would be ~110
+    assert 3 <= tool.samples <= 0.4 * life / PERIOD_S, (tool.samples, life)
+
+
+def test_the_tree_reading_says_whether_the_tool_is_alone():
+    # What the relaxed interval above rests on: never for a tool with children (their
+    # summed RSS is sampled, not in any one process's ru_maxrss).
+    alone = subprocess.Popen(["sleep", "1"])
+    parent = subprocess.Popen(["sh", "-c", "sleep 1 & sleep 1; wait"])
+    try:
+        time.sleep(0.2)  # both started; sh has forked its two sleeps
+        seen = {}
+        for name, p in (("alone", alone), ("parent", parent)):
+            tree = READER.open_tree(p.pid)
+            try:
+                tree.totals()  # the first reading, right after an exec: root only
+                got = tree.totals()
+                seen[name] = (got is not None, getattr(tree, "alone", None))
+            finally:
+                tree.close()
+    finally:
+        for p in (alone, parent):
+            p.kill()
+            p.wait()
+    assert seen == {"alone": (True, True), "parent": (True, False)}
 
 
 def test_a_tool_waited_by_popen_wait_is_sampled_by_the_waiter_not_the_sampler(quiet_sampler):

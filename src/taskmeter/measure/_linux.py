@@ -57,12 +57,14 @@ class ProcTree:
     files stay the root process's (a reused pid never answers through them). Close with
     :meth:`close`, before the root is reaped."""
 
-    __slots__ = ("_children", "_fresh", "_status", "pid", "reader")
+    __slots__ = ("_children", "_fresh", "_status", "alone", "pid", "reader")
 
     def __init__(self, reader: LinuxReader, pid: int) -> None:
         self.reader, self.pid = reader, pid
         self._children = -1
         self._fresh = True
+        # The last reading of totals() found the root process alone (no children).
+        self.alone = False
         try:
             self._status = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -83,8 +85,11 @@ class ProcTree:
     def totals(self) -> tuple[int, int] | None:
         """(summed RSS, largest VmHWM) of the tree, None when no process of it is alive:
         :meth:`read` without a record per process (a tool's sample, 50 times a second)."""
+        self.alone = False
         if self._status < 0:
-            return tree_totals(self.reader.tree(self.pid))
+            procs = self.reader.tree(self.pid)
+            self.alone = len(procs) == 1 and procs[0].pid == self.pid
+            return tree_totals(procs)
         try:
             data = os.pread(self._status, 8192, 0)
         except OSError:  # gone
@@ -100,8 +105,10 @@ class ProcTree:
             # The first reading, right after the exec: the tool has not forked yet
             # (the children file is opened from the second reading on).
             self._fresh = False
+            self.alone = rss >= 0
             return None if rss < 0 else (rss, hwm)
         kids = self._kids()
+        self.alone = rss >= 0 and not kids
         if kids:
             for p in [q for kid in kids for q in self.reader.tree(kid)]:
                 if rss < 0:

@@ -45,7 +45,10 @@ _UNREAD: Any = object()  # a start time not read yet
 # from VmHWM, which vanishes at exit, so it is caught when reached at least this long
 # before the tool exits (bcftools sort, say, peaks while writing its output in its
 # last ~30 ms). Cost, measured (docs/benchmarks.md): 0.3-0.9 % of a core per tool,
-# most of it the 50 wake-ups a second of the thread that samples it.
+# most of it the 50 wake-ups a second of the thread that samples it. Not needed, and
+# not done, once a one-process tool's own mark stands above the floor it inherited
+# (see ToolWatch.sample): wait4's ru_maxrss then gives its exact peak whenever it
+# comes, and it is sampled at the measurement's interval, for its average.
 TOOL_INTERVAL_MAX_S = 0.02
 
 
@@ -124,6 +127,8 @@ class ToolWatch:
         self.next_due = self.t_start + _FIRST_SAMPLE_S
         self._t_sampled = -_INF
         self._period = min(SAMPLER.interval_s, TOOL_INTERVAL_MAX_S)
+        # A VmHWM above this makes wait4's ru_maxrss the exact peak (see sample)
+        self._exact_above = _INF
         # Who samples it now: the sampler thread, or the thread waiting for it (wait).
         self.in_sampler = False
         self.parent_hwm: int | None = None
@@ -161,8 +166,14 @@ class ToolWatch:
             # Young processes are sampled densely (1 ms, then half their age) so a short
             # tool is still observed; then every interval, at most TOOL_INTERVAL_MAX_S.
             age = now - self.t_start
+            period = self._period
+            if got is not None and got[1] > self._exact_above and getattr(tree, "alone", False):
+                # One process whose own mark already tops the floor it inherited: its
+                # wait4 ru_maxrss will top it too, and is then its exact peak (peak()),
+                # whenever the peak comes: no need to catch it alive every 20 ms.
+                period = SAMPLER.interval_s
             self.next_due = now + (
-                self._period if age >= 2 * self._period else max(_FIRST_SAMPLE_S, age / 2)
+                period if age >= 2 * self._period else max(_FIRST_SAMPLE_S, age / 2)
             )
             if got is None:
                 return
@@ -228,6 +239,9 @@ class ToolWatch:
         waiting thread samples it and the sampler thread is not told (a thread's
         wake-up costs more than a sample)."""
         self.pid, self.parent_hwm = pid, parent_hwm
+        if parent_hwm is not None:
+            # twice the slack: a live VmHWM may lag the exit figure by one slack itself
+            self._exact_above = parent_hwm + 2 * _COUNTER_SLACK
         self.sample(time.monotonic())
         if not defer:
             self.to_sampler()
