@@ -7,6 +7,9 @@ scrape latency.
         # a third worker runs taskmeter from another source tree (before/after in one run)
     .venv/bin/python benchmarks/bench_worker.py --skip-scrape --events
         # a fourth worker: taskmeter off, Celery's task events (-E) on, for comparison
+    .venv/bin/python benchmarks/bench_worker.py --skip-scrape --floor
+        # another worker: taskmeter's main process, pool processes that make only the
+        # system calls of a measurement and send one record (floor_worker.py)
 
 Needs Redis on 127.0.0.1:6379 (``scripts/services.sh`` starts it); uses database 13.
 Prints markdown tables to stdout.
@@ -32,7 +35,10 @@ Prints markdown tables to stdout.
     After each batch on the instrumented worker the benchmark also waits for its
     ledger to hold one line per task, so no bookkeeping spills into the next batch;
     at the end the endpoint's ``celery_task_runs_total`` and the ledger are checked
-    against the tasks sent.
+    against the tasks sent. ``--floor`` adds a worker run through ``floor_worker.py``:
+    taskmeter's main process unchanged, pool processes that make only the system calls
+    of a measurement and send one prebuilt record per task, the least any design that
+    measures every task this way can cost.
 (b) Scrape latency. A :class:`TaskMetrics` in this process is fed ~10 reports for each
     of K task names (a real report from ``taskmeter.measure`` around
     ``taskmeter.run(["true"])``, its task renamed with ``dataclasses.replace``) and
@@ -217,8 +223,12 @@ def start_worker(tmp: Path, label: str, enabled: bool, src: Path | None = None) 
             TASKMETER_PORT=str(port), TASKMETER_ADDR="127.0.0.1", TASKMETER_LEDGER=str(ledger)
         )
     log = wdir / "worker.log"
+    # the floor variant: the same worker, its pool processes patched (floor_worker.py)
+    entry = (
+        [str(Path(__file__).with_name("floor_worker.py"))] if label == "floor" else ["-m", "celery"]
+    )
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tmapp", "worker",
+        sys.executable, *entry, "-A", "tmapp", "worker",
         "-P", "prefork", "-c", str(CONCURRENCY), "-Q", queue,
         "-n", f"bench-{label}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -326,7 +336,9 @@ class Kind:
     n: int
 
 
-def bench_throughput(s: Settings, baseline: Path | None = None, events: bool = False) -> str:
+def bench_throughput(
+    s: Settings, baseline: Path | None = None, events: bool = False, floor: bool = False
+) -> str:
     import redis
 
     try:
@@ -338,11 +350,14 @@ def bench_throughput(s: Settings, baseline: Path | None = None, events: bool = F
         Kind(f"`cpu.burn({s.burn_s:g})`", "cpu.burn", (s.burn_s,), s.burn_n),
     ]
     labels = ["off", "on"] + (["base"] if baseline else []) + (["events"] if events else [])
+    labels += ["floor"] if floor else []
     client = Client()
     results: dict[tuple[str, str], list[Batch]] = {(k.task, v): [] for k in kinds for v in labels}
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         workers = {
-            v: start_worker(Path(tmp), v, v in ("on", "base"), baseline if v == "base" else None)
+            v: start_worker(
+                Path(tmp), v, v in ("on", "base", "floor"), baseline if v == "base" else None
+            )
             for v in labels
         }
         try:
@@ -374,6 +389,7 @@ def bench_throughput(s: Settings, baseline: Path | None = None, events: bool = F
         "on": "on",
         "base": "on, baseline src",
         "events": "off, Celery events (-E)",
+        "floor": "on, floor: system calls and one message only",
     }
     rows = []
     for k in kinds:
@@ -599,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, help="a src/ folder: a third worker runs taskmeter from it"
     )
     ap.add_argument("--events", action="store_true", help="a worker with Celery events (-E)")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="a worker whose pool processes make only a measurement's system calls",
+    )
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     if args.rounds is not None:
@@ -619,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             f"taskmeter on vs off, {s.rounds} rounds, median\n",
             flush=True,
         )
-        print(bench_throughput(s, args.baseline, args.events), end="\n\n", flush=True)
+        print(bench_throughput(s, args.baseline, args.events, args.floor), end="\n\n", flush=True)
     if not args.skip_scrape:
         print("## (b) `/metrics` scrape latency\n", flush=True)
         print(bench_scrape(s), end="\n\n", flush=True)

@@ -1,0 +1,76 @@
+"""A Celery worker whose pool processes do only what measuring a task must ask of the
+kernel, for ``bench_worker.py --floor``: an experiment, not taskmeter.
+
+    python benchmarks/floor_worker.py -A tmapp worker ...   # same arguments as celery
+
+Run with taskmeter enabled (``ENABLE_WORKER_METRICS=1``): the main process is
+taskmeter's own, unchanged (channel, hub, metrics, ledger). Each pool process replaces
+taskmeter's per-task work with its system calls alone, the ones a measurement makes
+(``docs/measurement.md``): at the start ``getrusage`` of the children, the
+``clear_refs`` write, a ``/proc/self/statm`` read, ``getrusage`` of the thread and of
+the process; at the end ``getrusage`` of the process, a ``statm`` read, ``getrusage``
+of the children; then one message over the real channel carrying a record made once
+per task name by a real measurement (so the main process handles a real record). No
+measurement object, no record built, no journal slot, no sampler. What this worker adds
+over taskmeter-off is the cost of measuring a task with no Python at all in the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+from taskmeter.celery import integration as tm
+from taskmeter.measure.core import Measurement
+from taskmeter.measure.report import json_bytes
+
+_BODIES: dict[str, bytes] = {}  # task name -> its record, made once
+_FDS: list[int] = []  # /proc/self/statm and clear_refs, opened in the pool process
+_STARTS: dict[int, tuple[str, Any, float, float]] = {}  # worker object -> its task's start
+
+
+def _fds() -> list[int]:
+    if not _FDS:
+        _FDS.append(os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        _FDS.append(os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC))
+    return _FDS
+
+
+def task_started(self: Any, task_name: str, task_id: Any, request: Any = None) -> None:
+    statm, clear = _fds()
+    resource.getrusage(resource.RUSAGE_CHILDREN)
+    os.write(clear, b"5")
+    os.pread(statm, 256, 0)
+    resource.getrusage(resource.RUSAGE_THREAD)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    _STARTS[id(self)] = (task_name, task_id, time.time(), ru.ru_utime + ru.ru_stime)
+
+
+def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
+    statm, _ = _fds()
+    resource.getrusage(resource.RUSAGE_SELF)
+    os.pread(statm, 256, 0)
+    resource.getrusage(resource.RUSAGE_CHILDREN)
+    name, tid, epoch, cpu0 = _STARTS.pop(id(self))
+    body = _BODIES.get(name)
+    if body is None:
+        m = Measurement(name, None, pool="prefork")
+        m.start()
+        body = _BODIES[name] = m.finish().to_json_bytes()
+    pid = tm._PID[0]
+    head = json_bytes([f"{pid}:{next(self.seq)}", True, [name, tid, pid, epoch, cpu0, None]])
+    if self.sender is not None:
+        self.sender.send_line(b"E" + head + b"\t" + body + b"\n")
+
+
+tm._Worker.task_started = task_started  # type: ignore[method-assign]
+tm._Worker.task_ended = task_ended  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    from celery.__main__ import main
+
+    sys.argv[0] = "celery"
+    sys.exit(main())
