@@ -10,9 +10,11 @@ taskmeter's per-task work with its system calls alone, the ones a measurement ma
 ``clear_refs`` write, a ``/proc/self/statm`` read, ``getrusage`` of the thread and of
 the process; at the end ``getrusage`` of the process, a ``statm`` read, ``getrusage``
 of the children; then one message over the real channel carrying a record made once
-per task name by a real measurement (so the main process handles a real record). No
-measurement object, no record built, no journal slot, no sampler. What this worker adds
-over taskmeter-off is the cost of measuring a task with no Python at all in the pool.
+per task name by a real measurement at that name's first task in each pool process
+(so the main process handles a real record; that measurement's sampler thread then
+stays parked). Otherwise no measurement object, no record built, no journal slot. What
+this worker adds over taskmeter-off is the cost of measuring a task with next to no
+Python in the pool: every record it sends is the same copy (its task id null).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
     resource.getrusage(resource.RUSAGE_SELF)
     os.pread(statm, 256, 0)
     resource.getrusage(resource.RUSAGE_CHILDREN)
-    name, tid, epoch, cpu0 = _STARTS.pop(id(self))
+    started = _STARTS.pop(id(self), None)
+    if started is None:  # no start seen (as taskmeter, then nothing to send)
+        return
+    name, tid, epoch, cpu0 = started
     body = _BODIES.get(name)
     if body is None:
         m = Measurement(name, None, pool="prefork")

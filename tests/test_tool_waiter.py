@@ -100,11 +100,11 @@ def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_ex
 ):
     """A one-process tool whose own mark tops the floor it inherited from this process
     is not sampled every 20 ms: wait4's ru_maxrss gives its exact peak, even one it
-    reaches 30 ms before exiting, between two samples 200 ms apart."""
+    reaches 30 ms before exiting, between two samples 100 ms apart."""
     before = SAMPLER.interval_s
     taskmeter.configure(interval_s=0.2)
     # well above this process's own RSS (the floor), whatever the test run holds
-    hold = max(150 * MiB, 2 * READER.self_rss())
+    hold = max(150 * MiB, 2 * READER.self_rss()) + 2 * tools._COUNTER_SLACK
     truth_file = tmp_path / "hwm"
     try:
         with taskmeter.measure("big") as m:
@@ -131,12 +131,14 @@ def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_ex
     truth = int(truth_file.read_text())
     [tool] = m.report.tools
     assert truth > hold + 100 * MiB
+    # the guarantee kept (what 20 ms samples gave too): the exact peak, the spike in
+    # the tool's last 30 ms included, whatever the samples saw of it
     assert tool.peak_method == "hwm"
     assert tool.rss_peak_bytes == pytest.approx(truth, rel=0.01)
-    # the spike came after the last sample: the samples never saw it
-    assert tool.rss_avg_bytes < hold + 50 * MiB
     # dense while young (1 ms, then half its age), every 20 ms until its mark tops the
-    # floor, then one per 200 ms: ~25 in all, where every 20 ms would be ~110
+    # floor, then one per 100 ms (TOOL_RELAXED_MAX_S, the interval being 200 ms): ~30
+    # in all, where every 20 ms would be ~110
+    assert tools.TOOL_RELAXED_MAX_S == 0.1
     assert 3 <= tool.samples <= 0.4 * life / PERIOD_S, (tool.samples, life)
 
 

@@ -353,10 +353,11 @@ class _Worker:
             run.announced = True
             # The OOM-kill counter, for telling an OOM kill from another SIGKILL should
             # this process die during the run: an OOM kill from now on raises it. Read
-            # here (the first sample, ~100 ms in, or at once where there is no journal)
-            # rather than at every task's start: a kill before the announcement is
-            # judged against the main process's reading from before the run's start
-            # (Hub.started), and a run that ends first never needs it.
+            # here (the first sample, ~100 ms in; a tool's start; at once where there is
+            # no journal) rather than at every task's start: a kill before the
+            # announcement is judged against the main process's reading from before the
+            # run's start (Hub.started), and a run that ends first seldom needs it (see
+            # task_ended).
             run.start[5] = cgroup.oom_kills()
             task, task_id, pid, epoch, cpu0, oom0 = run.start
             self._deliver(
@@ -403,7 +404,12 @@ class _Worker:
         elif self.sender is not None:
             # One line: the run, the start when not announced yet, and the record as
             # the ledger writes it (encoded here, once; the main process only parses it).
-            head = json_bytes([run.run_id, final, None if announced else run.start])
+            start = None
+            if not announced:
+                start = run.start
+                if not final:  # the main process's verdict decides: it may need the
+                    start[5] = cgroup.oom_kills()  # counter (read now, this process alive)
+            head = json_bytes([run.run_id, final, start])
             self.sender.send_line(b"E" + head + b"\t" + report.to_json_bytes() + b"\n")
 
     def _deliver(self, msg: Message) -> None:

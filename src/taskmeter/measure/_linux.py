@@ -185,8 +185,9 @@ class LinuxReader:
         return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def self_rss(self) -> int:
-        fd = self._statm
-        if fd < 0 or self._pid != _PID[0]:
+        # the pid first: _fd() resets the fds before it records a new pid
+        fd = self._statm if self._pid == _PID[0] else -1
+        if fd < 0:
             fd = self._fd("statm")
         return int(os.pread(fd, 256, 0).split()[1]) * _PAGE
 
@@ -208,9 +209,9 @@ class LinuxReader:
 
     def reset_self_hwm(self) -> bool:
         # "5" resets only the peak-RSS counter (Linux >= 4.0) and walks no page tables.
-        fd = self._clear
+        fd = self._clear if self._pid == _PID[0] else -1
         try:
-            if fd < 0 or self._pid != _PID[0]:
+            if fd < 0:
                 fd = self._fd("clear_refs", os.O_WRONLY)
             os.write(fd, b"5")
         except OSError:

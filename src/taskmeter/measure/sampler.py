@@ -214,7 +214,7 @@ class Sampler:
         spans: list[Client] = []
         for c in clients:
             if getattr(c, "is_tool", False):
-                if c.next_due <= now:  # tools first: a footprint adds their freshest RSS
+                if c.next_due <= now:  # tools first: a footprint adds their latest RSS
                     c.sample(now, 0)
             elif c.next_due <= early:
                 spans.append(c)

@@ -37,11 +37,6 @@ def thread_cpu() -> tuple[float, float]:
     return time.thread_time(), 0.0  # no split outside Linux: all counted as user
 
 
-def process_cpu() -> tuple[float, float]:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime, ru.ru_stime
-
-
 # ru_maxrss is in KiB on Linux, where it is max(the memory's high-water mark, the mark
 # this process inherited through exec: the image it replaced, e.g. a big parent's).
 _MAXRSS_KIB = sys.platform.startswith("linux")
@@ -51,11 +46,6 @@ def process_usage() -> tuple[float, float, int]:
     """(user, sys, ru_maxrss in bytes; 0 where not in KiB) in one system call."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,10 @@ _UNREAD: Any = object()  # a start time not read yet
 # most of it the 50 wake-ups a second of the thread that samples it. Not needed, and
 # not done, once a one-process tool's own mark stands above the floor it inherited
 # (see ToolWatch.sample): wait4's ru_maxrss then gives its exact peak whenever it
-# comes, and it is sampled at the measurement's interval, for its average.
+# comes, and it is sampled at the measurement's interval (at most TOOL_RELAXED_MAX_S:
+# a child it forks and reaps between two samples is not seen, nor in ru_maxrss's sum).
 TOOL_INTERVAL_MAX_S = 0.02
+TOOL_RELAXED_MAX_S = 0.1
 
 
 class ReapedCpu:
@@ -171,7 +173,7 @@ class ToolWatch:
                 # One process whose own mark already tops the floor it inherited: its
                 # wait4 ru_maxrss will top it too, and is then its exact peak (peak()),
                 # whenever the peak comes: no need to catch it alive every 20 ms.
-                period = SAMPLER.interval_s
+                period = max(min(SAMPLER.interval_s, TOOL_RELAXED_MAX_S), period)
             self.next_due = now + (
                 period if age >= 2 * self._period else max(_FIRST_SAMPLE_S, age / 2)
             )
@@ -279,7 +281,9 @@ class ToolWatch:
         live = max(self.hwm_max, self.rss.peak)
         if self.rusage is not None and self.parent_hwm is not None:
             maxrss = self.rusage.ru_maxrss * _MAXRSS_UNIT
-            if maxrss > self.parent_hwm + _COUNTER_SLACK and maxrss >= self.rss.peak:
+            # (never below what was seen alive: a tree's summed RSS, or a mark the tool
+            # reset itself, e.g. a tool that measures itself with taskmeter)
+            if maxrss > self.parent_hwm + _COUNTER_SLACK and maxrss >= live:
                 return maxrss, "hwm"  # above the inherited floor: the tool's own peak
             if live and maxrss <= live + _COUNTER_SLACK:
                 return live, "hwm"  # the upper bound meets what was seen alive
