@@ -124,6 +124,37 @@ def test_parked_sampler_thread_takes_no_cpu():
     assert cpu_ns() - before < 1_000_000, "a parked sampler wakes up for nothing"
 
 
+def test_a_stream_of_short_tasks_wakes_the_sampler_once_an_interval_not_once_a_task():
+    # Short tasks back to back, as in a busy pool process: each is over long before its
+    # first sample is due. The thread waits out an interval after each quiet look
+    # instead of parking, so a new task never has to wake it: about one wake-up per
+    # 100 ms interval. (Parking after every look, a task arriving after the park
+    # notified it, then it waited for that task's due: 30-45 wake-ups a second here.)
+    from taskmeter.measure.sampler import SAMPLER
+
+    assert SAMPLER.interval_s == 0.1
+    with taskmeter.measure("warm"):  # the thread exists
+        pass
+    assert wait_idle(2.0)
+    time.sleep(0.25)  # parked
+    woken, tasks = SAMPLER.wakeups, 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:
+        with taskmeter.measure("short"):
+            burn_cpu(0.0005)
+        time.sleep(0.0013)
+        tasks += 1
+    wakeups = SAMPLER.wakeups - woken
+    span = time.monotonic() - t0
+    assert tasks > 200, tasks
+    assert wakeups <= 1.5 * span / 0.1 + 2, (wakeups, tasks, span)
+    # and it parks once the stream stops: one more interval, then no wake-up
+    time.sleep(0.35)
+    parked = SAMPLER.wakeups
+    time.sleep(0.5)
+    assert SAMPLER.wakeups == parked
+
+
 def test_one_sampler_thread_serves_many_concurrent_measurements():
     barrier = threading.Barrier(5)
     seen: list[int] = []

@@ -3,7 +3,9 @@
 The thread starts with the first client and then lives as long as the process: with
 nothing to sample it is parked on a condition variable (no timer, no wake-up, no CPU),
 so a task costs a list append and a list removal, not a thread start. It is woken only
-when a new client is due before the time it already waits for. A forked child (a
+when a new client is due before the time it already waits for. After clients came and
+went (a stream of short tasks) it waits one more interval before parking, so that in
+a busy worker it wakes once an interval, never once a task. A forked child (a
 prefork pool process) never inherits it: threads do not survive ``fork``, and the
 child's sampler is reset (``os.register_at_fork``), its first client starting a
 thread of its own. Peaks do not depend on it where the kernel keeps a high-water mark;
@@ -136,12 +138,16 @@ class Sampler:
         # How often the thread returned from a wait, and how many ticks it ran (for
         # tests and benchmarks: a tool its owner waits for must not wake it).
         self.wakeups = self.ticks = 0
+        # Clients added so far, and as many as the thread had seen when it last found
+        # none: it parks only after a whole interval in which none came (see _loop).
+        self._adds = self._adds_seen = 0
 
     # add() and remove() hold the condition's lock itself (a C-level ``with``, not the
     # Condition's Python __enter__/__exit__): notify() needs only that lock held.
     def add(self, client: Client) -> None:
         with self._lock:
             self._clients.append(client)
+            self._adds += 1
             if self._thread is None:
                 self._wake_at = -_INF
                 self._thread = threading.Thread(
@@ -185,8 +191,20 @@ class Sampler:
             try:
                 with self._cond:
                     if not self._clients:
-                        self._wake_at = _INF
-                        self._cond.wait()  # parked: no timeout, woken by add()
+                        if self._adds == self._adds_seen:
+                            self._wake_at = _INF
+                            self._cond.wait()  # parked: no timeout, woken by add()
+                            self.wakeups += 1
+                            continue
+                        # Clients came and went since it last found none (short tasks,
+                        # back to back): it waits one interval rather than park, so the
+                        # next one (due an interval after its start, so after this
+                        # wait) costs no notify and no extra wake-up; it parks after a
+                        # whole interval in which no client came.
+                        self._adds_seen = self._adds
+                        interval = self.interval_s
+                        self._wake_at = time.monotonic() + interval
+                        self._cond.wait(interval)
                         self.wakeups += 1
                         continue
                     now = time.monotonic()
