@@ -8,7 +8,6 @@ import functools
 import logging
 import math
 import os
-import resource
 import socket
 import threading
 import time
@@ -32,7 +31,7 @@ from taskmeter.measure.report import (
     new_record,
 )
 from taskmeter.measure.sampler import SAMPLER
-from taskmeter.measure.span import Span, SpanStats
+from taskmeter.measure.span import Span, SpanStats, children_cpu
 from taskmeter.measure.tools import REAPED, ToolWatch
 from taskmeter.measure.untracked import UntrackedScan
 
@@ -96,8 +95,7 @@ class Measurement(Span):
         self.parent = _current.get()
         self._token = _current.set(self)
         self._epoch0 = time.time()
-        ru = _getrusage(_RUSAGE_CHILDREN)
-        self._children0, self._reaped0 = ru.ru_utime + ru.ru_stime, REAPED.total_s
+        self._children0, self._reaped0 = children_cpu(), REAPED.total_s
         self.begin()
         self._footprint = self.rss.peak
         return self
@@ -111,8 +109,7 @@ class Measurement(Span):
             raise RuntimeError(f"measurement {self.name!r} was never started")
         stats = self.end()
         epoch1 = time.time()
-        ru = _getrusage(_RUSAGE_CHILDREN)
-        children = ru.ru_utime + ru.ru_stime - self._children0
+        children = children_cpu() - self._children0
         reaped = REAPED.total_s - self._reaped0
         if self._token is not None:
             try:
@@ -292,32 +289,20 @@ class Measurement(Span):
 
 _NO_TOOLS = ToolTotals.of(())
 _STATE_SET = frozenset(STATES)
-_RUSAGE_CHILDREN = resource.RUSAGE_CHILDREN
-_getrusage = resource.getrusage
 
 
-# Immutable records, one per (pid, pool) and per interval: made once, shared by reports.
-_WORKER_INFOS: dict[tuple[int, str | None], WorkerInfo] = {}
-_SAMPLER_INFOS: dict[float, SamplerInfo] = {}
+@functools.lru_cache(maxsize=64)
+def _worker_info_of(pid: int, pool: str | None) -> WorkerInfo:
+    return WorkerInfo(hostname=_HOSTNAME, pid=pid, pool=pool)
 
 
 def _worker_info(pool: str | None) -> WorkerInfo:
-    key = (_PID[0], pool)
-    info = _WORKER_INFOS.get(key)
-    if info is None:
-        if len(_WORKER_INFOS) >= 64:  # a bound, should a process cycle through many
-            _WORKER_INFOS.clear()
-        info = _WORKER_INFOS[key] = WorkerInfo(hostname=_HOSTNAME, pid=key[0], pool=pool)
-    return info
+    return _worker_info_of(_PID[0], pool)  # immutable: one object per pid and pool
 
 
+@functools.lru_cache(maxsize=16)
 def _sampler_info(interval_s: float) -> SamplerInfo:
-    info = _SAMPLER_INFOS.get(interval_s)
-    if info is None:
-        if len(_SAMPLER_INFOS) >= 16:
-            _SAMPLER_INFOS.clear()
-        info = _SAMPLER_INFOS[interval_s] = SamplerInfo(interval_s=interval_s)
-    return info
+    return SamplerInfo(interval_s=interval_s)
 
 
 # This process's pid, kept across fork (os.getpid() is a system call per task).

@@ -24,8 +24,6 @@ from taskmeter.measure.sampler import SAMPLER, RssSeries
 T = TypeVar("T")
 
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
-_RUSAGE_SELF = resource.RUSAGE_SELF
-_getrusage = resource.getrusage
 _monotonic = time.monotonic
 
 
@@ -46,6 +44,11 @@ def process_usage() -> tuple[float, float, int]:
     """(user, sys, ru_maxrss in bytes; 0 where not in KiB) in one system call."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 @dataclass(frozen=True)
@@ -85,18 +88,13 @@ class Span:
         self.next_due = _monotonic() + SAMPLER.interval_s
         SAMPLER.add(self)
         # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
-        if _RUSAGE_THREAD is not None:
-            ru = _getrusage(_RUSAGE_THREAD)
-            self._tcpu0 = (ru.ru_utime, ru.ru_stime)
-        else:
-            self._tcpu0 = thread_cpu()
-        ru = _getrusage(_RUSAGE_SELF)
-        self._cpu0 = (ru.ru_utime, ru.ru_stime)
+        self._tcpu0 = thread_cpu()
+        user, sys_, maxrss = process_usage()
+        self._cpu0 = (user, sys_)
         # Right after the reset, ru_maxrss no higher than the RSS read since: the mark
         # inherited through exec is no higher than the span's own values, and ru_maxrss
         # is VmHWM until the next reset. Then the peak at the end comes with the CPU
         # (one getrusage), not from /proc/self/status.
-        maxrss = ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
         self._maxrss_exact = exact = 0 < maxrss <= rss
         BOOK.maxrss_exact = exact  # until the next reset (Book.spawn)
         self.t0 = t0 = _monotonic()
@@ -108,9 +106,7 @@ class Span:
 
     def end(self) -> SpanStats:
         t1 = _monotonic()
-        ru = _getrusage(_RUSAGE_SELF)
-        user, sys_ = ru.ru_utime, ru.ru_stime
-        maxrss = ru.ru_maxrss * 1024 if _MAXRSS_KIB else 0
+        user, sys_, maxrss = process_usage()
         # The thread's own CPU only counts when another thread had a span open: read
         # now if so, else (a span opening before this one closes) right after the close.
         tcpu1 = thread_cpu() if self.shared else None
