@@ -118,7 +118,7 @@ class Measurement(Span):
                 _current.set(self.parent)
             self._token = None
         state = state or self.state or ("failure" if exc is not None else "success")
-        if state not in _STATE_SET:
+        if state not in STATES:
             raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
         self._report = self._build(stats, state, epoch1, children - reaped)
         if self.on_report is not None:
@@ -245,8 +245,7 @@ class Measurement(Span):
             extra, reaped_untracked = self._untracked.finish(self.t0, end, {t.pid for t in tools})
             tools += tuple(extra)
             unattributed -= reaped_untracked
-        if unattributed < 0.0:
-            unattributed = 0.0
+        unattributed = max(unattributed, 0.0)
         totals = ToolTotals.of(tools) if tools else _NO_TOOLS
         cpu = stats.user_s + stats.sys_s
         overhead = new_record(
@@ -288,7 +287,6 @@ class Measurement(Span):
 
 
 _NO_TOOLS = ToolTotals.of(())
-_STATE_SET = frozenset(STATES)
 
 
 @functools.lru_cache(maxsize=64)

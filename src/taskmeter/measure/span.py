@@ -24,7 +24,6 @@ from taskmeter.measure.sampler import SAMPLER, RssSeries
 T = TypeVar("T")
 
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
-_monotonic = time.monotonic
 
 
 def thread_cpu() -> tuple[float, float]:
@@ -85,7 +84,7 @@ class Span:
     def begin(self) -> None:
         BOOK.open(self)
         rss = READER.self_rss()
-        self.next_due = _monotonic() + SAMPLER.interval_s
+        self.next_due = time.monotonic() + SAMPLER.interval_s
         SAMPLER.add(self)
         # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
         self._tcpu0 = thread_cpu()
@@ -97,7 +96,7 @@ class Span:
         # (one getrusage), not from /proc/self/status.
         self._maxrss_exact = exact = 0 < maxrss <= rss
         BOOK.maxrss_exact = exact  # until the next reset (Book.spawn)
-        self.t0 = t0 = _monotonic()
+        self.t0 = t0 = time.monotonic()
         self.rss.add(t0, rss)
 
     def sample(self, now: float, self_rss: int) -> None:
@@ -105,7 +104,7 @@ class Span:
         self.next_due = now + SAMPLER.interval_s
 
     def end(self) -> SpanStats:
-        t1 = _monotonic()
+        t1 = time.monotonic()
         user, sys_, maxrss = process_usage()
         # The thread's own CPU only counts when another thread had a span open: read
         # now if so, else (a span opening before this one closes) right after the close.
@@ -140,8 +139,8 @@ class Span:
         stats = object.__new__(SpanStats)
         stats.__dict__.update(
             wall_s=t1 - self.t0,
-            user_s=user if user > 0.0 else 0.0,
-            sys_s=sys_ if sys_ > 0.0 else 0.0,
+            user_s=max(user, 0.0),
+            sys_s=max(sys_, 0.0),
             rss_avg_bytes=series.avg,
             rss_peak_bytes=peak,
             peak_method=peak_method,
