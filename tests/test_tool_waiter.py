@@ -95,9 +95,7 @@ def test_a_waited_tool_is_sampled_densely_and_its_peak_caught(quiet_sampler, tmp
     assert wakeups == 0
 
 
-def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_exact(
-    tmp_path,
-):
+def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_exact():
     """A one-process tool whose own mark tops the floor it inherited from this process
     is not sampled every 20 ms: wait4's ru_maxrss gives its exact peak, even one it
     reaches 30 ms before exiting, between two samples 100 ms apart."""
@@ -105,11 +103,10 @@ def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_ex
     taskmeter.configure(interval_s=0.2)
     # well above this process's own RSS (the floor), whatever the test run holds
     hold = max(150 * MiB, 2 * READER.self_rss()) + 2 * tools._COUNTER_SLACK
-    truth_file = tmp_path / "hwm"
     try:
         with taskmeter.measure("big") as m:
             t0 = time.monotonic()
-            taskmeter.run(
+            out = taskmeter.run(
                 child(
                     f"""
                     import time
@@ -118,17 +115,17 @@ def test_a_tool_above_its_inherited_floor_is_sampled_at_the_interval_its_peak_ex
                     time.sleep(2.0)
                     spike = b"y" * {100 * MiB}  # the peak, in the tool's last 30 ms
                     time.sleep(0.03)
-                    for line in open("/proc/self/status"):
-                        if line.startswith("VmHWM:"):
-                            open({str(truth_file)!r}, "w").write(str(int(line.split()[1]) * 1024))
-                    """
+                    """,
+                    PRINT_OWN_HWM,
                 ),
+                capture_output=True,
+                text=True,
                 check=True,
             )
             life = time.monotonic() - t0
     finally:
         SAMPLER.interval_s = before
-    truth = int(truth_file.read_text())
+    truth = int(out.stdout.split()[-1])
     [tool] = m.report.tools
     assert truth > hold + 100 * MiB
     # the guarantee kept (what 20 ms samples gave too): the exact peak, the spike in
