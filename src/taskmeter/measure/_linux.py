@@ -109,13 +109,9 @@ class ProcTree:
             return None if rss < 0 else (rss, hwm)
         kids = self._kids()
         self.alone = rss >= 0 and not kids
-        if kids:
-            for p in [q for kid in kids for q in self.reader.tree(kid)]:
-                if rss < 0:
-                    rss = hwm = 0
-                rss += p.rss_bytes
-                if p.hwm_bytes is not None and p.hwm_bytes > hwm:
-                    hwm = p.hwm_bytes
+        sub = tree_totals([q for kid in kids for q in self.reader.tree(kid)]) if kids else None
+        if sub is not None:  # the root's own figures (none for a zombie) and its tree's
+            rss, hwm = max(rss, 0) + sub[0], max(hwm, sub[1])
         return None if rss < 0 else (rss, hwm)
 
     def _kids(self) -> list[int]:
