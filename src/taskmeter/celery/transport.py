@@ -141,13 +141,7 @@ class Listener:
         broker connection, which drops every reader and may cancel pending timers
         (``celery.worker.loops.asynloop``); the channels are registered anew and what
         was buffered is handled now."""
-        if self._timer is not None:
-            with contextlib.suppress(Exception):
-                self._timer.cancel()
-            self._timer = None
-        if self._loop is not None and self._polled:
-            with contextlib.suppress(Exception):
-                self._loop.on_tick.discard(self._on_tick)
+        self._unhook()
         self._loop = loop
         for sock in (self._sock, *self._buffers):
             with contextlib.suppress(Exception):
@@ -166,6 +160,16 @@ class Listener:
         with self._reading:
             self._drain()  # what arrived while no loop listened
         self._batch_done()
+
+    def _unhook(self) -> None:
+        """Cancel the POLL_S timer and take ``_on_tick`` off the loop (polled mode)."""
+        if self._timer is not None:
+            with contextlib.suppress(Exception):
+                self._timer.cancel()
+            self._timer = None
+        if self._loop is not None and self._polled:
+            with contextlib.suppress(Exception):
+                self._loop.on_tick.discard(self._on_tick)
 
     def _on_tick(self) -> None:
         """Every iteration of the event loop: read the channels if a sender said so.
@@ -242,12 +246,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(5)
         if self._loop is not None:
-            if self._timer is not None:
-                with contextlib.suppress(Exception):
-                    self._timer.cancel()
-            if self._polled:
-                with contextlib.suppress(Exception):
-                    self._loop.on_tick.discard(self._on_tick)
+            self._unhook()
             for sock in (self._sock, *self._buffers):
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(sock)
