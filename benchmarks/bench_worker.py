@@ -8,8 +8,10 @@ scrape latency.
     .venv/bin/python benchmarks/bench_worker.py --skip-scrape --events
         # a fourth worker: taskmeter off, Celery's task events (-E) on, for comparison
     .venv/bin/python benchmarks/bench_worker.py --skip-scrape --floor
-        # another worker: taskmeter's main process, pool processes that make only the
-        # system calls of a measurement and send one record (floor_worker.py)
+        # two more workers: taskmeter's main process, pool processes that make only the
+        # system calls of a measurement and send one record, or none (floor_worker.py)
+    .venv/bin/python benchmarks/bench_worker.py --skip-scrape --floor --pace 100
+        # tasks sent at 100 a second, not a batch at once: a worker that is not saturated
 
 Needs Redis on 127.0.0.1:6379 (``scripts/services.sh`` starts it); uses database 13.
 Prints markdown tables to stdout.
@@ -28,17 +30,25 @@ Prints markdown tables to stdout.
     or counted twice) and checks that every task succeeded. Reported: tasks/s per
     variant (median of rounds) and the on/off ratio of each round (median, range).
     The worker's log level is Celery's default (WARNING), so no per-task log lines.
+    With ``--pace N`` the tasks of a batch are sent N a second on a fixed schedule
+    instead of all at once: a worker that keeps up, as most do, where every task has
+    Celery's loop wake up for it with taskmeter on or off (saturated, a slower pool
+    process also makes that loop handle fewer results per wake-up, which bills Celery's
+    own work to whatever slows the pool); tasks/s is then the pace.
     Where the time goes: the CPU of each worker's main process and of its pool
-    processes over each batch, per task, from /proc/PID/stat (utime+stime, plus
-    cutime+cstime so a pool process or tool reaped during the batch still counts):
-    the headline figure is their sum, on minus off, as a share of off.
+    processes over each batch, per task, from the kernel's CPU clock of each process
+    (ns, every thread; not utime+stime, which count 10 ms ticks), plus cutime+cstime
+    from /proc/PID/stat so a pool process or tool reaped during the batch still
+    counts: the headline figure is their sum, on minus off, as a share of off.
     After each batch on the instrumented worker the benchmark also waits for its
     ledger to hold one line per task, so no bookkeeping spills into the next batch;
     at the end the endpoint's ``celery_task_runs_total`` and the ledger are checked
-    against the tasks sent. ``--floor`` adds a worker run through ``floor_worker.py``:
-    taskmeter's main process unchanged, pool processes that make only the system calls
-    of a measurement and send one prebuilt record per task, the least any design that
-    measures every task this way can cost.
+    against the tasks sent. ``--floor`` adds two workers run through
+    ``floor_worker.py``, taskmeter's main process unchanged: "floor", whose pool
+    processes make only the system calls of a measurement and send one prebuilt record
+    per task, the least any design that measures every task this way can cost; and
+    "floor0", whose pool processes make the system calls and send nothing, the least
+    any design can cost that reads the kernel's counters per task.
 (b) Scrape latency. A :class:`TaskMetrics` in this process is fed ~10 reports for each
     of K task names (a real report from ``taskmeter.measure`` around
     ``taskmeter.run(["true"])``, its task renamed with ``dataclasses.replace``) and
@@ -91,6 +101,7 @@ class Settings:
     scrape_names: tuple[int, ...]  # task names in the collector, one table row each
     reports_per_name: int
     scrape_gets: int  # GETs per encoding (fewer for the largest collectors, see gets_for)
+    pace: float = 0.0  # tasks sent per second (0: a batch's tasks all at once)
 
 
 FULL = Settings(9, 500, 300, 0.01, (1, 200, 500), 10, 40)
@@ -128,14 +139,23 @@ _HZ = os.sysconf("SC_CLK_TCK")
 
 
 def proc_cpu(pid: int) -> tuple[float, float]:
-    """(utime+stime, cutime+cstime) of a process in seconds; zeros once it is gone."""
+    """(its own CPU, cutime+cstime) of a process in seconds; zeros once it is gone.
+
+    Its own CPU comes from the kernel's CPU clock of the process (``clock_gettime``
+    on the clock id Linux derives from a pid: every thread, exited ones included, in
+    ns), not from utime+stime, which count in ticks of 1/CLK_TCK s: 10 ms per batch
+    and process, 33 µs per task in a batch of 300. Its reaped children's CPU
+    (cutime+cstime) exists only in ticks."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return 0.0, 0.0
     fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _HZ, (int(fields[13]) + int(fields[14])) / _HZ
+    own = (int(fields[11]) + int(fields[12])) / _HZ
+    with contextlib.suppress(OSError):  # gone meanwhile, or no such clock: the ticks
+        own = time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9  # CPUCLOCK_SCHED of pid
+    return own, (int(fields[13]) + int(fields[14])) / _HZ
 
 
 def descendants(pid: int) -> list[int]:
@@ -222,10 +242,15 @@ def start_worker(tmp: Path, label: str, enabled: bool, src: Path | None = None) 
         env.update(
             TASKMETER_PORT=str(port), TASKMETER_ADDR="127.0.0.1", TASKMETER_LEDGER=str(ledger)
         )
+    if label == "floor0":  # the floor worker's pool processes send nothing: no lines
+        env.update(TM_FLOOR_SEND="0")
+        ledger = None
     log = wdir / "worker.log"
     # the floor variant: the same worker, its pool processes patched (floor_worker.py)
     entry = (
-        [str(Path(__file__).with_name("floor_worker.py"))] if label == "floor" else ["-m", "celery"]
+        [str(Path(__file__).with_name("floor_worker.py"))]
+        if label.startswith("floor")
+        else ["-m", "celery"]
     )
     cmd = [
         sys.executable, *entry, "-A", "tmapp", "worker",
@@ -267,13 +292,18 @@ class Client:
         self.app = Celery("bench-client", broker=REDIS_URL)  # no backend: no subscriptions
         self.redis = redis_client()
 
-    def batch(self, w: Worker, task: str, args: Sequence[Any], n: int, timeout: float) -> Batch:
+    def batch(
+        self, w: Worker, task: str, args: Sequence[Any], n: int, timeout: float, pace: float = 0.0
+    ) -> Batch:
+        """``pace``: tasks sent per second, on a fixed schedule (0: all at once)."""
         ids = [str(uuid.uuid4()) for _ in range(n)]
         keys = [RESULT_KEY.format(i) for i in ids]
         main0, pool0 = w.cpu_s()
         with self.app.producer_or_acquire() as producer:
             t0 = time.time()
-            for task_id in ids:
+            for i, task_id in enumerate(ids):
+                if pace > 0:
+                    time.sleep(max(0.0, t0 + i / pace - time.time()))
                 self.app.send_task(
                     task, args=tuple(args), queue=w.queue, task_id=task_id, producer=producer
                 )
@@ -350,13 +380,16 @@ def bench_throughput(
         Kind(f"`cpu.burn({s.burn_s:g})`", "cpu.burn", (s.burn_s,), s.burn_n),
     ]
     labels = ["off", "on"] + (["base"] if baseline else []) + (["events"] if events else [])
-    labels += ["floor"] if floor else []
+    labels += ["floor", "floor0"] if floor else []
     client = Client()
     results: dict[tuple[str, str], list[Batch]] = {(k.task, v): [] for k in kinds for v in labels}
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         workers = {
             v: start_worker(
-                Path(tmp), v, v in ("on", "base", "floor"), baseline if v == "base" else None
+                Path(tmp),
+                v,
+                v in ("on", "base", "floor", "floor0"),
+                baseline if v == "base" else None,
             )
             for v in labels
         }
@@ -369,7 +402,9 @@ def bench_throughput(
             for r in range(s.rounds):
                 for k in kinds:
                     for label in labels if r % 2 == 0 else labels[::-1]:
-                        res = client.batch(workers[label], k.task, k.args, k.n, timeout=300)
+                        res = client.batch(
+                            workers[label], k.task, k.args, k.n, timeout=300, pace=s.pace
+                        )
                         results[(k.task, label)].append(res)
                         time.sleep(0.2)  # let the worker settle
                 print(f"round {r + 1}/{s.rounds} done", file=sys.stderr, flush=True)
@@ -390,6 +425,7 @@ def bench_throughput(
         "base": "on, baseline src",
         "events": "off, Celery events (-E)",
         "floor": "on, floor: system calls and one message only",
+        "floor0": "on, floor: system calls only, no message",
     }
     rows = []
     for k in kinds:
@@ -612,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noop-n", type=int, help="noop tasks per batch")
     ap.add_argument("--burn-n", type=int, help="cpu.burn tasks per batch")
     ap.add_argument(
+        "--pace",
+        type=float,
+        help="send N tasks a second instead of each batch at once (a worker not saturated)",
+    )
+    ap.add_argument(
         "--baseline", type=Path, help="a src/ folder: a third worker runs taskmeter from it"
     )
     ap.add_argument("--events", action="store_true", help="a worker with Celery events (-E)")
@@ -628,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         s = dataclasses.replace(s, noop_n=args.noop_n)
     if args.burn_n is not None:
         s = dataclasses.replace(s, burn_n=args.burn_n)
+    if args.pace is not None:
+        s = dataclasses.replace(s, pace=args.pace)
     if not sys.platform.startswith("linux"):
         print("note: not Linux: peaks fall back to psutil sampling", file=sys.stderr)
 
@@ -637,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_throughput:
         print(
             f"## (a) throughput: `celery worker -P prefork -c {CONCURRENCY}` on Redis, "
-            f"taskmeter on vs off, {s.rounds} rounds, median\n",
+            f"taskmeter on vs off, {s.rounds} rounds, median"
+            + (f"; tasks sent at {s.pace:g}/s, so tasks/s is the pace" if s.pace else "")
+            + "\n",
             flush=True,
         )
         print(bench_throughput(s, args.baseline, args.events, args.floor), end="\n\n", flush=True)

@@ -15,6 +15,11 @@ per task name by a real measurement at that name's first task in each pool proce
 stays parked). Otherwise no measurement object, no record built, no journal slot. What
 this worker adds over taskmeter-off is the cost of measuring a task with next to no
 Python in the pool: every record it sends is the same copy (its task id null).
+
+With ``TM_FLOOR_SEND=0`` (``bench_worker.py --floor``'s second floor worker) the pool
+processes make the system calls and send nothing: the least a design costs whose main
+process does no work per task (the pool processes aggregating their own metrics and
+writing their own ledger lines), which no message per task can beat.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from taskmeter.measure.report import json_bytes
 _BODIES: dict[str, bytes] = {}  # task name -> its record, made once
 _FDS: list[int] = []  # /proc/self/statm and clear_refs, opened in the pool process
 _STARTS: dict[int, tuple[str, Any, float, float]] = {}  # worker object -> its task's start
+_SEND = os.environ.get("TM_FLOOR_SEND", "1") != "0"
 
 
 def _fds() -> list[int]:
@@ -57,7 +63,7 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
     os.pread(statm, 256, 0)
     resource.getrusage(resource.RUSAGE_CHILDREN)
     started = _STARTS.pop(id(self), None)
-    if started is None:  # no start seen (as taskmeter, then nothing to send)
+    if started is None or not _SEND:  # no start seen (as taskmeter: nothing to send)
         return
     name, tid, epoch, cpu0 = started
     body = _BODIES.get(name)
