@@ -3,6 +3,7 @@ out of the listener, and a sender whose reader stalls gives up instead of blocki
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -158,3 +159,36 @@ def test_a_record_json_had_to_write_is_read_back_whole():
     finally:
         listener.close()
     assert dataclasses.replace(report).to_json_bytes() == body
+
+
+def test_a_tick_reads_only_the_channels_that_hold_something(monkeypatch):
+    """With many pool processes, the read at a tick asks the kernel which channels
+    hold something and reads those alone: one read per sending channel, not one per
+    pool process (each an exception when empty), and a closed channel still seen."""
+    got: list[object] = []
+    gone: list[int] = []
+    listener = Listener(lambda msg, pid: got.append(msg), gone.append)
+    reads: list[object] = []
+    real_read = Listener._read
+    monkeypatch.setattr(
+        Listener, "_read", lambda self, conn: (reads.append(conn), real_read(self, conn))[1]
+    )
+    senders = [Sender(listener.address, listener.token) for _ in range(8)]
+    try:
+        for i, sender in enumerate(senders):
+            sender.send({"hello-from": i})
+        # accepted and read (on Celery's loop, the listening socket is a reader)
+        wait_for(lambda: (listener._drain(), len(got))[1] == 8, 5, "the 8 channels", 0.01)
+        assert len(listener._buffers) == 8
+        reads.clear()
+        senders[3].send({"n": 1})
+        listener._poll(flush=False)  # what the loop's tick does when the byte is set
+        assert got[-1] == {"n": 1}
+        assert len(reads) == 1, f"{len(reads)} channels read for one message"
+        senders[5].close()  # a pool process gone: its channel is readable (EOF)
+        wait_for(lambda: (listener._poll(), gone)[1] != [], 5, "the closed channel", 0.01)
+        assert gone == [os.getpid()] and len(listener._buffers) == 7
+    finally:
+        for sender in senders:
+            sender.close()
+        listener.close()

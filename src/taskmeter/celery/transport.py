@@ -27,6 +27,7 @@ import logging
 import mmap
 import os
 import secrets
+import select
 import selectors
 import socket
 import struct
@@ -94,6 +95,11 @@ class Listener:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         # per channel: unparsed bytes, peer pid, whether its token was checked
         self._buffers: dict[socket.socket, tuple[bytearray, int | None, bool]] = {}
+        # The channels by fd, polled together: a round of reads asks the kernel once
+        # which channels hold something and reads only those, rather than trying every
+        # pool process's channel (an exception per empty one) per task.
+        self._pollset = select.poll()
+        self._by_fd: dict[int, socket.socket] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stop = threading.Event()
@@ -295,15 +301,17 @@ class Listener:
 
     def _drain(self, accept: bool = True, until_empty: bool = True) -> None:
         """Accept the channels waiting (unless ``accept`` is False: the listening
-        socket is in the loop's poll set) and read every channel until it is empty
+        socket is in the loop's poll set), then read every channel that holds
+        something (one ``poll``: the others are not tried) until it is empty
         (``until_empty``) or, from the loop's ticks, until a read comes back short: a
         stream socket had no more then, and what a sender adds later sets the shared
-        byte again (one recv per channel and tick, not two; a closed channel is seen
-        by the next read, at the latest the POLL_S timer's)."""
+        byte again (one recv per sending channel and tick, not two; a closed channel
+        is readable, seen at the next tick that reads or the POLL_S timer's)."""
         while accept and self._accept():
             pass
-        for conn in list(self._buffers):
-            while conn in self._buffers:
+        for fd, _ in self._pollset.poll(0):
+            conn = self._by_fd.get(fd)
+            while conn is not None and conn in self._buffers:
                 n = self._read(conn)
                 if not n or (not until_empty and n < _RECV):
                     break
@@ -320,6 +328,8 @@ class Listener:
             return True
         conn.setblocking(False)
         self._buffers[conn] = (bytearray(), pid, False)
+        self._by_fd[conn.fileno()] = conn
+        self._pollset.register(conn, select.POLLIN)
         if self._loop is not None:
             if not self._closing and not self._polled:
                 self._loop.add_reader(conn, self._on_ready, conn)
@@ -336,6 +346,8 @@ class Listener:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(conn)
         del self._buffers[conn]
+        del self._by_fd[conn.fileno()]
+        self._pollset.unregister(conn)
         conn.close()
         if pid is not None:
             try:
