@@ -98,9 +98,48 @@ def child(src: Path, n: int) -> dict[str, float]:
     return {"pool_us": pool_s / n * 1e6, "main_us": main_s / (warm + n) * 1e6}
 
 
-def run_child(src: Path, n: int) -> dict[str, float]:
+CHANNELS = (2, 8, 32)  # pool processes connected (celery worker -c N)
+
+
+def channels_child(src: Path, n: int) -> dict[str, float]:
+    """One tree: the main process's read of the channels at a tick of Celery's loop
+    (``Listener._poll(flush=False)``, what ``_on_tick`` does when a pool process sent
+    something), with N channels connected and one of them sending one task's line
+    before each read, for each N in CHANNELS: µs per read."""
+    sys.path.insert(0, str(src))
+    from taskmeter.celery.transport import Listener, Sender
+
+    line = b"E" + json.dumps(["1:1", True, None]).encode() + b"\t{}\n"
+    out: dict[str, float] = {}
+    for channels in CHANNELS:
+        got: list[object] = []
+        listener = Listener(lambda msg, pid, got=got: got.append(msg), lambda pid: None)
+        senders = [Sender(listener.address, listener.token) for _ in range(channels)]
+        for sender in senders:
+            sender.send_line(b"\n")  # connects and says hello
+        deadline = time.monotonic() + 10
+        while len(listener._buffers) < channels and time.monotonic() < deadline:
+            listener._drain()  # accepts them (on Celery's loop: _on_ready) and reads
+        if len(listener._buffers) < channels:
+            raise SystemExit(f"{len(listener._buffers)} of {channels} channels connected")
+        spent = 0.0
+        for i in range(n):
+            senders[i % channels].send_line(line)
+            t0 = time.thread_time()
+            listener._poll(flush=False)
+            spent += time.thread_time() - t0
+        if len(got) != n:
+            raise SystemExit(f"{channels} channels: {len(got)} of {n} lines read")
+        out[str(channels)] = spent / n * 1e6
+        for sender in senders:
+            sender.close()
+        listener.close()
+    return out
+
+
+def run_child(src: Path, n: int, part: str = "--child") -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(src), "--tasks", str(n)],
+        [sys.executable, __file__, part, str(src), "--tasks", str(n)],
         check=True,
         capture_output=True,
         text=True,
@@ -116,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int)
     ap.add_argument("--baseline", type=Path, help="another src/ folder, run side by side")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--channels-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = args.tasks or (2000 if args.quick else 5000)
     if args.child is not None:
         print(json.dumps(child(args.child, n)))
+        return 0
+    if args.channels_child is not None:
+        print(json.dumps(channels_child(args.channels_child, n)))
         return 0
     rounds = args.rounds or (3 if args.quick else 7)
     trees = {"this tree": REPO / "src"}
@@ -163,6 +206,26 @@ def main(argv: list[str] | None = None) -> int:
         "vs baseline",
     ]
     print(table(header, rows))
+
+    # The main process's read at a tick, by the number of pool processes connected.
+    ch: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    for i in range(rounds):
+        for name in trees if i % 2 == 0 else reversed(list(trees)):
+            ch[name].append(run_child(trees[name], n, "--channels-child"))
+        print(f"channels round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
+    print(
+        f"\nThe main process's read of the channels at a tick of Celery's loop, one pool "
+        f"process having sent one line: µs per read, median of {rounds} rounds of {n}\n"
+    )
+    rows = []
+    for c in CHANNELS:
+        per = {name: median(r[str(c)] for r in ch[name]) for name in trees}
+        row = [str(c), *(f"{v:.1f}" for v in per.values())]
+        if base is not None:
+            row.append(f"{per['this tree'] / per['baseline']:.2f}")
+        rows.append(row)
+    header = ["pool processes", *(f"{name} µs/read" for name in trees)]
+    print(table(header + (["vs baseline"] if base is not None else []), rows))
     return 0
 
 
