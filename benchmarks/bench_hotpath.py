@@ -4,6 +4,7 @@ Celery around it.
     .venv/bin/python benchmarks/bench_hotpath.py                        # about 40 s
     .venv/bin/python benchmarks/bench_hotpath.py --quick                # about 10 s
     .venv/bin/python benchmarks/bench_hotpath.py --baseline /tmp/old/src   # two trees
+    .venv/bin/python benchmarks/bench_hotpath.py --gap-ms 20   # cold: a sleep before each task
 
 ``bench_worker.py`` measures what a real worker spends per task with taskmeter on and
 off; its difference mixes taskmeter's code with Celery's own reaction to slower tasks,
@@ -11,14 +12,17 @@ and moves by a few hundred µs between runs on a shared machine. This benchmark
 isolates taskmeter's code, precisely enough to compare two source trees:
 
 - the main process of a worker (``_Worker.open``: hub, journal, ledger, metrics
-  endpoint) serves its channel from a listener thread (a worker serves it from
-  Celery's event loop instead; the work per message is the same);
+  endpoint) serves its channels from a kombu event loop, as in a Celery worker: at
+  the loop's ticks, which a byte per task on a pipe starts (Celery's result for the
+  task does that in a worker);
 - a forked child runs what a pool process runs per task, the Celery signal handlers
   ``_on_prerun`` and ``_on_postrun`` (measurement, journal slot, the record encoded,
-  one line sent over the real channel), N times back to back; its CPU
-  (``time.process_time``) over the N tasks is the **pool side**;
-- the main process's CPU from the fork until the ledger holds the N records (parse,
-  hub, metrics, journal, ledger write) is the **main side**.
+  one line sent over the real channel) and writes that byte, N times back to back
+  (or ``--gap-ms`` apart); its CPU (``time.process_time``) over the N tasks, minus
+  that of the same loop without the handlers, is the **pool side**;
+- the main process's CPU (every thread of it) from the start of those N tasks until
+  the ledger holds their records (parse, hub, metrics, journal, ledger write), minus
+  its CPU over the loop without the handlers, is the **main side**.
 
 Each round runs every tree in its own subprocess (``--child``), order alternating;
 medians over rounds.
@@ -40,21 +44,42 @@ from _common import machine, median, table
 REPO = Path(__file__).resolve().parent.parent
 
 
-def child(src: Path, n: int) -> dict[str, float]:
-    """One tree, one run: the pool side in a forked child, the main side here."""
+def child(src: Path, n: int, gap_s: float = 0.0) -> dict[str, float]:
+    """One tree, one run: the pool side in a forked child, the main side here.
+
+    ``gap_s``: the pool process sleeps that long before each task, as one that waits
+    for its next task does; its caches have gone cold by then, the usual case in a
+    worker that keeps up. The pool side is its CPU over the tasks minus that of the
+    same loop without them (measured first: the sleeps and the result bytes), so
+    taskmeter's sampler thread waking between tasks is counted."""
     sys.path.insert(0, str(src))
+    from kombu.asynchronous import Hub
+
     from taskmeter.celery import integration as tm
     from taskmeter.config import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-hotpath-"))
-    ledger = tmp / "ledger.jsonl"
     settings = Settings(
-        enabled=True, port=0, addr="127.0.0.1", ledger=str(ledger), journal=str(tmp / "journal")
+        enabled=True,
+        port=0,
+        addr="127.0.0.1",
+        ledger=str(tmp / "ledger.jsonl"),
+        journal=str(tmp / "journal"),
     )
     w = tm._Worker(settings, "prefork", ["noop"])
     w.open()
-    w.start_threads(None)
+    hub = Hub()  # the worker's event loop, as Celery runs it (the channels at its ticks)
+    w.start_threads(hub)
     tm._WORKER = w
+    assert w.ledger is not None
+    written = [0]
+    write_many = w.ledger.write_many
+
+    def count(records: list[bytes]) -> None:
+        written[0] += len(records)
+        write_many(records)
+
+    w.ledger.write_many = count  # type: ignore[method-assign]
 
     class Task:  # what the handlers read of Celery's task: its name and request
         name = "noop"
@@ -62,40 +87,69 @@ def child(src: Path, n: int) -> dict[str, float]:
 
     task = Task()
     warm = 200
-    r, wfd = os.pipe()
-    c0 = time.process_time()
+    # Celery's result for each task wakes the main loop: one byte per task here.
+    results_r, results_w = os.pipe()
+    # "C" when the loop without the handlers starts, "S" when the timed tasks start,
+    # then the pool process's CPU over them
+    status_r, status_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the pool process
         try:
-            os.close(r)
+            os.close(results_r)
+            os.close(status_r)
             w.after_fork_in_child()
             for i in range(warm):
                 tm._on_prerun(sender=task, task_id=f"w{i}", task=task)
                 tm._on_postrun(sender=task, task_id=f"w{i}", state="SUCCESS")
+                os.write(results_w, b".")
+            os.write(status_w, b"C")
+            p0 = time.process_time()
+            for _ in range(n):
+                if gap_s:
+                    time.sleep(gap_s)
+                os.write(results_w, b".")
+            idle = time.process_time() - p0
+            os.write(status_w, b"S")
             p0 = time.process_time()
             for i in range(n):
+                if gap_s:
+                    time.sleep(gap_s)
                 tm._on_prerun(sender=task, task_id=f"t{i}", task=task)
                 tm._on_postrun(sender=task, task_id=f"t{i}", state="SUCCESS")
-            os.write(wfd, f"{time.process_time() - p0}\n".encode())
+                os.write(results_w, b".")
+            os.write(status_w, f"{time.process_time() - p0 - idle}\n".encode())
         finally:
             os._exit(0)
-    os.close(wfd)
-    with os.fdopen(r) as f:
-        pool_s = float(f.read().strip() or "nan")
-    os.waitpid(pid, 0)
-    deadline = time.monotonic() + 60
-    while True:
-        with open(ledger, "rb") as f:
-            lines = f.read().count(b"\n")
-        if lines >= warm + n:
-            break
+    os.close(results_w)
+    os.close(status_w)
+    status = bytearray()
+    marks: dict[int, float] = {}  # "C" and "S": the main process's CPU then
+    hub.add_reader(results_r, lambda: os.read(results_r, 1 << 16))
+
+    def on_status() -> None:
+        data = os.read(status_r, 256)
+        for mark in b"CS":
+            if mark in data:
+                marks[mark] = time.process_time()
+        status.extend(data)
+        if not data:
+            hub.remove_reader(status_r)
+
+    hub.add_reader(status_r, on_status)
+    loop = hub.create_loop()
+    deadline = time.monotonic() + 60 + n * gap_s
+    while written[0] < warm + n or not status.endswith(b"\n"):
+        next(loop)
         if time.monotonic() > deadline:
-            raise SystemExit(f"ledger holds {lines} of {warm + n} records")
-        time.sleep(0.002)
-    main_s = time.process_time() - c0
+            raise SystemExit(f"the ledger got {written[0]} of {warm + n} records")
+    # minus what the main process spent over the loop without the handlers (waking
+    # for the result bytes, its threads' own work)
+    main_s = time.process_time() - marks[ord("S")] - (marks[ord("S")] - marks[ord("C")])
+    os.waitpid(pid, 0)
+    pool_s = float(status[2:].strip())
     w.close()
-    # the warm-up tasks' records are handled by the main process too: per task of all
-    return {"pool_us": pool_s / n * 1e6, "main_us": main_s / (warm + n) * 1e6}
+    hub.close()
+    return {"pool_us": pool_s / n * 1e6, "main_us": main_s / n * 1e6}
 
 
 CHANNELS = (2, 8, 32)  # pool processes connected (celery worker -c N)
@@ -137,9 +191,9 @@ def channels_child(src: Path, n: int) -> dict[str, float]:
     return out
 
 
-def run_child(src: Path, n: int, part: str = "--child") -> dict[str, float]:
+def run_child(src: Path, n: int, part: str = "--child", gap_ms: float = 0.0) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, part, str(src), "--tasks", str(n)],
+        [sys.executable, __file__, part, str(src), "--tasks", str(n), "--gap-ms", str(gap_ms)],
         check=True,
         capture_output=True,
         text=True,
@@ -154,12 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--tasks", type=int)
     ap.add_argument("--baseline", type=Path, help="another src/ folder, run side by side")
+    ap.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="the pool process sleeps this long before each task (cold caches, as in a "
+        "worker that keeps up); default 0: back to back",
+    )
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--channels-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = args.tasks or (2000 if args.quick else 5000)
+    if args.gap_ms and not args.tasks:  # n sleeps twice per tree and round
+        n = 100 if args.quick else 300
     if args.child is not None:
-        print(json.dumps(child(args.child, n)))
+        print(json.dumps(child(args.child, n, args.gap_ms / 1000)))
         return 0
     if args.channels_child is not None:
         print(json.dumps(channels_child(args.channels_child, n)))
@@ -170,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         trees["baseline"] = args.baseline.resolve()
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     print(f"# bench_hotpath{' (quick)' if args.quick else ''}\n\nMachine: {machine()}\n")
-    print(f"{rounds} rounds of {n} no-op tasks per tree, order alternating\n")
+    gap = f", the pool process sleeping {args.gap_ms:g} ms before each" if args.gap_ms else ""
+    print(f"{rounds} rounds of {n} no-op tasks per tree{gap}, order alternating\n")
     for i in range(rounds):
         for name in trees if i % 2 == 0 else reversed(list(trees)):
-            results[name].append(run_child(trees[name], n))
+            results[name].append(run_child(trees[name], n, gap_ms=args.gap_ms))
         print(f"round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
     rows = []
     base = results.get("baseline")
@@ -207,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(header, rows))
 
+    if args.gap_ms:
+        return 0
     # The main process's read at a tick, by the number of pool processes connected.
     ch: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     for i in range(rounds):
