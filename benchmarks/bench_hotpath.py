@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import machine, median, table
@@ -44,14 +45,17 @@ from _common import machine, median, table
 REPO = Path(__file__).resolve().parent.parent
 
 
-def child(src: Path, n: int, gap_s: float = 0.0) -> dict[str, float]:
+def child(
+    src: Path, n: int, gap_s: float = 0.0, mark: Callable[[], None] | None = None
+) -> dict[str, float]:
     """One tree, one run: the pool side in a forked child, the main side here.
 
     ``gap_s``: the pool process sleeps that long before each task, as one that waits
     for its next task does; its caches have gone cold by then, the usual case in a
     worker that keeps up. The pool side is its CPU over the tasks minus that of the
     same loop without them (measured first: the sleeps and the result bytes), so
-    taskmeter's sampler thread waking between tasks is counted."""
+    taskmeter's sampler thread waking between tasks is counted. ``mark`` is called in
+    each process as the N tasks start (``profile_sections.py`` resets its clocks)."""
     sys.path.insert(0, str(src))
     from kombu.asynchronous import Hub
 
@@ -109,6 +113,8 @@ def child(src: Path, n: int, gap_s: float = 0.0) -> dict[str, float]:
                     time.sleep(gap_s)
                 os.write(results_w, b".")
             idle = time.process_time() - p0
+            if mark is not None:
+                mark()
             os.write(status_w, b"S")
             p0 = time.process_time()
             for i in range(n):
@@ -128,9 +134,11 @@ def child(src: Path, n: int, gap_s: float = 0.0) -> dict[str, float]:
 
     def on_status() -> None:
         data = os.read(status_r, 256)
-        for mark in b"CS":
-            if mark in data:
-                marks[mark] = time.process_time()
+        if b"S" in data and mark is not None:
+            mark()
+        for letter in b"CS":
+            if letter in data:
+                marks[letter] = time.process_time()
         status.extend(data)
         if not data:
             hub.remove_reader(status_r)
