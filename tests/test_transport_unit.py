@@ -73,20 +73,16 @@ def test_a_sender_whose_channel_is_not_read_drops_instead_of_blocking(monkeypatc
 def test_on_a_kombu_hub_a_record_costs_no_wake_up_and_is_read_at_the_next_tick():
     """With Celery's event loop (a kombu Hub), the channels are not in the loop's poll
     set: a message wakes nobody, and is read at the loop's next iteration (which, in a
-    worker, Celery's own result for the task starts) when the shared byte says so, in
-    rounds at most COALESCE_S apart (a one-shot timer reads what a tick left), or by
-    the POLL_S timer. A closed channel is still seen."""
+    worker, Celery's own result for the task starts) when the shared byte says so, or
+    by the POLL_S timer. A closed channel is still seen."""
     from kombu.asynchronous import Hub
 
     got: list[object] = []
-    when: list[float] = []  # when each message was handled
     gone: list[int] = []
     batches: list[int] = []
     hub = Hub()
     listener = Listener(
-        lambda msg, pid: (got.append(msg), when.append(time.monotonic())),
-        gone.append,
-        lambda: batches.append(len(got)),
+        lambda msg, pid: got.append(msg), gone.append, lambda: batches.append(len(got))
     )
     iterations = [0]
     hub.on_tick.add(lambda: iterations.__setitem__(0, iterations[0] + 1))
@@ -110,26 +106,36 @@ def test_on_a_kombu_hub_a_record_costs_no_wake_up_and_is_read_at_the_next_tick()
         assert not hub.poller.poll(0), "the message made the loop's poll return"
         wait_for(lambda: (turn(), got)[1][-1] == {"n": 2}, 5, "the second message", 0)
         # With the byte set, the next iteration reads it, whatever woke the loop, long
-        # before the timer would, once COALESCE_S passed since the last round...
+        # before the timer would; a record alone (none read in the last COALESCE_S) is
+        # flushed at once, with no timer of its own.
         time.sleep(transport.COALESCE_S)
         sender.send({"n": 3})
         assert listener.dirty[0] == 1
         hub.call_later(0.01, lambda: None)  # something else wakes the loop soon
         t0 = time.monotonic()
-        turn(1)  # its tick (before its poll) reads the message, and flushes the round
+        turn(1)  # its tick (before its poll) reads the message
         assert got[-1] == {"n": 3} and listener.dirty[0] == 0
+        assert batches[-1:] == [3], "a record alone waited for a flush timer"
         assert time.monotonic() - t0 < transport.POLL_S / 2
-        assert batches[-1:] == [3]
-        # ... and what comes sooner waits for a one-shot timer at COALESCE_S: messages
-        # 4 and 5 are read together, in one round (one flush), not at the next tick.
+        # Records closer together are flushed at most every COALESCE_S from the ticks,
+        # the rest by a one-shot timer (or the POLL_S one): message 4 is read at once
+        # and flushed within that.
         sender.send({"n": 4})
+        hub.call_later(0.001, lambda: None)
+        turn(1)
+        assert got[-1] == {"n": 4}
+
+        def soon() -> None:  # a turn that returns within a millisecond
+            hub.call_later(0.001, lambda: None)
+            turn()
+
+        wait_for(lambda: (soon(), batches)[1][-1:] == [4], 5, "the flush", 0)
+        # Right after that timer's flush, a record COALESCE_S after the last read is
+        # alone again: flushed at once, not by a timer of its own (one wake-up of the
+        # loop less per task for a worker whose tasks come about that far apart).
         sender.send({"n": 5})
-        t0 = time.monotonic()
-        listener._on_tick()  # the loop's next tick, right after the round
-        assert got[-1] == {"n": 3}, "read at the tick right after a round"
-        wait_for(lambda: (turn(), got)[1][-1] == {"n": 5}, 5, "messages 4 and 5", 0)
-        assert got[-2:] == [{"n": 4}, {"n": 5}] and batches[-1:] == [5]
-        assert when[-1] - t0 < transport.POLL_S / 2, "read by the POLL_S timer"
+        soon()
+        assert got[-1] == {"n": 5} and batches[-1:] == [5]
         # A closed channel (a pool process gone) is seen by the timer.
         sender.close()
         wait_for(lambda: (turn(), gone)[1] != [], 5, "the closed channel", 0)

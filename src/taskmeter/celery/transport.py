@@ -45,7 +45,7 @@ log = logging.getLogger("taskmeter.transport")
 Message = dict[str, Any]
 # The listener handles what arrived, then lets messages gather this long (seconds): a
 # report reaches the main process at most this much later, and a busy worker's main
-# process reads them at most 1 / COALESCE_S times a second, several at a time.
+# process wakes up at most 1 / COALESCE_S times a second for them.
 COALESCE_S = 0.02
 _RECV = 1 << 16  # bytes per recv from a channel
 # With Celery's event loop, the channels are read when a pool process says it sent
@@ -113,6 +113,7 @@ class Listener:
         self._polled = False  # channels read at the loop's ticks, not woken for
         self._timer: Any = None
         self._batched_at = 0.0  # when buffered sinks were last flushed (polled mode)
+        self._read_at = 0.0  # when a tick last read the channels (polled mode)
         # One reader of the channels at a time: the loop's tick or timer, close(), and
         # Celery's prefork shutdown, which fires the loop's timers from a thread of its
         # own while the pool joins (TaskPool.on_stop).
@@ -136,13 +137,12 @@ class Listener:
         all: a pool process sends a task's record just before Celery's own result for
         the task, and the loop reads the channels at the start of its next iteration
         (``on_tick``), which that result triggers, when the shared ``dirty`` byte says
-        something was sent, in rounds at most COALESCE_S apart (see ``_on_tick``). So
-        a record costs the main process no wake-up of its own (for tasks of 10 ms, a
-        wake-up of Celery's loop costs more than handling the record), and the ledger
-        gets one write per round. Other messages (a long task's start, its tools) and
-        closed channels are read in the next round, or by a timer every POLL_S.
-        Elsewhere, the channels are readers of the loop and buffered sinks are flushed
-        at most COALESCE_S later.
+        something was sent. So a record costs the main process no wake-up of its own
+        (for tasks of 10 ms, a wake-up of Celery's loop costs more than handling the
+        record), and the ledger gets one write per iteration that read records. Other
+        messages (a long task's start, its tools) and closed channels are read at the
+        next iteration, or by a timer every POLL_S. Elsewhere, the channels are
+        readers of the loop and buffered sinks are flushed at most COALESCE_S later.
 
         Call again whenever the loop (re)starts: Celery resets its hub after a lost
         broker connection, which drops every reader and may cancel pending timers
@@ -179,27 +179,24 @@ class Listener:
                 self._loop.on_tick.discard(self._on_tick)
 
     def _on_tick(self) -> None:
-        """Every iteration of the event loop: read the channels if a sender said so,
-        in rounds at most COALESCE_S apart. What is sent sooner after a round waits in
-        the channels for a one-shot timer, which reads it at COALESCE_S: the records
-        of a busy worker are handled several at a time, with one ledger write, and
-        only the first of a round pays for caches gone cold since the last one."""
-        if not self.dirty[0] or self._closing:
+        """Every iteration of the event loop: read the channels if a sender said so.
+        A busy loop iterates several times per task, so buffered sinks are flushed at
+        most every COALESCE_S from here (a one-shot timer flushes the rest then),
+        except after a read that came COALESCE_S or more after the one before: a
+        record alone, flushed at once rather than by a timer of its own."""
+        dirty = self.dirty
+        if not dirty[0] or self._closing:
             return
-        now = time.monotonic()
-        wait = self._batched_at + COALESCE_S - now
-        if wait > 0:
-            if not self._flush_due or now - self._flush_at > 1.0:  # (lost: a reset hub)
-                self._flush_due, self._flush_at = True, now
-                self._loop.call_later(wait, self._loop_flush)
-            return
-        self._read_round()
-
-    def _read_round(self) -> None:
-        self.dirty[0] = 0  # before reading: a message sent meanwhile sets it again
+        dirty[0] = 0  # before reading: a message sent meanwhile sets it again
         self._poll(flush=False)
-        self._batched_at = time.monotonic()
-        self._batch_done()
+        now = time.monotonic()
+        last_read, self._read_at = self._read_at, now
+        if now - self._batched_at >= COALESCE_S or now - last_read >= COALESCE_S:
+            self._batched_at = now
+            self._batch_done()
+        elif not self._flush_due and self._on_batch is not None:
+            self._flush_due, self._flush_at = True, now
+            self._loop.call_later(COALESCE_S, self._loop_flush)
 
     def _poll(self, flush: bool = True) -> None:
         """Read every channel until empty (closed ones are dropped), then flush.
@@ -237,11 +234,8 @@ class Listener:
 
     def _loop_flush(self) -> None:
         self._flush_due = False
-        if self._polled and self.dirty[0] and not self._closing:
-            self._read_round()  # what the ticks left for this round
-        else:
-            self._batched_at = time.monotonic()
-            self._batch_done()
+        self._batched_at = time.monotonic()
+        self._batch_done()
 
     def _batch_done(self) -> None:
         if self._on_batch is not None:
