@@ -130,7 +130,12 @@ def child(
     os.close(status_w)
     status = bytearray()
     marks: dict[int, float] = {}  # "C" and "S": the main process's CPU then
-    hub.add_reader(results_r, lambda: os.read(results_r, 1 << 16))
+
+    def on_results() -> None:
+        if not os.read(results_r, 1 << 16):  # the pool process exited: stop polling it
+            hub.remove_reader(results_r)
+
+    hub.add_reader(results_r, on_results)
 
     def on_status() -> None:
         data = os.read(status_r, 256)
