@@ -88,6 +88,20 @@ class Clocks:
         return self.v[base], self.v[base + 1]
 
 
+def timed(f: Callable[..., Any], i: int, clocks: Clocks) -> Callable[..., Any]:
+    """``f``, its time added to section ``i``."""
+
+    @functools.wraps(f)
+    def call(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        try:
+            return f(*a, **kw)
+        finally:
+            clocks.add(i, time.perf_counter_ns() - t0)
+
+    return call
+
+
 def wrap(clocks: Clocks) -> None:
     for i, (_, _, module, path) in enumerate(SECTIONS):
         owner: Any = importlib.import_module(module)
@@ -95,28 +109,10 @@ def wrap(clocks: Clocks) -> None:
         for part in outer:
             owner = getattr(owner, part)
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        if isinstance(original, classmethod):
-            bound = getattr(owner, name)
-
-            def timed_cm(*a: Any, _f: Callable[..., Any] = bound, _i: int = i, **kw: Any) -> Any:
-                t0 = time.perf_counter_ns()
-                try:
-                    return _f(*a, **kw)
-                finally:
-                    clocks.add(_i, time.perf_counter_ns() - t0)
-
-            setattr(owner, name, staticmethod(timed_cm))
-            continue
-
-        @functools.wraps(original)
-        def timed(*a: Any, _f: Callable[..., Any] = original, _i: int = i, **kw: Any) -> Any:
-            t0 = time.perf_counter_ns()
-            try:
-                return _f(*a, **kw)
-            finally:
-                clocks.add(_i, time.perf_counter_ns() - t0)
-
-        setattr(owner, name, timed)
+        if isinstance(original, classmethod):  # the bound one, called through the class
+            setattr(owner, name, staticmethod(timed(getattr(owner, name), i, clocks)))
+        else:
+            setattr(owner, name, timed(original, i, clocks))
 
 
 def main(argv: list[str] | None = None) -> int:
