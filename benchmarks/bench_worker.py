@@ -152,9 +152,10 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     except OSError:
         return 0.0, 0.0
     fields = data[data.rindex(b")") + 2 :].split()
-    own = (int(fields[11]) + int(fields[12])) / _HZ
-    with contextlib.suppress(OSError):  # gone meanwhile, or no such clock: the ticks
+    try:
         own = time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9  # CPUCLOCK_SCHED of pid
+    except OSError:  # gone meanwhile, or no such clock: the ticks
+        own = (int(fields[11]) + int(fields[12])) / _HZ
     return own, (int(fields[13]) + int(fields[14])) / _HZ
 
 
