@@ -53,13 +53,6 @@ def current() -> Measurement | None:
 class Measurement(Span):
     """One task being measured. Use through :func:`measure`."""
 
-    __slots__ = (
-        "_children0", "_epoch0", "_footprint", "_live", "_phases", "_reaped0", "_report",
-        "_started", "_token", "_tools_lock", "_untracked", "_untracked_rss", "_watches",
-        "name", "on_first_sample", "on_report", "parent", "pool", "queue_wait_s", "state",
-        "task_id",
-    )  # fmt: skip
-
     def __init__(
         self,
         name: str,

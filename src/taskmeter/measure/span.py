@@ -69,12 +69,6 @@ class Span:
     """Open with :meth:`begin`, close with :meth:`end`; sampled in between."""
 
     is_tool = False
-    # Fixed attributes (no per-object dict): less memory to build and to touch per task,
-    # what costs when a worker's caches have gone cold between two tasks.
-    __slots__ = (
-        "__weakref__", "_cpu0", "_maxrss_exact", "_tcpu0", "hwm_ok", "hwm_peak", "next_due",
-        "rss", "shared", "t0", "thread_id",
-    )  # fmt: skip
 
     def __init__(self) -> None:
         self.thread_id = threading.get_ident()
