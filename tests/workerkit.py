@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from taskmeter.demo.services import free_port, http_get, port_open
+from taskmeter.demo.services import free_port, http_get, port_open  # noqa: F401 - the tests import it from here
 from taskmeter.export.ledger import read_ledgers
 from taskmeter.measure.report import TaskReport
 
@@ -243,7 +243,16 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
         )
         procs.append(proc)
         prom = Prometheus(proc, f"http://127.0.0.1:{port}")
-        wait_for(lambda: port_open("127.0.0.1", port), 30, "Prometheus to listen")
+
+        def ready() -> bool:
+            # It listens before its storage is open, and answers 503 until then.
+            assert proc.poll() is None, f"prometheus exited: {log.name}"
+            try:
+                return "Ready" in http_get(f"{prom.url}/-/ready", timeout=1)
+            except OSError:  # refused, 503 (HTTPError), timeout
+                return False
+
+        wait_for(ready, 60, "Prometheus to be ready")
         return prom
 
     yield start
