@@ -34,7 +34,12 @@ from taskmeter.celery import integration as tm
 from taskmeter.measure.core import Measurement
 from taskmeter.measure.report import json_bytes
 
-_BODIES: dict[str, bytes] = {}  # task name -> its record, made once
+try:
+    from taskmeter.export.metrics import observation
+except ImportError:  # a baseline tree from before it
+    observation = None  # type: ignore[assignment]
+
+_BODIES: dict[str, tuple[bytes, Any]] = {}  # task name -> its record, made once
 _FDS: list[int] = []  # /proc/self/statm and clear_refs, opened in the pool process
 _STARTS: dict[int, tuple[str, Any, float, float]] = {}  # worker object -> its task's start
 _SEND = os.environ.get("TM_FLOOR_SEND", "1") != "0"
@@ -66,13 +71,21 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
     if started is None or not _SEND:  # no start seen (as taskmeter: nothing to send)
         return
     name, tid, epoch, cpu0 = started
-    body = _BODIES.get(name)
-    if body is None:
+    made = _BODIES.get(name)
+    if made is None:
         m = Measurement(name, None, pool="prefork")
         m.start()
-        body = _BODIES[name] = m.finish().to_json_bytes()
+        report = m.finish()
+        # The metrics' figures too, where the tree's main process takes them (see
+        # Integration._sink_figures; older trees: a head of three fields).
+        obs = observation(report) if observation is not None else None
+        made = _BODIES[name] = (report.to_json_bytes(), obs)
+    body, obs = made
     pid = tm._PID[0]
-    head = json_bytes([f"{pid}:{next(self.seq)}", True, [name, tid, pid, epoch, cpu0, None]])
+    fields: list[Any] = [f"{pid}:{next(self.seq)}", True, [name, tid, pid, epoch, cpu0, None]]
+    if obs is not None:
+        fields.append([name, tid, *obs[2:]])
+    head = json_bytes(fields)
     if self.sender is not None:
         self.sender.send_line(b"E" + head + b"\t" + body + b"\n")
 

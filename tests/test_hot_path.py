@@ -347,3 +347,76 @@ def test_reports_still_flow_after_the_worker_lost_its_broker_connection(quiet_wo
         f"50 more records after the reconnect (log: {w.log_text()[-3000:]})",
     )
     assert w.proc.poll() is None
+
+
+def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebuilt_report(
+    tmp_path, monkeypatch
+):
+    """The main process takes the metrics' figures the pool process computed and writes
+    the record as it came: it never parses the record nor rebuilds the report. The same
+    figures as a report observed directly; a repeated message counts once."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from taskmeter.celery import integration
+    from taskmeter.celery.hub import Hub
+    from taskmeter.celery.transport import Listener, Sender
+    from taskmeter.config import load_settings
+    from taskmeter.export.ledger import open_ledger
+    from taskmeter.export.metrics import TaskMetrics
+    from taskmeter.measure.report import TaskReport
+
+    settings = load_settings({}, {})
+    main = integration._Worker(settings, "prefork", ["t.a"])
+    main.ledger = open_ledger(str(tmp_path / "ledger.jsonl"))
+    main.hub = Hub(
+        [main.metrics.observe, main._write_ledger], hostname="h", pool="prefork", interval_s=0.1
+    )
+    listener = Listener(main._on_message, lambda pid: None, main._flush_ledger)
+    listener.start()
+    pool = integration._Worker(settings, "prefork", ["t.a"])
+    pool.sender = Sender(listener.address, listener.token)
+    sent: list[bytes] = []
+    send_line = pool.sender.send_line
+
+    def spy(data: bytes) -> None:  # the real send, and a copy of what it sent
+        sent.append(data)
+        send_line(data)
+
+    monkeypatch.setattr(pool.sender, "send_line", spy)
+
+    def never(*args: object) -> TaskReport:
+        raise AssertionError("the main process rebuilt a report")
+
+    try:
+        pool.task_started("t.a", "id-1")
+        with taskmeter.current().phase("load"):  # type: ignore[union-attr]
+            taskmeter.run(["true"])
+        with monkeypatch.context() as m:  # from here only the main process reads
+            m.setattr(TaskReport, "from_trusted", classmethod(never))
+            m.setattr(TaskReport, "from_dict", classmethod(never))
+            pool.task_ended("id-1", "SUCCESS")
+            end = sent[-1]
+            assert end.startswith(b"E")
+            pool.sender.send_line(end)  # the same end again (a late duplicate)
+            wait_for(lambda: _lines(tmp_path / "ledger.jsonl") >= 1, 5, "the record", 0.01)
+            time.sleep(0.2)  # the duplicate, had it counted
+    finally:
+        pool.sender.close()
+        listener.close()
+        main.ledger.close()
+    lines = (tmp_path / "ledger.jsonl").read_bytes().splitlines()
+    assert lines == [end[end.index(b"\t") + 1 : -1]]  # once, byte for byte as sent
+    report = TaskReport.from_json(lines[0])
+    assert (report.task_id, report.state, [t.argv for t in report.tools]) == (
+        "id-1", "success", [("true",)],
+    )  # fmt: skip
+    # The figures equal those of the report observed directly by another collector.
+    direct = TaskMetrics()
+    direct.declare(["t.a"])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(direct)
+    direct.observe(report)
+    mine = CollectorRegistry(auto_describe=False)
+    mine.register(main.metrics)
+    assert generate_latest(mine) == generate_latest(registry)
+    assert b'celery_task_runs_total{state="success",task="t.a"} 1.0' in generate_latest(mine)

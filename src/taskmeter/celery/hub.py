@@ -225,6 +225,18 @@ class Hub:
                 finished = []
         self._emit(finished)
 
+    def ended_final(self, run_id: str, task_id: str | None, state: State) -> bool:
+        """A run its pool process ended itself (``final``), whose report the caller
+        hands to the sinks itself (the record as the pool process encoded it, no report
+        rebuilt here): :meth:`ended`'s bookkeeping only. False for a run already
+        finished (a late or duplicate message): then nothing is to be reported."""
+        with self._lock:
+            if run_id in self._done_runs:
+                return False
+            self._runs.pop(run_id, None)
+            self._done(run_id, task_id, state)
+        return True
+
     def verdict(self, task_id: str, task: str, state: State, cause: Cause | None = None) -> None:
         """The main process's word on how a task ended (killed, revoked), and why when
         it knows (``time_limit``; ``signal`` for a child that died of another signal
@@ -535,12 +547,15 @@ class Hub:
 
     # -- bookkeeping ------------------------------------------------------------------
     def _finish_locked(self, run_id: str, report: TaskReport) -> TaskReport:
+        self._done(run_id, report.task_id, report.state)
+        return report
+
+    def _done(self, run_id: str, task_id: str | None, state: State) -> None:
         self._done_runs[run_id] = None
         while len(self._done_runs) > _REMEMBER:
             self._done_runs.popitem(last=False)
-        if report.task_id is not None and report.state != "retry":
-            self._remember_task(report.task_id, report.state)
-        return report
+        if task_id is not None and state != "retry":
+            self._remember_task(task_id, state)
 
     def _remember_task(self, task_id: str, state: State) -> None:
         self._done_tasks[task_id] = state

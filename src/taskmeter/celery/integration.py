@@ -33,7 +33,7 @@ from taskmeter.celery.journal import Journal
 from taskmeter.celery.transport import Listener, Message, Sender
 from taskmeter.config import ConfigError, Settings, load_settings
 from taskmeter.export.ledger import AnyLedger, open_ledger
-from taskmeter.export.metrics import JOURNAL_RECOVERED, TaskMetrics
+from taskmeter.export.metrics import JOURNAL_RECOVERED, Observation, TaskMetrics, observation
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure import cgroup
 from taskmeter.measure.core import Measurement
@@ -51,6 +51,8 @@ log = logging.getLogger("taskmeter.celery")
 
 # Celery's task_postrun states -> TaskReport states. None: ended from outside (a
 # terminate-revoke or a hard time limit); the main process's verdict decides.
+# The final states whose report the main process passes on unchanged (Hub.ended_final)
+_OWN_END = frozenset(("success", "failure", "retry"))
 _STATES: dict[str, State] = {
     "SUCCESS": "success",
     "FAILURE": "failure",
@@ -207,6 +209,17 @@ class _Worker:
         else:
             self.ledger.write(report)
 
+    def _sink_figures(self, obs: Observation, body: bytes) -> None:
+        """What the hub's sinks do with a report (see ``open``), from its figures and
+        its record: metrics, then the ledger (the journal's sink has nothing to do for
+        a run its pool process ended: its record was cleared there)."""
+        try:
+            self.metrics.observe_figures(obs)
+        except Exception:
+            log.exception("taskmeter: the metrics failed for %s", obs[0])
+        if self.ledger is not None:
+            self._ledger_buf.append(body)  # written at the end of the round
+
     def _flush_ledger(self) -> None:
         """The listener handled a round of messages: their records in one write."""
         if self._ledger_buf and self.ledger is not None:
@@ -252,9 +265,17 @@ class _Worker:
     def _on_message(self, msg: Message, pid: int | None) -> None:
         assert self.hub is not None
         if msg.get("type") == "end-line":
-            # E[run id, final, start fields or null]\t<record>: one message per task
-            run_id, final, start = msg["head"]
+            # E[run id, final, start fields or null, figures or null]\t<record>: one
+            # message per task
+            run_id, final, start, obs = msg["head"]
             body: bytes = msg["body"]
+            if obs is not None:
+                # Ended by its pool process, which also computed what the metrics take
+                # (observation()): no report rebuilt here, the record goes to the ledger
+                # as it came.
+                if self.hub.ended_final(run_id, obs[1], obs[2]):
+                    self._sink_figures(obs, body)
+                return
             report = TaskReport.from_trusted(loads(body))
             if start is not None and not final:  # the main process's verdict decides
                 task, task_id, pid_, epoch, cpu0, oom0 = start
@@ -409,7 +430,10 @@ class _Worker:
                 start = run.start
                 if not final:  # the main process's verdict decides: it may need the
                     start[5] = cgroup.oom_kills()  # counter (read now, this process alive)
-            head = json_bytes([run.run_id, final, start])
+            # A run its pool process ended itself: the metrics' figures too, so that
+            # the main process need not rebuild the report (Integration._sink_figures).
+            obs = observation(report) if state in _OWN_END else None
+            head = json_bytes([run.run_id, final, start, obs])
             self.sender.send_line(b"E" + head + b"\t" + report.to_json_bytes() + b"\n")
 
     def _deliver(self, msg: Message) -> None:

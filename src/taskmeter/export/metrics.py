@@ -452,6 +452,28 @@ def _families() -> dict[str, _Family]:
     return {f.name: f for f in fams}
 
 
+# What TaskMetrics accounts of one task (see observation()): plain values, so that a
+# pool process can send it to the main process as JSON.
+Observation = Any
+
+
+def observation(report: TaskReport) -> list[Any]:
+    """The figures :meth:`TaskMetrics.observe` accounts of ``report``, as a JSON-able
+    list: [task, task id, state, cause, wall, queue wait, overhead CPU, tools' CPU,
+    overhead wall, tools' wall, overhead RSS average, overhead RSS peak, tools' RSS
+    average (None without tools), tools' RSS peak, footprint peak, [[tool basename,
+    outcome], ...], [[phase, wall], ...]]."""
+    over, totals = report.overhead, report.tool_totals
+    return [
+        report.task, report.task_id, report.state, report.cause, report.wall_s,
+        report.queue_wait_s, over.cpu_s, totals.cpu_s, over.wall_s, totals.wall_s,
+        over.rss_avg_bytes, over.rss_peak_bytes, report.tool_avg_rss_bytes,
+        totals.rss_peak_bytes, report.footprint_peak_bytes,
+        [[os.path.basename(t.exe) or "unknown", t.outcome] for t in report.tools],
+        [[p.name, p.wall_s] for p in report.phases],
+    ]  # fmt: skip
+
+
 class _TaskKeys:
     """The label tuples of one task label, built once (observe allocates none)."""
 
@@ -517,13 +539,20 @@ class TaskMetrics:
 
     def observe(self, report: TaskReport) -> None:
         """Account one finished (or killed, or lost) task."""
-        state = report.state
+        self.observe_figures(observation(report))
+
+    def observe_figures(self, obs: Observation) -> None:
+        """Account one task from its :func:`observation`: what :meth:`observe` does,
+        for a main process that got the figures from the pool process that ran the
+        task (computed there, in parallel) and never rebuilds its report."""
+        (task_name, task_id, state, cause, wall, queue_wait, over_cpu, tool_cpu, over_wall,
+         tool_wall, over_avg, over_peak, tool_avg, tool_peak, footprint, tools,
+         phases) = obs  # fmt: skip
         if state not in STATES:
             raise ValueError(f"report state {state!r}: expected one of {STATES}")
         f = self._f
         ts = time.time()
         # The exemplar's label text, formatted once for the three histograms that keep it.
-        task_id = report.task_id
         exemplar = (
             (task_id, f'{{task_id="{_escape_value(task_id)}"}}')
             if task_id is not None and len(task_id) + 7 <= _EXEMPLAR_MAX_CHARS
@@ -531,50 +560,47 @@ class TaskMetrics:
         )
         with self._lock:
             self.generation += 1
-            keys = self._keys(report.task)
+            keys = self._keys(task_name)
             self._inc(f[RUNS], keys.states[state])
-            cause = report.cause
             if cause is None and state in ("killed", "lost"):
                 cause = "unknown"
             if cause is not None:
                 if cause not in CAUSES:
                     cause = "unknown"
                 self._inc(f[KILLS], (keys.one[0], cause))
-            self._observe(f[WALL], keys.one, report.wall_s, exemplar, ts)
-            if report.queue_wait_s is not None:
-                self._observe(f[QUEUE_WAIT], keys.one, max(0.0, report.queue_wait_s))
+            self._observe(f[WALL], keys.one, wall, exemplar, ts)
+            if queue_wait is not None:
+                self._observe(f[QUEUE_WAIT], keys.one, max(0.0, queue_wait))
 
             over, tool = keys.comp["overhead"], keys.comp["tool"]
-            self._inc(f[CPU], over, report.overhead.cpu_s)
-            self._inc(f[CPU], tool, report.tool_totals.cpu_s)
-            self._inc(f[COMPONENT_WALL], over, report.overhead.wall_s)
-            self._inc(f[COMPONENT_WALL], tool, report.tool_totals.wall_s)
+            self._inc(f[CPU], over, over_cpu)
+            self._inc(f[CPU], tool, tool_cpu)
+            self._inc(f[COMPONENT_WALL], over, over_wall)
+            self._inc(f[COMPONENT_WALL], tool, tool_wall)
 
-            self._summary(f[AVG], over, float(report.overhead.rss_avg_bytes))
-            peak = float(report.overhead.rss_peak_bytes)
+            self._summary(f[AVG], over, float(over_avg))
+            peak = float(over_peak)
             self._observe(f[PEAK], over, peak, exemplar, ts)
             self._raise_max(f[PEAK_MAX], over, peak)
-            tool_avg = report.tool_avg_rss_bytes
             if tool_avg is not None:
-                self._summary(f[AVG], tool, tool_avg)
-                peak = float(report.tool_totals.rss_peak_bytes)
+                self._summary(f[AVG], tool, float(tool_avg))
+                peak = float(tool_peak)
                 self._observe(f[PEAK], tool, peak, exemplar, ts)
                 self._raise_max(f[PEAK_MAX], tool, peak)
 
-            footprint = float(report.footprint_peak_bytes)
+            footprint = float(footprint)
             self._observe(f[FOOTPRINT], keys.one, footprint, exemplar, ts)
             self._raise_max(f[FOOTPRINT_MAX], keys.one, footprint)
 
             task = keys.one[0]
-            for run in report.tools:
-                name = self._value_label(task, "tool", os.path.basename(run.exe) or "unknown")
-                outcome = run.outcome
+            for exe, outcome in tools:
+                name = self._value_label(task, "tool", exe)
                 if outcome not in TOOL_OUTCOMES:
                     outcome = OTHER
                 self._inc(f[TOOL_RUNS], (task, name, outcome))
-            for phase in report.phases:
-                name = self._value_label(task, "phase", phase.name)
-                self._inc(f[PHASE_WALL], (task, name), phase.wall_s)
+            for phase, phase_wall in phases:
+                name = self._value_label(task, "phase", phase)
+                self._inc(f[PHASE_WALL], (task, name), phase_wall)
 
     def declare(self, tasks: Iterable[str]) -> None:
         """Task names known before any of them runs (a worker's registered tasks): the
