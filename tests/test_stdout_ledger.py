@@ -30,7 +30,7 @@ def _also_to_a_file(**_):
     from taskmeter.celery import integration
 
     hub = integration._WORKER.hub
-    hub._sinks.append(Ledger(os.environ["TM_FILE_LEDGER"]).write)
+    hub.sinks.append(Ledger(os.environ["TM_FILE_LEDGER"]).write)
 
 
 worker_ready.connect(_also_to_a_file, weak=False)

@@ -118,7 +118,7 @@ class Hub:
         observer: Callable[[list[Run]], None] | None = None,
         recall: Callable[[str | None, int | None], list[RunStart]] | None = None,
     ) -> None:
-        self._sinks = sinks
+        self.sinks = sinks  # its owner may add one later
         # Pool processes announce a run only once it outlives its first sample (a short
         # task sends its start with its end): on a death or a verdict about a run not
         # announced, the hub recalls it (by task id or pid) from the journal.
@@ -564,7 +564,7 @@ class Hub:
 
     def _emit(self, reports: list[TaskReport]) -> None:
         for report in reports:
-            for sink in self._sinks:
+            for sink in self.sinks:
                 try:
                     sink(report)
                 except Exception:

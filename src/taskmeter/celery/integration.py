@@ -105,6 +105,7 @@ class _Worker:
         self.runs: dict[tuple[str | None, int], _Run] = {}
         # the end-line being handled by the listener thread: (report, its encoded record)
         self._pending: tuple[TaskReport, bytes] | None = None
+        self._own_sinks: tuple[Callable[[TaskReport], None], ...] = ()
         # records from end-lines, written to the ledger in one write per round of
         # messages (listener thread only)
         self._ledger_buf: list[bytes] = []
@@ -146,6 +147,9 @@ class _Worker:
                 if lost:
                     JOURNAL_RECOVERED.inc(len(lost))
                 sinks.append(self.journal.report_done)  # last: after metrics and ledger
+        # A report its pool process ended goes to these sinks' work without a report
+        # rebuilt (_sink_figures) while they are the hub's sinks, all of them.
+        self._own_sinks = tuple(sinks)
         self.hub = Hub(
             sinks,
             hostname=self.hostname,
@@ -269,7 +273,7 @@ class _Worker:
             # message per task
             run_id, final, start, obs = msg["head"]
             body: bytes = msg["body"]
-            if obs is not None:
+            if obs is not None and tuple(self.hub.sinks) == self._own_sinks:
                 # Ended by its pool process, which also computed what the metrics take
                 # (observation()): no report rebuilt here, the record goes to the ledger
                 # as it came.
