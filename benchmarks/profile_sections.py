@@ -47,12 +47,20 @@ SECTIONS: list[tuple[int, str, str, str]] = [
     (POOL, "    Span.end", "taskmeter.measure.span", "Span.end"),
     (POOL, "    Measurement._build", "taskmeter.measure.core", "Measurement._build"),
     (POOL, "  TaskReport.to_json_bytes", "taskmeter.measure.report", "TaskReport.to_json_bytes"),
+    (POOL, "  observation (the metrics' figures)", "taskmeter.celery.integration", "observation"),
     (POOL, "  Sender.send_line", "taskmeter.celery.transport", "Sender.send_line"),
     # main process
     (MAIN, "Listener._read (a channel)", "taskmeter.celery.transport", "Listener._read"),
     (MAIN, "  TaskReport.from_trusted", "taskmeter.measure.report", "TaskReport.from_trusted"),
     (MAIN, "  Hub.ended", "taskmeter.celery.hub", "Hub.ended"),
     (MAIN, "    TaskMetrics.observe", "taskmeter.export.metrics", "TaskMetrics.observe"),
+    (MAIN, "  Hub.ended_final", "taskmeter.celery.hub", "Hub.ended_final"),
+    (
+        MAIN,
+        "  TaskMetrics.observe_figures",
+        "taskmeter.export.metrics",
+        "TaskMetrics.observe_figures",
+    ),
     (
         MAIN,
         "ledger write (a round's records)",
@@ -108,6 +116,8 @@ def wrap(clocks: Clocks) -> None:
         *outer, name = path.split(".")
         for part in outer:
             owner = getattr(owner, part)
+        if not hasattr(owner, name):  # not in this tree (a baseline): its row says "-"
+            continue
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         if isinstance(original, classmethod):  # the bound one, called through the class
             setattr(owner, name, staticmethod(timed(getattr(owner, name), i, clocks)))
@@ -146,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([f"**{name} process, in all**", f"{w:.1f}", f"{c:.1f}", f"{c / w:.1f}"])
         w_us, _ = runs["warm"][1][j]
         c_us, c_calls = runs["cold"][1][j]
+        if not c_calls:  # not called (not in this tree, or not on its path)
+            rows.append([label.replace(" ", "\u00a0", len(label) - len(label.lstrip())),
+                         "-", "-", "-"])  # fmt: skip
+            continue
         ratio = f"{c_us / w_us:.1f}" if w_us > 0 else "-"
         calls = f" ({c_calls:.2g} calls)" if abs(c_calls - 1) > 0.05 else ""
         rows.append([label.replace(" ", "\u00a0", len(label) - len(label.lstrip())) + calls,
