@@ -196,6 +196,9 @@ class Ledger(_Closing):
         self.backups = backups
         self._lock = threading.Lock()
         self._fd: int | None = None
+        # Where our last write through _fd ended: a file that still ends there ends
+        # with our newline (no read of its last byte needed); -1 when not known.
+        self._end = -1
         self._pid = os.getpid()
         self._closed = False
         self.health = _Health(str(self.path))
@@ -217,13 +220,13 @@ class Ledger(_Closing):
                 exc.errno, f"cannot open ledger {str(self.path)!r}: {exc.strerror}", str(self.path)
             ) from exc
 
-    def _is_current(self, fd: int) -> bool:
-        """Is ``fd`` still the file at ``path`` (not rotated away or removed)?"""
+    def _is_current(self, mine: os.stat_result) -> bool:
+        """Is the file of stat ``mine`` still the one at ``path`` (not rotated away or
+        removed)?"""
         try:
             at_path = os.stat(self.path)
         except FileNotFoundError:
             return False
-        mine = os.fstat(fd)
         return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
 
     def _rotate(self) -> None:
@@ -274,7 +277,7 @@ class Ledger(_Closing):
             self._pid = os.getpid()
             if self._fd is not None:
                 os.close(self._fd)  # our copy only; the parent keeps its own
-            self._fd = None
+            self._fd, self._end = None, -1
             if not self._closed:
                 with contextlib.suppress(OSError):  # retried at the write below
                     self._fd = self._open()
@@ -296,22 +299,27 @@ class Ledger(_Closing):
             fd = self._fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if not self._is_current(fd):
+                mine = os.fstat(fd)
+                if not self._is_current(mine):
                     self._fd = self._open()
                     continue
-                size = os.fstat(fd).st_size
+                size = mine.st_size
                 if size > 0 and size + len(data) > self.max_bytes:
                     self._rotate()
                     self._fd = self._open()
                     continue
-                if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+                # Another writer may have left a torn line at the end (our own writes
+                # end with a newline, or are undone by _append_whole).
+                if size > 0 and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
                     data = b"\n" + data  # a torn tail stays a line of its own
                 _append_whole(fd, data, size)
+                self._end = size + len(data)
                 return
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 if self._fd != fd:
                     os.close(fd)
+                    self._end = -1
 
     def close(self) -> None:
         with self._lock:
