@@ -646,3 +646,29 @@ def test_promtool_lints_the_text_output_clean(reports: list[TaskReport]) -> None
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+def test_deferred_figures_are_all_in_the_next_scrape_and_a_bad_one_loses_nothing_else(
+    reports: list[TaskReport], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's main process defers each task's figures (as its pool process sent
+    them, through JSON) to the next scrape: that scrape equals one of a collector that
+    observed the same reports directly, past the bound that applies them unscraped
+    too; a malformed message is logged and the rest still counted."""
+    from taskmeter.export.metrics import DEFER_MAX, observation
+    from taskmeter.measure.report import json_bytes, loads
+
+    n = DEFER_MAX + 3
+    runs = [reports[i % len(reports)] for i in range(n)]
+    direct, deferred = TaskMetrics(inflight=lambda: []), TaskMetrics(inflight=lambda: [])
+    for r in runs:
+        direct.observe(r)
+        deferred.defer_figures(loads(json_bytes(observation(r))))
+    deferred.defer_figures(["tm.bad", None, "no-such-state", *[0.0] * 12, [], []])
+    assert len(deferred._deferred) == n - DEFER_MAX + 1  # the bound applied the first ones
+    assert scrape(deferred)[1] == scrape(direct)[1]
+    assert not deferred._deferred
+    assert "the metrics failed for tm.bad" in caplog.text
+    _, samples = scrape(deferred)
+    runs_total = sum(v for (name, _), v in samples.items() if name == "celery_task_runs_total")
+    assert runs_total == n

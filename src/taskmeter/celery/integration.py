@@ -217,10 +217,7 @@ class _Worker:
         """What the hub's sinks do with a report (see ``open``), from its figures and
         its record: metrics, then the ledger (the journal's sink has nothing to do for
         a run its pool process ended: its record was cleared there)."""
-        try:
-            self.metrics.observe_figures(obs)
-        except Exception:
-            log.exception("taskmeter: the metrics failed for %s", obs[0])
+        self.metrics.defer_figures(obs)  # accounted at the next scrape, in a batch
         if self.ledger is not None:
             self._ledger_buf.append(body)  # written at the end of the round
 

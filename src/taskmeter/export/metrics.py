@@ -60,6 +60,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -452,6 +453,10 @@ def _families() -> dict[str, _Family]:
     return {f.name: f for f in fams}
 
 
+# Tasks whose figures wait for a scrape (TaskMetrics.defer_figures) before they are
+# accounted without one: a bound on the memory they hold (a few hundred bytes each).
+DEFER_MAX = 512
+
 # What TaskMetrics accounts of one task (see observation()): plain values, so that a
 # pool process can send it to the main process as JSON.
 Observation = Any
@@ -520,6 +525,8 @@ class TaskMetrics:
         self._known_names = 0
         # Per task label: the tool and phase values kept so far.
         self._values: dict[tuple[str, str], set[str]] = {}
+        # (figures, epoch) of tasks not accounted yet (defer_figures)
+        self._deferred: deque[tuple[Observation, float]] = deque()
         # Bumped by every change: a cached rendering is current while it has not moved.
         self.generation = 0
         for label in ("task", "tool", "phase"):
@@ -541,17 +548,42 @@ class TaskMetrics:
         """Account one finished (or killed, or lost) task."""
         self.observe_figures(observation(report))
 
-    def observe_figures(self, obs: Observation) -> None:
+    def defer_figures(self, obs: Observation) -> None:
+        """:meth:`observe_figures` later: at the next scrape (:meth:`collect`), or
+        with the others once DEFER_MAX wait. A worker's main process calls this per
+        task: each scrape still sees every task, and the figures are accounted in one
+        batch, with the caches warm, instead of one task at a time with them cold."""
+        deferred = self._deferred
+        deferred.append((obs, time.time()))
+        if len(deferred) >= DEFER_MAX:
+            self.apply_deferred()
+
+    def apply_deferred(self) -> None:
+        """Account what :meth:`defer_figures` queued (any thread)."""
+        deferred = self._deferred
+        while deferred:
+            try:
+                obs, ts = deferred.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            try:
+                self.observe_figures(obs, ts)
+            except Exception:  # one bad message: the others and the scrape go on
+                log.exception("taskmeter: the metrics failed for %s", obs[0])
+
+    def observe_figures(self, obs: Observation, ts: float | None = None) -> None:
         """Account one task from its :func:`observation`: what :meth:`observe` does,
         for a main process that got the figures from the pool process that ran the
-        task (computed there, in parallel) and never rebuilds its report."""
+        task (computed there, in parallel) and never rebuilds its report. ``ts``: when
+        the task was observed (its exemplars' timestamp), if not now."""
         (task_name, task_id, state, cause, wall, queue_wait, over_cpu, tool_cpu, over_wall,
          tool_wall, over_avg, over_peak, tool_avg, tool_peak, footprint, tools,
          phases) = obs  # fmt: skip
         if state not in STATES:
             raise ValueError(f"report state {state!r}: expected one of {STATES}")
         f = self._f
-        ts = time.time()
+        if ts is None:
+            ts = time.time()
         # The exemplar's label text, formatted once for the three histograms that keep it.
         exemplar = (
             (task_id, f'{{task_id="{_escape_value(task_id)}"}}')
@@ -709,6 +741,7 @@ class TaskMetrics:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        self.apply_deferred()
         running = self._read_inflight()
         counters = [(pc.name, pc.value) for pc in PROCESS_COUNTERS]
         with self._lock:
