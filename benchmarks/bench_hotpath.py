@@ -21,8 +21,9 @@ isolates taskmeter's code, precisely enough to compare two source trees:
   (or ``--gap-ms`` apart); its CPU (``time.process_time``) over the N tasks, minus
   that of the same loop without the handlers, is the **pool side**;
 - the main process's CPU (every thread of it) from the start of those N tasks until
-  the ledger holds their records (parse, hub, metrics, journal, ledger write), minus
-  its CPU over the loop without the handlers, is the **main side**.
+  the ledger holds their records (parse, hub, metrics, journal, ledger write) and
+  their figures are in the metrics (a scrape's work, without rendering), minus its
+  CPU over the loop without the handlers, is the **main side**.
 
 Each round runs every tree in its own subprocess (``--child``), order alternating;
 medians over rounds.
@@ -155,6 +156,9 @@ def child(
         next(loop)
         if time.monotonic() > deadline:
             raise SystemExit(f"the ledger got {written[0]} of {warm + n} records")
+    # Figures deferred to the next scrape (TaskMetrics.defer_figures) are part of
+    # the cost: accounted now, as a scrape would (without rendering anything).
+    getattr(w.metrics, "apply_deferred", lambda: None)()
     # minus what the main process spent over the loop without the handlers (waking
     # for the result bytes, its threads' own work)
     main_s = time.process_time() - marks[ord("S")] - (marks[ord("S")] - marks[ord("C")])
