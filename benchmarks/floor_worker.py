@@ -77,7 +77,7 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
         m.start()
         report = m.finish()
         # The metrics' figures too, where the tree's main process takes them (see
-        # Integration._sink_figures; older trees: a head of three fields).
+        # _Worker._sink_figures; older trees: a head of three fields).
         obs = observation(report) if observation is not None else None
         made = _BODIES[name] = (report.to_json_bytes(), obs)
     body, obs = made

@@ -432,7 +432,7 @@ class _Worker:
                 if not final:  # the main process's verdict decides: it may need the
                     start[5] = cgroup.oom_kills()  # counter (read now, this process alive)
             # A run its pool process ended itself: the metrics' figures too, so that
-            # the main process need not rebuild the report (Integration._sink_figures).
+            # the main process need not rebuild the report (_Worker._sink_figures).
             obs = observation(report) if state in _OWN_END else None
             head = json_bytes([run.run_id, final, start, obs])
             self.sender.send_line(b"E" + head + b"\t" + report.to_json_bytes() + b"\n")

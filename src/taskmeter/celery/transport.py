@@ -2,7 +2,8 @@
 
 A task's end is one line ``E<head JSON>\t<record JSON>``: the record exactly as the
 ledger writes it, encoded once in the pool process (which runs in parallel), handed to
-``on_message`` as ``{"type": "end-line", "head": ..., "body": bytes}`` unparsed.
+``on_message`` as ``{"type": "end-line", "head": ..., "body": bytes}`` unparsed (the
+head: see ``_Worker._on_message`` in integration.py).
 
 Why not prometheus_client's multiprocess mode: it needs PROMETHEUS_MULTIPROC_DIR, leaves
 one file per process that ever lived (recycled children pile up), and cannot tell a
