@@ -76,15 +76,15 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
         m = Measurement(name, None, pool="prefork")
         m.start()
         report = m.finish()
-        # The metrics' figures too, where the tree's main process takes them (see
-        # _Worker._sink_figures; older trees: a head of three fields).
+        # The metrics' figures and the record's length too, where the tree's main
+        # process takes them (_Worker._sink_figures; older trees: a head of three).
         obs = observation(report) if observation is not None else None
         made = _BODIES[name] = (report.to_json_bytes(), obs)
     body, obs = made
     pid = tm._PID[0]
     fields: list[Any] = [f"{pid}:{next(self.seq)}", True, [name, tid, pid, epoch, cpu0, None]]
     if obs is not None:
-        fields.append([name, tid, *obs[2:]])
+        fields += [[name, tid, *obs[2:]], len(body)]
     head = json_bytes(fields)
     if self.sender is not None:
         self.sender.send_line(b"E" + head + b"\t" + body + b"\n")

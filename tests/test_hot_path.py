@@ -350,11 +350,12 @@ def test_reports_still_flow_after_the_worker_lost_its_broker_connection(quiet_wo
 
 
 def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebuilt_report(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     """The main process takes the metrics' figures the pool process computed and writes
     the record as it came: it never parses the record nor rebuilds the report. The same
-    figures as a report observed directly; a repeated message counts once."""
+    figures as a report observed directly; a repeated message counts once; one cut
+    short (a stalled send gives up mid-line) is dropped, not written."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from taskmeter.celery import integration
@@ -381,6 +382,8 @@ def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebu
 
     def spy(data: bytes) -> None:  # the real send, and a copy of what it sent
         sent.append(data)
+        if data.startswith(b"E"):  # first cut short, as when a stalled send gave up
+            send_line(data[:-41] + b"\n")
         send_line(data)
 
     monkeypatch.setattr(pool.sender, "send_line", spy)
@@ -407,6 +410,7 @@ def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebu
         main.ledger.close()
     lines = (tmp_path / "ledger.jsonl").read_bytes().splitlines()
     assert lines == [end[end.index(b"\t") + 1 : -1]]  # once, byte for byte as sent
+    assert caplog.text.count("dropped a report message cut short") == 2
     report = TaskReport.from_json(lines[0])
     assert (report.task_id, report.state, [t.argv for t in report.tools]) == (
         "id-1", "success", [("true",)],

@@ -266,10 +266,13 @@ class _Worker:
     def _on_message(self, msg: Message, pid: int | None) -> None:
         assert self.hub is not None
         if msg.get("type") == "end-line":
-            # E[run id, final, start fields or null, figures or null]\t<record>: one
-            # message per task
-            run_id, final, start, obs = msg["head"]
+            # E[run id, final, start fields or null, figures or null, record's length]
+            # \t<record>: one message per task
+            run_id, final, start, obs, size = msg["head"]
             body: bytes = msg["body"]
+            if len(body) != size:  # cut short (the sender stalled): not a whole record
+                log.warning("taskmeter: dropped a report message cut short (pid %s)", pid)
+                return
             if obs is not None and tuple(self.hub.sinks) == self._own_sinks:
                 # Ended by its pool process, which also computed what the metrics take
                 # (observation()): no report rebuilt here, the record goes to the ledger
@@ -434,8 +437,9 @@ class _Worker:
             # A run its pool process ended itself: the metrics' figures too, so that
             # the main process need not rebuild the report (_Worker._sink_figures).
             obs = observation(report) if state in _OWN_END else None
-            head = json_bytes([run.run_id, final, start, obs])
-            self.sender.send_line(b"E" + head + b"\t" + report.to_json_bytes() + b"\n")
+            body = report.to_json_bytes()
+            head = json_bytes([run.run_id, final, start, obs, len(body)])
+            self.sender.send_line(b"E" + head + b"\t" + body + b"\n")
 
     def _deliver(self, msg: Message) -> None:
         if self.hub is not None:
