@@ -672,3 +672,30 @@ def test_deferred_figures_are_all_in_the_next_scrape_and_a_bad_one_loses_nothing
     _, samples = scrape(deferred)
     runs_total = sum(v for (name, _), v in samples.items() if name == "celery_task_runs_total")
     assert runs_total == n
+
+
+def test_a_scrape_waits_for_figures_another_thread_is_accounting(
+    reports: list[TaskReport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop's thread accounts a full queue while a scrape comes: the scrape
+    counts the figures that thread took off the queue but had not accounted yet."""
+    from taskmeter.export.metrics import observation
+
+    metrics = TaskMetrics(inflight=lambda: [])
+    metrics.defer_figures(observation(reports[0]))  # one: the queue is empty once taken
+    taken = threading.Event()
+    really = metrics.observe_figures
+
+    def slow(obs: object, ts: float | None = None) -> None:
+        taken.set()  # off the queue, not accounted yet
+        time.sleep(0.2)
+        really(obs, ts)
+
+    monkeypatch.setattr(metrics, "observe_figures", slow)
+    other = threading.Thread(target=metrics.apply_deferred)
+    other.start()
+    assert taken.wait(5)
+    _, samples = scrape(metrics)
+    other.join()
+    runs_total = sum(v for (name, _), v in samples.items() if name == "celery_task_runs_total")
+    assert runs_total == 1

@@ -527,6 +527,7 @@ class TaskMetrics:
         self._values: dict[tuple[str, str], set[str]] = {}
         # (figures, epoch) of tasks not accounted yet (defer_figures)
         self._deferred: deque[tuple[Observation, float]] = deque()
+        self._applying = threading.Lock()  # one thread accounts them at a time
         # Bumped by every change: a cached rendering is current while it has not moved.
         self.generation = 0
         for label in ("task", "tool", "phase"):
@@ -546,6 +547,7 @@ class TaskMetrics:
 
     def observe(self, report: TaskReport) -> None:
         """Account one finished (or killed, or lost) task."""
+        self.apply_deferred()  # in order: what was deferred ended before
         self.observe_figures(observation(report))
 
     def defer_figures(self, obs: Observation) -> None:
@@ -559,17 +561,19 @@ class TaskMetrics:
             self.apply_deferred()
 
     def apply_deferred(self) -> None:
-        """Account what :meth:`defer_figures` queued (any thread)."""
+        """Account what :meth:`defer_figures` queued (any thread). One thread at a
+        time, in the order queued: a scrape waits for a batch another thread is
+        accounting, so it never misses one taken off the queue but not accounted yet."""
         deferred = self._deferred
-        while deferred:
-            try:
+        if not deferred and not self._applying.locked():  # none queued, none in hand
+            return
+        with self._applying:
+            while deferred:
                 obs, ts = deferred.popleft()
-            except IndexError:  # another thread took the last one
-                return
-            try:
-                self.observe_figures(obs, ts)
-            except Exception:  # one bad message: the others and the scrape go on
-                log.exception("taskmeter: the metrics failed for %s", obs[0])
+                try:
+                    self.observe_figures(obs, ts)
+                except Exception:  # one bad message: the others and the scrape go on
+                    log.exception("taskmeter: the metrics failed for %s", obs[0])
 
     def observe_figures(self, obs: Observation, ts: float | None = None) -> None:
         """Account one task from its :func:`observation`: what :meth:`observe` does,
@@ -647,6 +651,7 @@ class TaskMetrics:
         """Count a run that produced no report (e.g. revoked while still queued)."""
         if state not in STATES:
             raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+        self.apply_deferred()  # in order (which task names come first under the bound)
         with self._lock:
             self.generation += 1
             self._inc(self._f[RUNS], self._keys(task).states[state])
@@ -794,6 +799,7 @@ class TaskMetrics:
         the order of the metric's label names and ``buckets`` lists non-cumulative
         counts (the last one above the last bound).
         """
+        self.apply_deferred()
         out: dict[str, Any] = {"counters": {}, "gauges": {}, "histograms": {}, "summaries": {}}
         with self._lock:
             out["tasks"] = list(self._tasks)
