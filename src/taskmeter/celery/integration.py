@@ -51,8 +51,6 @@ log = logging.getLogger("taskmeter.celery")
 
 # Celery's task_postrun states -> TaskReport states. None: ended from outside (a
 # terminate-revoke or a hard time limit); the main process's verdict decides.
-# The final states whose report the main process passes on unchanged (Hub.ended_final)
-_OWN_END = frozenset(("success", "failure", "retry"))
 _STATES: dict[str, State] = {
     "SUCCESS": "success",
     "FAILURE": "failure",
@@ -61,6 +59,9 @@ _STATES: dict[str, State] = {
     "IGNORED": "success",
     "REJECTED": "failure",
 }
+# The states in which a pool process ends a run itself, its report final as it is: the
+# main process takes its figures and record as they come (Hub.ended_final).
+_OWN_END = frozenset(("success", "failure", "retry"))
 
 
 class _Run:
