@@ -372,7 +372,7 @@ def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebu
     main.hub = Hub(
         [main.metrics.observe, main._write_ledger], hostname="h", pool="prefork", interval_s=0.1
     )
-    main._own_sinks = tuple(main.hub.sinks)  # as open() sets them
+    main._own_sinks = list(main.hub.sinks)  # as open() sets them
     listener = Listener(main._on_message, lambda pid: None, main._flush_ledger)
     listener.start()
     pool = integration._Worker(settings, "prefork", ["t.a"])

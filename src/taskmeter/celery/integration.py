@@ -106,7 +106,7 @@ class _Worker:
         self.runs: dict[tuple[str | None, int], _Run] = {}
         # the end-line being handled by the listener thread: (report, its encoded record)
         self._pending: tuple[TaskReport, bytes] | None = None
-        self._own_sinks: tuple[Callable[[TaskReport], None], ...] = ()
+        self._own_sinks: list[Callable[[TaskReport], None]] = []
         # records from end-lines, written to the ledger in one write per round of
         # messages (listener thread only)
         self._ledger_buf: list[bytes] = []
@@ -150,7 +150,7 @@ class _Worker:
                 sinks.append(self.journal.report_done)  # last: after metrics and ledger
         # A report its pool process ended goes to these sinks' work without a report
         # rebuilt (_sink_figures) while they are the hub's sinks, all of them.
-        self._own_sinks = tuple(sinks)
+        self._own_sinks = list(sinks)  # a copy: the hub's list may grow
         self.hub = Hub(
             sinks,
             hostname=self.hostname,
@@ -274,7 +274,7 @@ class _Worker:
             if len(body) != size:  # cut short (the sender stalled): not a whole record
                 log.warning("taskmeter: dropped a report message cut short (pid %s)", pid)
                 return
-            if obs is not None and tuple(self.hub.sinks) == self._own_sinks:
+            if obs is not None and self.hub.sinks == self._own_sinks:
                 # Ended by its pool process, which also computed what the metrics take
                 # (observation()): no report rebuilt here, the record goes to the ledger
                 # as it came.
