@@ -137,11 +137,14 @@ def child(
             hub.remove_reader(results_r)
 
     hub.add_reader(results_r, on_results)
+    # Figures a tree defers to the next scrape (TaskMetrics.defer_figures), accounted
+    # as a scrape would (without rendering); nothing to do in a tree without them.
+    apply_deferred = getattr(w.metrics, "apply_deferred", lambda: None)
 
     def on_status() -> None:
         data = os.read(status_r, 256)
         if b"C" in data:  # the warm-up tasks' deferred figures: not billed to the run
-            getattr(w.metrics, "apply_deferred", lambda: None)()
+            apply_deferred()
         if b"S" in data and mark is not None:
             mark()
         for letter in b"CS":
@@ -158,9 +161,7 @@ def child(
         next(loop)
         if time.monotonic() > deadline:
             raise SystemExit(f"the ledger got {written[0]} of {warm + n} records")
-    # Figures deferred to the next scrape (TaskMetrics.defer_figures) are part of
-    # the cost: accounted now, as a scrape would (without rendering anything).
-    getattr(w.metrics, "apply_deferred", lambda: None)()
+    apply_deferred()  # the timed tasks' deferred figures are part of their cost
     # minus what the main process spent over the loop without the handlers (waking
     # for the result bytes, its threads' own work)
     main_s = time.process_time() - marks[ord("S")] - (marks[ord("S")] - marks[ord("C")])
