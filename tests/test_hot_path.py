@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 import time
 import uuid
@@ -114,6 +115,21 @@ def test_no_thread_or_fd_accumulates_over_10000_tasks_in_a_real_worker(quiet_wor
         # the task's thread and the sampler's, parked: never one per task
         assert _threads(pid) <= 2, f"pool process {pid} has {_threads(pid)} threads"
     assert _lines(w.ledger) == 200 + N_TASKS  # each task recorded once
+    # The ends came through the pool processes' outboxes (one per process, made once),
+    # not a message each: their entries add up to at least the ledger's records, all
+    # collected (read position = write position).
+    boxes = sorted(Path(f"{w.ledger}.inflight").glob("*/*.outbox"))
+    assert sorted(int(p.name.split(".")[0]) for p in boxes) == pool
+    written = 0
+    for p in boxes:
+        wpos, rpos = struct.unpack_from("<QQ", p.read_bytes(), 16)
+        assert rpos == wpos, f"{p.name}: {wpos - rpos} bytes not collected"
+        written += wpos
+    records = w.ledger.stat().st_size
+    assert written >= records * (N_TASKS - 2) / (N_TASKS + 200), (written, records)
+    for pid in pool:
+        with open(f"/proc/{pid}/maps") as f:
+            assert f.read().count(".outbox") == 1
     print(f"{N_TASKS} tasks in {elapsed:.1f} s")
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -23,16 +24,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import bootsteps, signals
 
-from taskmeter.celery import otel, queuewait
+from taskmeter.celery import otel, outbox, queuewait
 from taskmeter.celery.hub import Hub
 from taskmeter.celery.journal import Journal
 from taskmeter.celery.transport import Listener, Message, Sender
 from taskmeter.config import ConfigError, Settings, load_settings
-from taskmeter.export.ledger import AnyLedger, open_ledger
+from taskmeter.export.ledger import AnyLedger, Ledger, open_ledger
 from taskmeter.export.metrics import JOURNAL_RECOVERED, Observation, TaskMetrics, observation
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure import cgroup
@@ -110,6 +112,9 @@ class _Worker:
         # records from end-lines, written to the ledger in one write per round of
         # messages (listener thread only)
         self._ledger_buf: list[bytes] = []
+        # Taken for each append and for the swap at a flush: a scrape collects the
+        # outboxes in its own thread while the loop's thread flushes.
+        self._buf_lock = threading.Lock()
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
         self.patched = False  # subprocess.Popen routed through taskmeter (patch.py)
@@ -148,6 +153,7 @@ class _Worker:
                 if lost:
                     JOURNAL_RECOVERED.inc(len(lost))
                 sinks.append(self.journal.report_done)  # last: after metrics and ledger
+                self._recover_outboxes(self.journal.folder)
         # A report its pool process ended goes to these sinks' work without a report
         # rebuilt (_sink_figures) while they are the hub's sinks, all of them.
         self._own_sinks = list(sinks)  # a copy: the hub's list may grow
@@ -162,7 +168,13 @@ class _Worker:
             recall=self._recall if self.journal is not None else None,
         )
         if self.pool == "prefork":
-            self.listener = Listener(self._on_message, self._process_gone, self._flush_ledger)
+            # Pool processes leave their tasks' ends in outboxes kept beside the
+            # journal's records, so they survive a whole-worker kill with them.
+            self.listener = Listener(
+                self._on_message, self._process_gone, self._flush_ledger,
+                outbox_dir=self.journal.folder if self.journal is not None else None,
+            )  # fmt: skip
+            self.metrics.before_scrape = self.listener.collect
         self.server = start_server(
             self.registry,
             ServerConfig(
@@ -204,13 +216,50 @@ class _Worker:
         if self.journal is not None:
             self.journal.close()
 
+    def _recover_outboxes(self, folder: Path) -> None:
+        """Records of tasks that ended before the previous incarnation died, which its
+        main process had not collected from the outboxes yet (outbox.py): metrics and
+        ledger, as they would have had them. A record already in the ledger's last
+        MiB was written before the kill, its outbox not yet told: skipped."""
+        tail = self.ledger.tail(1 << 20) if isinstance(self.ledger, Ledger) else b""
+        done = skipped = 0
+        for path, lines in outbox.leftovers(folder):
+            bodies: list[bytes] = []
+            for line in lines:
+                try:
+                    body = line[line.index(b"\t") + 1 :]
+                    report = TaskReport.from_dict(loads(body))
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("taskmeter: ignored an outbox entry of %s: %s", path, exc)
+                    continue
+                if tail and body in tail:
+                    skipped += 1
+                    continue
+                self.metrics.observe(report)
+                bodies.append(body)
+            if bodies and self.ledger is not None:
+                self.ledger.write_many(bodies)
+            done += len(bodies)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for stale in folder.glob("*" + outbox.SUFFIX + ".new"):  # died while making one
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        if done or skipped:
+            log.warning(
+                "taskmeter: %d record(s) of tasks that ended just before this worker's "
+                "previous incarnation died were recovered from its outboxes (%d already "
+                "in the ledger)", done, skipped,
+            )  # fmt: skip
+
     def _write_ledger(self, report: TaskReport) -> None:
         """The ledger sink: the record as the pool process encoded it, when the hub
         passes its report on unchanged (the usual case), else encoded here."""
         assert self.ledger is not None
         pending = self._pending
         if pending is not None and pending[0] is report:
-            self._ledger_buf.append(pending[1])  # written at the end of the round
+            with self._buf_lock:
+                self._ledger_buf.append(pending[1])  # written at the end of the round
         else:
             self.ledger.write(report)
 
@@ -220,12 +269,14 @@ class _Worker:
         a run its pool process ended: its record was cleared there)."""
         self.metrics.defer_figures(obs)  # accounted at the next scrape, in a batch
         if self.ledger is not None:
-            self._ledger_buf.append(body)  # written at the end of the round
+            with self._buf_lock:
+                self._ledger_buf.append(body)  # written at the end of the round
 
     def _flush_ledger(self) -> None:
         """The listener handled a round of messages: their records in one write."""
         if self._ledger_buf and self.ledger is not None:
-            records, self._ledger_buf = self._ledger_buf, []
+            with self._buf_lock:
+                records, self._ledger_buf = self._ledger_buf, []
             self.ledger.write_many(records)
 
     def _recall(self, task_id: str | None, pid: int | None) -> list[Any]:
@@ -250,6 +301,8 @@ class _Worker:
                 log.exception("taskmeter: the journal could not forget pool process %d", pid)
 
     def _inflight_json(self) -> list[dict[str, Any]]:
+        if self.listener is not None:
+            self.listener.collect()  # tasks that ended are not in flight any more
         rows = self.hub.inflight() if self.hub else []
         now = time.time()
         return [
@@ -311,7 +364,10 @@ class _Worker:
             self.server.close()  # in a forked child this only drops its copy of the socket
         if self.listener is not None:
             self.listener.drop_in_child()
-            self.sender = Sender(self.listener.address, self.listener.token, self.listener.dirty)
+            self.sender = Sender(
+                self.listener.address, self.listener.token, self.listener.dirty,
+                outbox_dir=self.listener.outbox_dir,
+            )  # fmt: skip
         self.hub = self.server = self.listener = self.ledger = None
         if self.journal is not None:
             self.journal.after_fork_in_child()
@@ -440,7 +496,11 @@ class _Worker:
             obs = observation(report) if state in _OWN_END else None
             body = report.to_json_bytes()
             head = json_bytes([run.run_id, final, start, obs, len(body)])
-            self.sender.send_line(b"E" + head + b"\t" + body + b"\n")
+            line = b"E" + head + b"\t" + body
+            if final:  # collected in a batch (outbox.py); a verdict is needed sooner
+                self.sender.send_end(line)
+            else:
+                self.sender.send_line(line + b"\n")
 
     def _deliver(self, msg: Message) -> None:
         if self.hub is not None:

@@ -17,6 +17,13 @@ environment, file or command line) and, on Linux, if its peer runs as the same u
 (SO_PEERCRED), so another process in the pod cannot inject figures. (Checking that the
 peer is a child of this worker would race: a recycled child may exit before its
 channel is accepted, its messages still queued.)
+
+Task ends after a pool process's first go into its outbox (outbox.py) rather than its
+channel, while the main process collects outboxes (with Celery's event loop, or its
+own thread): the main process then handles them in batches, at its POLL_S timer, and
+at once before a scrape (``collect``) or after a pool process exits. The channel stays
+for the first message (its hello names the outbox), for starts and tools, for ends the
+main process judges (killed, revoked), and for an entry that does not fit.
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from taskmeter.celery.outbox import Outbox
+from taskmeter.celery.outbox import path_of as outbox_path
 from taskmeter.measure.report import json_bytes, loads
 
 log = logging.getLogger("taskmeter.transport")
@@ -81,7 +91,10 @@ class Listener:
         on_message: Callable[[Message, int | None], None],
         on_gone: Callable[[int], None],
         on_batch: Callable[[], None] | None = None,
+        outbox_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``outbox_dir``: where pool processes keep their outboxes (a private folder:
+        the journal's); None: a private temporary folder, removed at :meth:`close`."""
         self.address = _address()
         self._on_batch = on_batch  # after each round of messages (buffered sinks flush)
         self.token = secrets.token_hex(16)
@@ -110,7 +123,14 @@ class Listener:
         # One shared byte, inherited by every pool process forked later: a sender sets
         # it after each message, the event loop's tick reads it (a memory load) and
         # reads the channels only then. See attach().
-        self.dirty = mmap.mmap(-1, 1)
+        # Byte 1: the outboxes are collected (set once the channels are served in a
+        # way that collects them, cleared at close): senders leave task ends there.
+        self.dirty = mmap.mmap(-1, 2)
+        self._own_outbox_dir = outbox_dir is None
+        self.outbox_dir = Path(
+            tempfile.mkdtemp(prefix="taskmeter-outbox-") if outbox_dir is None else outbox_dir
+        )
+        self._outboxes: dict[int, Outbox] = {}  # by pool process pid
         self._polled = False  # channels read at the loop's ticks, not woken for
         self._timer: Any = None
         self._batched_at = 0.0  # when buffered sinks were last flushed (polled mode)
@@ -161,7 +181,9 @@ class Listener:
         if self._polled:
             loop.on_tick.add(self._on_tick)
             self._timer = loop.call_repeatedly(POLL_S, self._poll)
+            self.dirty[1] = 1  # the timer collects the outboxes
         else:
+            self.dirty[1] = 0  # (a loop without ticks: ends go through the channels)
             for conn in list(self._buffers):
                 loop.add_reader(conn, self._on_ready, conn)
         self._flush_due = False
@@ -244,12 +266,62 @@ class Listener:
                 self._on_batch()
             except Exception:
                 log.exception("taskmeter: handling a batch of report messages failed")
+        # The entries handled are written (the ledger's sink flushes in on_batch): free
+        # their room. A whole-worker kill before this point leaves them to recover().
+        for box in list(self._outboxes.values()):
+            box.commit()
+
+    def collect(self, timeout: float = 2.0) -> None:
+        """Handle now what pool processes left in their outboxes (and sent before): for
+        a scrape, whose counters must hold every task ended before it. Any thread."""
+        if not self.dirty[1] or self._closing or not self._reading.acquire(timeout=timeout):
+            return  # (no outboxes in use: the channels are read by the loop's thread)
+        try:
+            # Channels first: a task's start, sent before its end went to the outbox.
+            # Not accepting (the loop's thread owns the listening socket's reader).
+            self._drain(accept=False, outboxes=True)
+            self._batch_done()
+        except Exception:
+            log.exception("taskmeter: collecting the outboxes failed")
+        finally:
+            self._reading.release()
+
+    def _collect(self, pid: int | None = None) -> None:
+        """Handle the entries of every outbox (or ``pid``'s), after their channels."""
+        boxes = self._outboxes.items() if pid is None else [(pid, self._outboxes.get(pid))]
+        for owner, box in list(boxes):
+            if box is None:
+                continue
+            try:
+                lines = box.take()
+            except ValueError:  # closed meanwhile (close())
+                continue
+            for line in lines:
+                self._handle(line, owner)
+
+    def _open_outbox(self, name: object, pid: int | None) -> None:
+        """A pool process's hello named its outbox: map it (only that pid's, here)."""
+        if not isinstance(name, str) or pid is None or name != outbox_path(Path(), pid).name:
+            if name is not None:
+                log.warning("taskmeter: ignored an outbox name from pid %s: %r", pid, name)
+            return
+        try:
+            box = Outbox.attach(self.outbox_dir / name)
+        except (OSError, ValueError) as exc:
+            log.warning("taskmeter: cannot read the outbox of pid %s: %s", pid, exc)
+            return
+        old = self._outboxes.pop(pid, None)
+        if old is not None:
+            old.close()
+        self._outboxes[pid] = box
 
     def start(self) -> None:
+        self.dirty[1] = 1  # _serve collects the outboxes every POLL_S
         self._thread = threading.Thread(target=self._serve, name="taskmeter-listener", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        self.dirty[1] = 0  # from now on task ends go through the channels
         self._closing = True
         self._stop.set()
         with contextlib.suppress(OSError):
@@ -269,6 +341,17 @@ class Listener:
                 self._drain()
         finally:
             self._batch_done()
+        with self._reading:
+            for box in self._outboxes.values():
+                if box.stuck():
+                    log.warning("taskmeter: outbox %s holds an entry cut short", box.path)
+                box.remove()
+            self._outboxes = {}
+        if self._own_outbox_dir:
+            with contextlib.suppress(OSError):
+                for left in self.outbox_dir.iterdir():
+                    left.unlink()
+                self.outbox_dir.rmdir()
         for conn in list(self._buffers):
             conn.close()
         self._sel.close()
@@ -283,8 +366,11 @@ class Listener:
                 pass
 
     def _serve(self) -> None:
+        collected = time.monotonic()
         while not self._closing:
-            events = self._sel.select(timeout=1.0)
+            events = self._sel.select(timeout=POLL_S)
+            now = time.monotonic()
+            collect = now - collected >= POLL_S
             try:
                 with self._reading:
                     for key, _ in events:
@@ -294,8 +380,11 @@ class Listener:
                             self._accept()
                         else:
                             self._read(key.fileobj)  # type: ignore[arg-type]
+                    if collect:
+                        collected = now
+                        self._collect()
             finally:
-                if events:
+                if events or collect:
                     self._batch_done()
             # Let messages gather in the sockets' buffers (a pool process's send wakes
             # nobody meanwhile) and handle them in one wake-up: at hundreds of tasks a
@@ -304,14 +393,17 @@ class Listener:
             if events and COALESCE_S > 0 and self._stop.wait(COALESCE_S):
                 return
 
-    def _drain(self, accept: bool = True, until_empty: bool = True) -> None:
+    def _drain(
+        self, accept: bool = True, until_empty: bool = True, outboxes: bool | None = None
+    ) -> None:
         """Accept the channels waiting (unless ``accept`` is False: the listening
         socket is in the loop's poll set), then read every channel that holds
         something (one ``poll``: the others are not tried) until it is empty
         (``until_empty``) or, from the loop's ticks, until a read comes back short: a
         stream socket had no more then, and what a sender adds later sets the shared
         byte again (one recv per sending channel and tick, not two; a closed channel
-        is readable, seen at the next tick that reads or the POLL_S timer's)."""
+        is readable, seen at the next tick that reads or the POLL_S timer's). Then the
+        outboxes (``outboxes``; by default when reading until empty: not at ticks)."""
         while accept and self._accept():
             pass
         for fd, _ in self._pollset.poll(0):
@@ -320,6 +412,8 @@ class Listener:
                 n = self._read(conn)
                 if not n or (not until_empty and n < _RECV):
                     break
+        if until_empty if outboxes is None else outboxes:
+            self._collect()
 
     def _accept(self) -> bool:
         try:
@@ -354,6 +448,16 @@ class Listener:
         del self._by_fd[conn.fileno()]
         self._pollset.unregister(conn)
         conn.close()
+        box = self._outboxes.get(pid) if pid is not None else None
+        if box is not None and pid is not None:
+            # What the process left before it exited: handled and written before its
+            # exit is (a task it ended is not judged killed), then the outbox removed.
+            self._collect(pid)
+            self._batch_done()
+            if box.stuck():
+                log.warning("taskmeter: pool process %s left an outbox entry cut short", pid)
+            del self._outboxes[pid]
+            box.remove()
         if pid is not None:
             try:
                 self._on_gone(pid)
@@ -378,35 +482,41 @@ class Listener:
         for line in lines:
             if not line:
                 continue
+            if trusted:
+                self._handle(line, pid)
+                continue
             try:
-                if trusted and line[:1] == b"E":
-                    tab = line.index(b"\t")
-                    msg = {
-                        "type": "end-line",
-                        "head": loads(line[1:tab]),
-                        "body": bytes(line[tab + 1 :]),
-                    }
-                else:
-                    msg = loads(line)
+                msg = loads(line)
             except ValueError:
                 log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
                 continue
-            if not trusted:
-                token = msg.get("hello") if isinstance(msg, dict) else None
-                if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
-                    log.warning(
-                        "taskmeter: refused a report channel without the token (pid %s)", pid
-                    )
-                    self._drop(conn, None)
-                    return 0
-                trusted = True
-                continue
-            try:
-                self._on_message(msg, pid)
-            except Exception:
-                log.exception("taskmeter: handling a report message failed")
+            token = msg.get("hello") if isinstance(msg, dict) else None
+            if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
+                log.warning("taskmeter: refused a report channel without the token (pid %s)", pid)
+                self._drop(conn, None)
+                return 0
+            trusted = True
+            assert isinstance(msg, dict)
+            self._open_outbox(msg.get("outbox"), pid)
         self._buffers[conn] = (bytearray(rest), pid, trusted)
         return len(data)
+
+    def _handle(self, line: bytes | bytearray, pid: int | None) -> None:
+        """One message of a trusted channel or outbox."""
+        try:
+            if line[:1] == b"E":
+                tab = line.index(b"\t")
+                head, body = loads(line[1:tab]), bytes(line[tab + 1 :])
+                msg = {"type": "end-line", "head": head, "body": body}
+            else:
+                msg = loads(line)
+        except ValueError:
+            log.warning("taskmeter: dropped a malformed report message from pid %s", pid)
+            return
+        try:
+            self._on_message(msg, pid)
+        except Exception:
+            log.exception("taskmeter: handling a report message failed")
 
 
 # How long a pool process waits for room in its channel before dropping a message:
@@ -422,9 +532,17 @@ class Sender:
     call per message) is dropped, and the following ones are sent only if they fit at
     once (MSG_DONTWAIT) until one does: a stalled reader costs a task one wait."""
 
-    def __init__(self, address: str, token: str, dirty: mmap.mmap | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        dirty: mmap.mmap | None = None,
+        outbox_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.address, self._token = address, token
-        self._dirty = dirty  # the listener's shared byte: set around every message
+        self._dirty = dirty  # the listener's shared bytes: set around every message
+        self._outbox_dir = None if outbox_dir is None else Path(outbox_dir)
+        self._outbox: Outbox | None = None  # made when the channel connects
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         # the channel's reader stalled: the stream may end in a partial line, so the
@@ -434,6 +552,32 @@ class Sender:
 
     def send(self, msg: Message) -> None:
         self.send_line(json_bytes(msg) + b"\n")
+
+    def send_end(self, line: bytes) -> None:
+        """A task's end (one line, no newline): into the outbox while the main process
+        collects it and it has room, else through the channel."""
+        box = self._outbox
+        if box is not None and self._dirty is not None and self._dirty[1]:
+            with self._lock:
+                if box.put(line):
+                    return
+        self.send_line(line + b"\n")
+
+    def _new_outbox(self) -> str | None:
+        """A fresh outbox for this connection (its name goes in the hello). Made under
+        a temporary name and renamed into place: the main process may still map the
+        file of a previous connection, which must never shrink under it."""
+        if self._outbox_dir is None:
+            return None
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+        try:
+            self._outbox = Outbox.create(self._outbox_dir, os.getpid())
+        except OSError as exc:
+            log.warning("taskmeter: no outbox (%s): task ends go through the channel", exc)
+            return None
+        return self._outbox.path.name
 
     def send_line(self, data: bytes) -> None:
         """One message already encoded (ending with a newline)."""
@@ -448,7 +592,8 @@ class Sender:
                             tv = struct.pack("ll", sec, usec)
                             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
                         self._stalled = False
-                        self._sock.sendall(json.dumps({"hello": self._token}).encode() + b"\n")
+                        hello = {"hello": self._token, "outbox": self._new_outbox()}
+                        self._sock.sendall(json.dumps(hello).encode() + b"\n")
                     if self._dirty is not None:
                         # before too: a message larger than the room left in the
                         # channel is read at the loop's next iteration, not its timer's
@@ -482,3 +627,6 @@ class Sender:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            if self._outbox is not None:
+                self._outbox.close()
+                self._outbox = None

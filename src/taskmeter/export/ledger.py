@@ -261,6 +261,16 @@ class Ledger(_Closing):
         """
         self.write_encoded(report.to_json_bytes())
 
+    def tail(self, n: int) -> bytes:
+        """The file's last ``n`` bytes (fewer when shorter; empty when missing)."""
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(size - n, 0))
+                return f.read(n)
+        except OSError:
+            return b""
+
     def write_encoded(self, record: bytes) -> None:
         """:meth:`write` of a record already encoded (``report.to_json()`` as UTF-8,
         no newline): the Celery integration's pool processes encode it once."""

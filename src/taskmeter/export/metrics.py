@@ -517,6 +517,9 @@ class TaskMetrics:
         self.max_task_names = max_task_names
         self.max_values_per_label = max_values_per_label
         self.inflight = inflight
+        # Called at every scrape before anything else: an integration hands over the
+        # tasks that ended and it has not passed on yet (the outboxes of pool processes)
+        self.before_scrape: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._f = _families()
         self._views = [CachedFamily(self, f) for f in self._f.values()]
@@ -746,6 +749,11 @@ class TaskMetrics:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        if self.before_scrape is not None:
+            try:
+                self.before_scrape()
+            except Exception:  # a scrape must not fail because of the integration
+                log.exception("taskmeter: collecting the tasks ended before a scrape failed")
         self.apply_deferred()
         running = self._read_inflight()
         counters = [(pc.name, pc.value) for pc in PROCESS_COUNTERS]

@@ -1,0 +1,199 @@
+"""The pool processes' outboxes (taskmeter.celery.outbox): task ends left in a shared
+file mapping, collected by the main process in batches, and recovered by the next
+incarnation when the whole worker died before collecting them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from taskmeter.celery import outbox
+from taskmeter.celery.outbox import Outbox
+
+
+def _line(i: int, size: int = 1200) -> bytes:
+    body = b'{"i":%d,"pad":"' % i
+    return b'E["1:%d",true,null,null,0]\t' % i + body + b"x" * (size - len(body) - 2) + b'"}'
+
+
+def test_entries_come_out_in_order_once_each_and_their_room_is_freed_at_commit(tmp_path):
+    box = Outbox.create(tmp_path, 4242)
+    main = Outbox.attach(outbox.path_of(tmp_path, 4242))
+    sent = [_line(i, size=100 + 37 * i) for i in range(50)]
+    for line in sent[:30]:
+        assert box.put(line)
+    assert main.take() == sent[:30]
+    assert main.take() == []  # taken, not committed: not again
+    for line in sent[30:]:
+        assert box.put(line)
+    assert main.take() == sent[30:]
+    # Filled to the brim: the producer refuses what does not fit until the consumer
+    # commits, then takes it again.
+    big = _line(999, size=100_000)
+    n = 0
+    while box.put(big):
+        n += 1
+    assert 5 <= n <= outbox.SIZE // 100_000
+    assert not box.put(big)
+    main.commit()
+    got = main.take()
+    assert got == [big] * n
+    main.commit()
+    assert box.put(big)
+
+
+def test_the_ring_wraps_many_times_without_losing_or_tearing_an_entry(tmp_path):
+    box = Outbox.create(tmp_path, 1)
+    main = Outbox.attach(outbox.path_of(tmp_path, 1))
+    expected: list[bytes] = []
+    got: list[bytes] = []
+    total = 0
+    i = 0
+    while total < 8 * outbox.SIZE:  # the ring wraps about eight times
+        line = _line(i, size=500 + (i * 7919) % 3000)
+        if not box.put(line):
+            got += main.take()
+            main.commit()
+            assert box.put(line)
+        expected.append(line)
+        total += len(line)
+        i += 1
+    got += main.take()
+    assert got == expected
+
+
+def test_a_torn_entry_stops_the_read_until_it_is_whole(tmp_path):
+    box = Outbox.create(tmp_path, 2)
+    main = Outbox.attach(outbox.path_of(tmp_path, 2))
+    assert box.put(_line(0)) and box.put(_line(1))
+    # The second entry's payload as another CPU may show it: not all stored yet.
+    path = outbox.path_of(tmp_path, 2)
+    data = bytearray(path.read_bytes())
+    second = 64 + 8 + ((len(_line(0)) + 7) & ~7) + 8
+    saved = data[second + 100]
+    data[second + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main.take() == [_line(0)]
+    assert main.stuck()
+    data[second + 100] = saved
+    path.write_bytes(bytes(data))
+    assert main.take() == [_line(1)]
+    assert not main.stuck()
+
+
+def test_a_new_outbox_replaces_the_file_the_main_process_still_maps(tmp_path):
+    """A pool process that reconnects makes a new outbox under the same name: the main
+    process's map of the old one must stay readable (a file shrunk under a map would
+    kill the main process with SIGBUS)."""
+    old = Outbox.create(tmp_path, 3)
+    main = Outbox.attach(outbox.path_of(tmp_path, 3))
+    assert old.put(_line(0))
+    new = Outbox.create(tmp_path, 3)
+    assert main.take() == [_line(0)]  # the old file, whole
+    assert new.put(_line(1))
+    assert Outbox.attach(outbox.path_of(tmp_path, 3)).take() == [_line(1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3.outbox"]
+
+
+def test_a_file_that_is_not_an_outbox_is_refused(tmp_path):
+    path = outbox.path_of(tmp_path, 5)
+    path.write_bytes(b"x" * outbox.SIZE)
+    with pytest.raises(ValueError, match="not a taskmeter outbox"):
+        Outbox.attach(path)
+    path.write_bytes(b"short")
+    with pytest.raises(OSError):
+        Outbox.attach(path)
+    (tmp_path / "7.outbox").symlink_to(outbox.path_of(tmp_path, 6))
+    with pytest.raises(OSError):
+        Outbox.attach(tmp_path / "7.outbox")
+
+
+def test_a_forked_producer_and_this_consumer_run_at_once(tmp_path):
+    """A real pool process (forked) writing while the main process reads and commits:
+    every entry arrives once, in order, whole."""
+    n = 20_000
+    box = Outbox.create(tmp_path, 8)
+    main = Outbox.attach(outbox.path_of(tmp_path, 8))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(n):
+                line = _line(i, size=200 + i % 1500)
+                while not box.put(line):
+                    time.sleep(0.0005)
+        finally:
+            os._exit(0)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while len(got) < n and time.monotonic() < deadline:
+        got += main.take()
+        main.commit()
+    os.waitpid(pid, 0)
+    assert len(got) == n
+    assert got == [_line(i, size=200 + i % 1500) for i in range(n)]
+
+
+def test_leftovers_are_what_was_not_committed(tmp_path):
+    box = Outbox.create(tmp_path, 11)
+    main = Outbox.attach(outbox.path_of(tmp_path, 11))
+    for i in range(5):
+        box.put(_line(i))
+    assert len(main.take()) == 5
+    main.commit()
+    for i in range(5, 8):
+        box.put(_line(i))
+    assert main.take() == [_line(i) for i in range(5, 8)]  # taken, then the worker died
+    (tmp_path / "junk.outbox").write_bytes(b"")  # not an outbox name: left alone
+    left = outbox.leftovers(tmp_path)
+    assert [(p.name, lines) for p, lines in left] == [
+        ("11.outbox", [_line(i) for i in range(5, 8)])
+    ]
+    assert isinstance(left[0][0], Path)
+
+
+def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(tmp_path):
+    """The whole worker died after pool processes left task ends in their outboxes and
+    before its main process collected them (or after it wrote one to the ledger, before
+    it freed its room): the next incarnation writes each record once and counts it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    import taskmeter
+    from taskmeter.celery import integration
+    from taskmeter.celery.journal import node_folder_name
+    from taskmeter.config import load_settings
+
+    env = {"TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl"), "TASKMETER_PORT": "0"}
+    settings = load_settings({}, env)
+    reports = []
+    for i in range(3):
+        with taskmeter.measure("t.a", f"id-{i}") as m:
+            taskmeter.run(["true"])
+        reports.append(m.report)
+    bodies = [r.to_json_bytes() for r in reports]
+
+    first = integration._Worker(settings, "prefork", ["t.a"])
+    first.open()
+    assert first.ledger is not None and settings.journal is not None
+    folder = Path(settings.journal) / node_folder_name(first.node)
+    box = Outbox.create(folder, 999_999)
+    for i, body in enumerate(bodies):
+        assert box.put(b'E["999999:%d",true,null,null,%d]\t' % (i, len(body)) + body)
+    first.ledger.write_many(bodies[:1])  # written, its room not freed yet
+    box.close()
+    first.close()  # the outbox is no pool process's of this incarnation: left as is
+    assert outbox.path_of(folder, 999_999).exists()
+
+    second = integration._Worker(settings, "prefork", ["t.a"])
+    second.open()
+    try:
+        assert (tmp_path / "ledger.jsonl").read_bytes().splitlines() == bodies
+        assert not outbox.path_of(folder, 999_999).exists()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(second.metrics)
+        page = generate_latest(registry)
+        assert b'celery_task_runs_total{state="success",task="t.a"} 2.0' in page
+    finally:
+        second.close()
