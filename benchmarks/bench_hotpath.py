@@ -14,7 +14,7 @@ isolates taskmeter's code, precisely enough to compare two source trees:
 - the main process of a worker (``_Worker.open``: hub, journal, ledger, metrics
   endpoint) serves its channels from a kombu event loop, as in a Celery worker: at
   the loop's ticks, which a byte per task on a pipe starts (Celery's result for the
-  task does that in a worker);
+  task does that in a worker), and at its timer (the outboxes, where a tree has them);
 - a forked child runs what a pool process runs per task, the Celery signal handlers
   ``_on_prerun`` and ``_on_postrun`` (measurement, journal slot, the record encoded,
   one line sent over the real channel) and writes that byte, N times back to back
@@ -140,10 +140,13 @@ def child(
     # Figures a tree defers to the next scrape (TaskMetrics.defer_figures), accounted
     # as a scrape would (without rendering); nothing to do in a tree without them.
     apply_deferred = getattr(w.metrics, "apply_deferred", lambda: None)
+    # Ends a tree leaves in outboxes, collected at the POLL_S timer (none: read at ticks)
+    collect = getattr(w.listener, "collect", lambda: None)
 
     def on_status() -> None:
         data = os.read(status_r, 256)
-        if b"C" in data:  # the warm-up tasks' deferred figures: not billed to the run
+        if b"C" in data:  # the warm-up tasks' ends and figures: not billed to the run
+            collect()
             apply_deferred()
         if b"S" in data and mark is not None:
             mark()

@@ -87,7 +87,11 @@ def task_ended(self: Any, task_id: Any, celery_state: Any) -> None:
         fields += [[name, tid, *obs[2:]], len(body)]
     head = json_bytes(fields)
     if self.sender is not None:
-        self.sender.send_line(b"E" + head + b"\t" + body + b"\n")
+        line = b"E" + head + b"\t" + body
+        if hasattr(self.sender, "send_end"):  # a tree with outboxes (outbox.py)
+            self.sender.send_end(line)
+        else:
+            self.sender.send_line(line + b"\n")
 
 
 tm._Worker.task_started = task_started  # type: ignore[method-assign]
