@@ -211,3 +211,78 @@ def test_a_tick_reads_only_the_channels_that_hold_something(monkeypatch):
         for sender in senders:
             sender.close()
         listener.close()
+
+
+def test_task_ends_wait_in_the_outbox_for_the_timer_a_scrape_or_the_exit():
+    """On a kombu Hub, a task's end goes to the pool process's outbox: no byte set, not
+    read at the loop's ticks; collected by the POLL_S timer (all waiting, one flush), at
+    once by collect() from another thread (a scrape), and, when the channel closes,
+    before the exit is handled. Its file goes with the channel; the folder at close."""
+    from kombu.asynchronous import Hub
+
+    got: list[object] = []
+    events: list[str] = []
+    hub = Hub()
+
+    def on_message(msg: dict[str, object], pid: int | None) -> None:
+        got.append(msg)
+        events.append(f"msg {msg['head'][0][:-2]}")  # type: ignore[index]
+
+    listener = Listener(
+        on_message, lambda pid: events.append("gone"), lambda: events.append("flush")
+    )
+    listener.attach(hub)
+    loop = hub.create_loop()
+    folder = listener.outbox_dir
+    assert folder is not None and listener.dirty[1] == 1
+    end = b'E["%d:1",true,null,null,2]\t{}'
+    try:
+        sender = Sender(listener.address, listener.token, listener.dirty, folder)
+        sender.send_end(end % 1)  # the first one connects: through the channel
+        wait_for(lambda: (next(loop), got)[1] != [], 5, "the first end", 0)
+        assert [p.name for p in folder.iterdir()] == [f"{os.getpid()}.outbox"]
+        listener.dirty[0] = 0
+        events.clear()
+        for n in (2, 3, 4):
+            sender.send_end(end % n)
+        assert listener.dirty[0] == 0, "an outbox entry set the byte"
+        for _ in range(3):  # the loop's ticks: nothing read
+            listener._on_tick()
+        assert len(got) == 1
+        wait_for(lambda: (next(loop), got)[1][-1:] != [got[0]], 5, "the timer", 0)
+        assert events == ["msg 2", "msg 3", "msg 4", "flush"]
+        # A scrape, from its own thread: at once.
+        sender.send_end(end % 5)
+        t = threading.Thread(target=listener.collect)
+        t.start()
+        t.join(5)
+        assert events[-2:] == ["msg 5", "flush"]
+        # The pool process leaves one more end and exits: handled, then its exit.
+        sender.send_end(end % 6)
+        sender.close()
+        wait_for(lambda: "gone" in (next(loop), events)[1], 5, "the exit", 0)
+        assert events[events.index("gone") - 2 :][:3] == ["msg 6", "flush", "gone"]
+        assert list(folder.iterdir()) == []
+    finally:
+        listener.close()
+        hub.close()
+    assert not folder.exists()
+
+
+def test_without_a_folder_for_outboxes_task_ends_go_through_the_channel(monkeypatch):
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(transport.tempfile, "mkdtemp", refuse)
+    got: list[object] = []
+    listener = Listener(lambda msg, pid: got.append(msg), lambda pid: None)
+    listener.start()
+    try:
+        assert listener.outbox_dir is None and listener.dirty[1] == 1
+        sender = Sender(listener.address, listener.token, listener.dirty, listener.outbox_dir)
+        for n in range(3):
+            sender.send_end(b'E["%d:1",true,null,null,2]\t{}' % n)
+        wait_for(lambda: len(got) == 3, 5, "three ends through the channel", 0.01)
+        sender.close()
+    finally:
+        listener.close()

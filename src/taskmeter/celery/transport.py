@@ -127,9 +127,12 @@ class Listener:
         # way that collects them, cleared at close): senders leave task ends there.
         self.dirty = mmap.mmap(-1, 2)
         self._own_outbox_dir = outbox_dir is None
-        self.outbox_dir = Path(
-            tempfile.mkdtemp(prefix="taskmeter-outbox-") if outbox_dir is None else outbox_dir
-        )
+        self.outbox_dir: Path | None = None if outbox_dir is None else Path(outbox_dir)
+        if outbox_dir is None:
+            try:
+                self.outbox_dir = Path(tempfile.mkdtemp(prefix="taskmeter-outbox-"))
+            except OSError as exc:  # e.g. a read-only root file system without /tmp
+                log.info("taskmeter: no outboxes (%s): task ends go through the channels", exc)
         self._outboxes: dict[int, Outbox] = {}  # by pool process pid
         self._polled = False  # channels read at the loop's ticks, not woken for
         self._timer: Any = None
@@ -305,6 +308,8 @@ class Listener:
             if name is not None:
                 log.warning("taskmeter: ignored an outbox name from pid %s: %r", pid, name)
             return
+        if self.outbox_dir is None:
+            return
         try:
             box = Outbox.attach(self.outbox_dir / name)
         except (OSError, ValueError) as exc:
@@ -347,7 +352,7 @@ class Listener:
                     log.warning("taskmeter: outbox %s holds an entry cut short", box.path)
                 box.remove()
             self._outboxes = {}
-        if self._own_outbox_dir:
+        if self._own_outbox_dir and self.outbox_dir is not None:
             with contextlib.suppress(OSError):
                 for left in self.outbox_dir.iterdir():
                     left.unlink()
@@ -556,17 +561,16 @@ class Sender:
     def send_end(self, line: bytes) -> None:
         """A task's end (one line, no newline): into the outbox while the main process
         collects it and it has room, else through the channel."""
-        box = self._outbox
-        if box is not None and self._dirty is not None and self._dirty[1]:
+        if self._outbox is not None and self._dirty is not None and self._dirty[1]:
             with self._lock:
-                if box.put(line):
+                box = self._outbox  # (a reconnection replaces it)
+                if box is not None and box.put(line):
                     return
         self.send_line(line + b"\n")
 
     def _new_outbox(self) -> str | None:
-        """A fresh outbox for this connection (its name goes in the hello). Made under
-        a temporary name and renamed into place: the main process may still map the
-        file of a previous connection, which must never shrink under it."""
+        """A fresh outbox for this connection (its name goes in the hello; see
+        :meth:`Outbox.create` for why a new file each time)."""
         if self._outbox_dir is None:
             return None
         if self._outbox is not None:
