@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from taskmeter.celery import outbox
 from taskmeter.celery.outbox import Outbox
+from test_journal import samples
+
+from workerkit import wait_for
 
 
 def _line(i: int, size: int = 1200) -> bytes:
@@ -197,3 +201,49 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
         assert b'celery_task_runs_total{state="success",task="t.a"} 2.0' in page
     finally:
         second.close()
+
+
+def test_a_worker_killed_whole_right_after_a_task_ended_records_that_task_once(start_worker):
+    """A real worker, every process SIGKILLed (as by a container OOM kill) as soon as a
+    task's end is in its pool process's outbox, before the main process collected it:
+    the restarted worker (same node name) writes that task's record, once, as the pool
+    process made it, and counts it. The kill may land after a collection (one chance in
+    a few hundred): then the record is in the ledger already, once too, and the
+    scenario runs again to see the recovery itself."""
+    recovered = False
+    for _attempt in range(3):
+        node = f"ob-{uuid.uuid4().hex[:6]}@%h"
+        w1 = start_worker("redis", "prefork", 2, ("-n", node))
+        folder = Path(f"{w1.ledger}.inflight")
+        base = len(w1.reports())
+        sent = 0
+        while len(list(folder.glob("*/*.outbox"))) < 2 and sent < 400:  # both have one
+            for _ in range(20):
+                w1.send("noop")
+            sent += 20
+            w1.wait_reports(base + sent)
+        assert len(list(folder.glob("*/*.outbox"))) == 2
+        last = w1.send("end.then.kill.worker")
+        wait_for(lambda w=w1: w.proc.poll() is not None, 30, "the whole worker killed")
+
+        w2 = start_worker("redis", "prefork", 2, ("-n", node), TM_QUEUE=w1.queue)
+        reports = w2.wait_reports(base + sent + 1)[base:]
+        ids = [r.task_id for r in reports]
+        assert len(ids) == len(set(ids)) == sent + 1, "a task recorded twice or missing"
+        (mine,) = [r for r in reports if r.task_id == last.id]
+        assert (mine.task, mine.state) == ("end.then.kill.worker", "success")
+        assert mine.wall_s > 0 and mine.overhead.rss_peak_bytes > 0
+        recovered = "recovered from its outboxes" in w2.log_text()
+        if recovered:
+            page = samples(w2.metrics())
+            key = (
+                "celery_task_runs_total",
+                (("state", "success"), ("task", "end.then.kill.worker")),
+            )
+            assert page[key] == 1
+            assert not list(folder.glob("*/*.outbox.new"))
+        assert w2.stop() == 0
+        assert not list(folder.glob("*/*.outbox")), "a clean stop leaves no outbox"
+        if recovered:
+            break
+    assert recovered, "the main process collected the entry before the kill, 3 times"

@@ -6,7 +6,11 @@ passed as task arguments; tasks call the real bcftools through taskmeter.run.
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -70,6 +74,37 @@ def die_now() -> None:
     os.kill(os.getpid(), 9)
 
 
+_KILLER = """
+import os, signal, struct, sys, time
+box, main, before = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def pos():
+    with open(box, "rb") as f:
+        return struct.unpack_from("<Q", f.read(24), 16)[0]
+deadline = time.monotonic() + 10
+while pos() == before and time.monotonic() < deadline:
+    time.sleep(0.0002)
+with open(f"/proc/{main}/task/{main}/children") as f:
+    pool = [int(p) for p in f.read().split()]
+for pid in [main, *pool]:  # as a container OOM kill: every process, nobody warned
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+@app.task(name="end.then.kill.worker")
+def end_then_kill_worker() -> None:
+    """Returns at once; a helper SIGKILLs the whole worker (main process first, then
+    the pool) as soon as this task's end is in its pool process's outbox, before the
+    main process collects it (tests/test_outbox.py)."""
+    ledger = os.environ["TASKMETER_LEDGER"]
+    (box,) = glob.glob(f"{ledger}.inflight/*/{os.getpid()}.outbox")
+    with open(box, "rb") as f:  # the outbox's write position now, before this end
+        before = struct.unpack_from("<Q", f.read(24), 16)[0]
+    subprocess.Popen(
+        [sys.executable, "-c", _KILLER, box, str(os.getppid()), str(before)],
+        start_new_session=True,
+    )
+
+
 @app.task(name="hog")
 def hog(mib: int, seconds: float) -> None:
     blob = b"x" * (mib * 1024 * 1024)
@@ -107,7 +142,6 @@ def phased(self, mode: str = "ok", seconds: float = 0.0) -> None:  # type: ignor
         raise RuntimeError("phased: asked to fail")
     if mode == "retry" and self.request.retries == 0:
         raise self.retry(countdown=0)
-
 
 
 # A tool (a Python child) holding ``mib`` MiB for ``seconds``, itself starting
@@ -188,8 +222,7 @@ def otel_spans() -> list[dict[str, Any]]:
         {
             "name": s.name,
             "attributes": dict(s.attributes or {}),
-            "events": [{"name": e.name, "attributes": dict(e.attributes or {})}
-                       for e in s.events],
+            "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in s.events],
         }
         for s in spans
     ]
