@@ -119,7 +119,7 @@ def test_no_thread_or_fd_accumulates_over_10000_tasks_in_a_real_worker(quiet_wor
     # not a message each: their entries add up to at least the ledger's records, all
     # collected (read position = write position).
     boxes = sorted(Path(f"{w.ledger}.inflight").glob("*/*.outbox"))
-    assert sorted(int(p.name.split(".")[0]) for p in boxes) == pool
+    assert sorted(int(p.name.split("-")[0]) for p in boxes) == pool
     written = 0
     for p in boxes:
         wpos, rpos = struct.unpack_from("<QQ", p.read_bytes(), 16)

@@ -5,6 +5,7 @@ incarnation when the whole worker died before collecting them."""
 from __future__ import annotations
 
 import os
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +24,14 @@ def _line(i: int, size: int = 1200) -> bytes:
     return b'E["1:%d",true,null,null,0]\t' % i + body + b"x" * (size - len(body) - 2) + b'"}'
 
 
+def _pair(folder: Path, pid: int, n: int = 1) -> tuple[Outbox, Outbox]:
+    """A pool process's outbox and the main process's map of it (attached)."""
+    box = Outbox.create(folder, pid, n)
+    return box, Outbox.attach(outbox.path_of(folder, pid, n))
+
+
 def test_entries_come_out_in_order_once_each_and_their_room_is_freed_at_commit(tmp_path):
-    box = Outbox.create(tmp_path, 4242)
-    main = Outbox.attach(outbox.path_of(tmp_path, 4242))
+    box, main = _pair(tmp_path, 4242)
     sent = [_line(i, size=100 + 37 * i) for i in range(50)]
     for line in sent[:30]:
         assert box.put(line)
@@ -49,9 +55,20 @@ def test_entries_come_out_in_order_once_each_and_their_room_is_freed_at_commit(t
     assert box.put(big)
 
 
+def test_nothing_is_written_before_the_main_process_attaches_nor_after_it_detaches(tmp_path):
+    """The pool process sends through its channel instead: an outbox nobody reads
+    (the main process could not map it, or stopped reading it) loses nothing."""
+    box = Outbox.create(tmp_path, 5, 1)
+    assert not box.put(_line(0))
+    main = Outbox.attach(outbox.path_of(tmp_path, 5, 1))
+    assert box.put(_line(1))
+    main.detach()
+    assert not box.put(_line(2))
+    assert main.take() == [_line(1)]
+
+
 def test_the_ring_wraps_many_times_without_losing_or_tearing_an_entry(tmp_path):
-    box = Outbox.create(tmp_path, 1)
-    main = Outbox.attach(outbox.path_of(tmp_path, 1))
+    box, main = _pair(tmp_path, 1)
     expected: list[bytes] = []
     got: list[bytes] = []
     total = 0
@@ -69,58 +86,100 @@ def test_the_ring_wraps_many_times_without_losing_or_tearing_an_entry(tmp_path):
     assert got == expected
 
 
-def test_a_torn_entry_stops_the_read_until_it_is_whole(tmp_path):
-    box = Outbox.create(tmp_path, 2)
-    main = Outbox.attach(outbox.path_of(tmp_path, 2))
+def _publish(path: Path, w: int) -> None:
+    """Move the write position to ``w`` without writing an entry: what a weakly
+    ordered CPU may show the main process before the entry's own bytes."""
+    with open(path, "r+b") as f:
+        f.seek(16)
+        f.write(struct.pack("Q", w))
+
+
+def _write_pos(path: Path) -> int:
+    return int(struct.unpack_from("Q", path.read_bytes(), 16)[0])
+
+
+def test_an_entry_seen_before_its_bytes_is_not_taken_until_they_are_there(tmp_path):
+    """A torn payload, a zeroed slot (the ring's first lap) and the whole entry an
+    earlier lap left at the same place all fail their check: the read stops there and
+    takes the entry once it is whole."""
+    path = outbox.path_of(tmp_path, 2, 1)
+    box, main = _pair(tmp_path, 2)
     assert box.put(_line(0)) and box.put(_line(1))
-    # The second entry's payload as another CPU may show it: not all stored yet.
-    path = outbox.path_of(tmp_path, 2)
+    # The second entry's payload, one byte not stored yet.
     data = bytearray(path.read_bytes())
     second = 64 + 8 + ((len(_line(0)) + 7) & ~7) + 8
-    saved = data[second + 100]
     data[second + 100] ^= 0xFF
     path.write_bytes(bytes(data))
     assert main.take() == [_line(0)]
     assert main.stuck()
-    data[second + 100] = saved
+    data[second + 100] ^= 0xFF
     path.write_bytes(bytes(data))
     assert main.take() == [_line(1)]
     assert not main.stuck()
+    # A zeroed slot: the position moved, nothing written there yet.
+    w = _write_pos(path)
+    _publish(path, w + 64)
+    assert main.take() == [] and main.stuck()
+    _publish(path, w)
+    # A lap later, the entry of the ring's first lap still at the place of the next.
+    main.commit()
+    lap_box, lap_main = _pair(tmp_path, 3)
+    lap_path = outbox.path_of(tmp_path, 3, 1)
+
+    def page(i: int) -> bytes:  # an entry of 4 KiB exactly
+        return _line(i, size=4088 - (len(_line(i, 100)) - 100))
+
+    assert len(page(7)) == 4088
+    for i in range(outbox.SIZE // 4096):  # the first lap, and the first of the second
+        if not lap_box.put(page(i)):
+            assert len(lap_main.take()) > 0
+            lap_main.commit()
+            assert lap_box.put(page(i))
+    lap_main.take()
+    lap_main.commit()
+    w = _write_pos(lap_path)
+    assert w > outbox.SIZE  # in the second lap; the next place holds a first-lap entry
+    _publish(lap_path, w + 4096)
+    assert lap_main.take() == [] and lap_main.stuck()
+    _publish(lap_path, w)
+    assert lap_box.put(page(999))
+    assert lap_main.take() == [page(999)]
 
 
-def test_a_new_outbox_replaces_the_file_the_main_process_still_maps(tmp_path):
-    """A pool process that reconnects makes a new outbox under the same name: the main
-    process's map of the old one must stay readable (a file shrunk under a map would
-    kill the main process with SIGBUS)."""
-    old = Outbox.create(tmp_path, 3)
-    main = Outbox.attach(outbox.path_of(tmp_path, 3))
+def test_a_new_connection_makes_a_new_file_the_main_process_still_maps_the_old(tmp_path):
+    """A pool process that reconnects makes a new outbox under a new name; a stale
+    file of a reused pid and connection number is replaced, never shrunk under a map
+    of it (a file shrunk under a map kills the mapping process with SIGBUS)."""
+    old, main = _pair(tmp_path, 3)
     assert old.put(_line(0))
-    new = Outbox.create(tmp_path, 3)
-    assert main.take() == [_line(0)]  # the old file, whole
-    assert new.put(_line(1))
-    assert Outbox.attach(outbox.path_of(tmp_path, 3)).take() == [_line(1)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["3.outbox"]
+    new = Outbox.create(tmp_path, 3, 2)
+    assert main.take() == [_line(0)]
+    assert Outbox.attach(outbox.path_of(tmp_path, 3, 2)) and new.put(_line(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3-1.outbox", "3-2.outbox"]
+    again = Outbox.create(tmp_path, 3, 1)  # a reused pid: the name of a mapped file
+    assert main.take() == [] and not main.stuck()  # the old map, whole
+    assert Outbox.attach(outbox.path_of(tmp_path, 3, 1)) and again.put(_line(2))
+    assert Outbox.attach(outbox.path_of(tmp_path, 3, 1)).take() == [_line(2)]
 
 
 def test_a_file_that_is_not_an_outbox_is_refused(tmp_path):
-    path = outbox.path_of(tmp_path, 5)
+    path = outbox.path_of(tmp_path, 5, 1)
     path.write_bytes(b"x" * outbox.SIZE)
     with pytest.raises(ValueError, match="not a taskmeter outbox"):
         Outbox.attach(path)
     path.write_bytes(b"short")
     with pytest.raises(OSError):
         Outbox.attach(path)
-    (tmp_path / "7.outbox").symlink_to(outbox.path_of(tmp_path, 6))
+    (tmp_path / "7-1.outbox").symlink_to(outbox.path_of(tmp_path, 6, 1))
     with pytest.raises(OSError):
-        Outbox.attach(tmp_path / "7.outbox")
+        Outbox.attach(tmp_path / "7-1.outbox")
 
 
 def test_a_forked_producer_and_this_consumer_run_at_once(tmp_path):
     """A real pool process (forked) writing while the main process reads and commits:
     every entry arrives once, in order, whole."""
     n = 20_000
-    box = Outbox.create(tmp_path, 8)
-    main = Outbox.attach(outbox.path_of(tmp_path, 8))
+    box, main = _pair(tmp_path, 8)
     pid = os.fork()
     if pid == 0:
         try:
@@ -140,22 +199,24 @@ def test_a_forked_producer_and_this_consumer_run_at_once(tmp_path):
     assert got == [_line(i, size=200 + i % 1500) for i in range(n)]
 
 
-def test_leftovers_are_what_was_not_committed(tmp_path):
-    box = Outbox.create(tmp_path, 11)
-    main = Outbox.attach(outbox.path_of(tmp_path, 11))
+def test_leftovers_tell_entries_taken_to_write_from_those_never_taken(tmp_path):
+    box, main = _pair(tmp_path, 11)
     for i in range(5):
         box.put(_line(i))
     assert len(main.take()) == 5
-    main.commit()
+    main.mark_taken()
+    main.commit()  # written and freed: not left over
     for i in range(5, 8):
         box.put(_line(i))
-    assert main.take() == [_line(i) for i in range(5, 8)]  # taken, then the worker died
+    assert main.take() == [_line(i) for i in range(5, 8)]
+    main.mark_taken()  # about to be written when the worker died
+    for i in range(8, 10):
+        box.put(_line(i))  # never taken
     (tmp_path / "junk.outbox").write_bytes(b"")  # not an outbox name: left alone
     left = outbox.leftovers(tmp_path)
-    assert [(p.name, lines) for p, lines in left] == [
-        ("11.outbox", [_line(i) for i in range(5, 8)])
+    assert [(p.name, maybe, fresh) for p, maybe, fresh in left] == [
+        ("11-1.outbox", [_line(i) for i in range(5, 8)], [_line(8), _line(9)])
     ]
-    assert isinstance(left[0][0], Path)
 
 
 def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(tmp_path):
@@ -182,19 +243,25 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     first.open()
     assert first.ledger is not None and settings.journal is not None
     folder = Path(settings.journal) / node_folder_name(first.node)
-    box = Outbox.create(folder, 999_999)
-    for i, body in enumerate(bodies):
-        assert box.put(b'E["999999:%d",true,null,null,%d]\t' % (i, len(body)) + body)
-    first.ledger.write_many(bodies[:1])  # written, its room not freed yet
+    box, main = _pair(folder, 999_999)
+    lines = [b'E["999999:%d",true,null,null,%d]\t' % (i, len(b)) + b for i, b in enumerate(bodies)]
+    # The main process took the first two to write, and the kill came once it had
+    # written the first (one round's write can end up split, as by a full disk); the
+    # third came after, never taken.
+    assert box.put(lines[0]) and box.put(lines[1])
+    assert main.take() == lines[:2]
+    main.mark_taken()
+    first.ledger.write_many(bodies[:1])
+    assert box.put(lines[2])
     box.close()
     first.close()  # the outbox is no pool process's of this incarnation: left as is
-    assert outbox.path_of(folder, 999_999).exists()
+    assert outbox.path_of(folder, 999_999, 1).exists()
 
     second = integration._Worker(settings, "prefork", ["t.a"])
     second.open()
     try:
         assert (tmp_path / "ledger.jsonl").read_bytes().splitlines() == bodies
-        assert not outbox.path_of(folder, 999_999).exists()
+        assert not outbox.path_of(folder, 999_999, 1).exists()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(second.metrics)
         page = generate_latest(registry)

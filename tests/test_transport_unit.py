@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 from taskmeter.celery import transport
 from taskmeter.celery.transport import Listener, Sender
@@ -240,7 +241,7 @@ def test_task_ends_wait_in_the_outbox_for_the_timer_a_scrape_or_the_exit():
         sender = Sender(listener.address, listener.token, listener.dirty, folder)
         sender.send_end(end % 1)  # the first one connects: through the channel
         wait_for(lambda: (next(loop), got)[1] != [], 5, "the first end", 0)
-        assert [p.name for p in folder.iterdir()] == [f"{os.getpid()}.outbox"]
+        assert [p.name for p in folder.iterdir()] == [f"{os.getpid()}-1.outbox"]
         listener.dirty[0] = 0
         events.clear()
         for n in (2, 3, 4):
@@ -286,3 +287,67 @@ def test_without_a_folder_for_outboxes_task_ends_go_through_the_channel(monkeypa
         sender.close()
     finally:
         listener.close()
+
+
+def _outbox_listener() -> tuple[Any, list[str], Any]:
+    """A listener on a kombu Hub (outboxes in use), the run ids it handled, its loop."""
+    from kombu.asynchronous import Hub
+
+    handled: list[str] = []
+    hub = Hub()
+    listener = Listener(lambda msg, pid: handled.append(msg["head"][0]), lambda pid: None)
+    listener.attach(hub)
+    return listener, handled, hub
+
+
+def test_a_sender_that_reconnects_loses_no_end_left_in_either_outbox():
+    """Its old channel closed, a sender connects again with a new outbox: the main
+    process handles what the old one held when it sees the old channel close, and
+    reads the new one; each end once, none lost."""
+    listener, handled, hub = _outbox_listener()
+    loop = hub.create_loop()
+    folder = listener.outbox_dir
+    end = b'E["%d:1",true,null,null,2]\t{}'
+    try:
+        sender = Sender(listener.address, listener.token, listener.dirty, folder)
+        sender.send_end(end % 0)  # connects: hello (outbox 1), then the end
+        wait_for(lambda: (next(loop), handled)[1] == ["0:1"], 5, "the first end", 0)
+        for n in (1, 2, 3):
+            sender.send_end(end % n)  # into outbox 1
+        assert sender._sock is not None
+        sender._sock.close()  # the channel breaks: the next message reconnects
+        sender._sock = None
+        sender.send({"type": "tool", "run": "x"})  # hello (outbox 2), then the message
+        for n in (4, 5, 6):
+            sender.send_end(end % n)  # into outbox 2
+        listener.collect()
+        wait_for(lambda: (next(loop), sorted(handled))[1] == [f"{n}:1" for n in range(7)], 5,
+                 "every end", 0)  # fmt: skip
+        assert len(handled) == 7
+        names = sorted(p.name for p in folder.iterdir())  # type: ignore[union-attr]
+        assert names == [f"{os.getpid()}-2.outbox"], names  # the old one removed
+        sender.close()
+    finally:
+        listener.close()
+        hub.close()
+
+
+def test_ends_go_through_the_channel_when_the_main_process_cannot_map_the_outbox(monkeypatch):
+    from taskmeter.celery.outbox import Outbox
+
+    def refuse(*args: object, **kwargs: object) -> Outbox:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(Outbox, "attach", classmethod(lambda cls, *a, **k: refuse()))
+    listener, handled, hub = _outbox_listener()
+    loop = hub.create_loop()
+    try:
+        sender = Sender(listener.address, listener.token, listener.dirty, listener.outbox_dir)
+        for n in range(4):
+            sender.send_end(b'E["%d:1",true,null,null,2]\t{}' % n)
+        wait_for(lambda: (next(loop), handled)[1] == [f"{n}:1" for n in range(4)], 5,
+                 "every end, through the channel", 0)  # fmt: skip
+        sender.close()
+    finally:
+        listener.close()
+        hub.close()

@@ -96,7 +96,7 @@ def end_then_kill_worker() -> None:
     the pool) as soon as this task's end is in its pool process's outbox, before the
     main process collects it (tests/test_outbox.py)."""
     ledger = os.environ["TASKMETER_LEDGER"]
-    (box,) = glob.glob(f"{ledger}.inflight/*/{os.getpid()}.outbox")
+    (box,) = glob.glob(f"{ledger}.inflight/*/{os.getpid()}-*.outbox")
     with open(box, "rb") as f:  # the outbox's write position now, before this end
         before = struct.unpack_from("<Q", f.read(24), 16)[0]
     subprocess.Popen(

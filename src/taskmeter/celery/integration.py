@@ -218,38 +218,43 @@ class _Worker:
 
     def _recover_outboxes(self, folder: Path) -> None:
         """Records of tasks that ended before the previous incarnation died, which its
-        main process had not collected from the outboxes yet (outbox.py): metrics and
-        ledger, as they would have had them. A record already in the ledger's last
-        MiB was written before the kill, its outbox not yet told: skipped."""
-        tail = self.ledger.tail(1 << 20) if isinstance(self.ledger, Ledger) else b""
-        done = skipped = 0
-        for path, lines in outbox.leftovers(folder):
+        main process had not written yet (outbox.py): to the metrics and the ledger, as
+        they would have gone. Entries it had taken to write when it died may be in
+        the ledger already: each is written unless the ledger's end holds it (with
+        no ledger file to look in, skipped: missing rather than twice)."""
+        written = skipped = 0
+        for path, maybe, fresh in outbox.leftovers(folder):
+            tail: set[bytes] = set()
+            if maybe and isinstance(self.ledger, Ledger):
+                # They went out in one write, at most a little before the file's end.
+                size = sum(len(m) for m in maybe) + (1 << 20)
+                tail = set(self.ledger.tail(size).splitlines())
             bodies: list[bytes] = []
-            for line in lines:
+            for line, unsure in [(m, True) for m in maybe] + [(f, False) for f in fresh]:
                 try:
                     body = line[line.index(b"\t") + 1 :]
                     report = TaskReport.from_dict(loads(body))
                 except (ValueError, TypeError, KeyError) as exc:
                     log.warning("taskmeter: ignored an outbox entry of %s: %s", path, exc)
                     continue
-                if tail and body in tail:
+                if unsure and (body in tail or not isinstance(self.ledger, Ledger)):
                     skipped += 1
                     continue
                 self.metrics.observe(report)
                 bodies.append(body)
             if bodies and self.ledger is not None:
                 self.ledger.write_many(bodies)
-            done += len(bodies)
+            written += len(bodies)
             with contextlib.suppress(OSError):
                 path.unlink()
         for stale in folder.glob("*" + outbox.SUFFIX + ".new"):  # died while making one
             with contextlib.suppress(OSError):
                 stale.unlink()
-        if done or skipped:
+        if written or skipped:
             log.warning(
                 "taskmeter: %d record(s) of tasks that ended just before this worker's "
                 "previous incarnation died were recovered from its outboxes (%d already "
-                "in the ledger)", done, skipped,
+                "in the ledger, or not known to be missing from it)", written, skipped,
             )  # fmt: skip
 
     def _write_ledger(self, report: TaskReport) -> None:
@@ -274,10 +279,15 @@ class _Worker:
 
     def _flush_ledger(self) -> None:
         """The listener handled a round of messages: their records in one write."""
-        if self._ledger_buf and self.ledger is not None:
-            with self._buf_lock:
-                records, self._ledger_buf = self._ledger_buf, []
-            self.ledger.write_many(records)
+        if self.ledger is None:
+            return
+        # The lock held through the write: a flush that finds nothing to write returns
+        # only once another thread's write of what it took is done (the listener frees
+        # outbox entries after its flush: their records must be written by then).
+        with self._buf_lock:
+            records, self._ledger_buf = self._ledger_buf, []
+            if records:
+                self.ledger.write_many(records)
 
     def _recall(self, task_id: str | None, pid: int | None) -> list[Any]:
         """Runs the journal holds that their pool process has not announced (hub)."""
@@ -300,9 +310,13 @@ class _Worker:
             except Exception:  # e.g. EACCES, EROFS, EIO removing its record
                 log.exception("taskmeter: the journal could not forget pool process %d", pid)
 
-    def _inflight_json(self) -> list[dict[str, Any]]:
+    def collect(self) -> None:
+        """Main process: take in the task ends pool processes left in their outboxes."""
         if self.listener is not None:
-            self.listener.collect()  # tasks that ended are not in flight any more
+            self.listener.collect()
+
+    def _inflight_json(self) -> list[dict[str, Any]]:
+        self.collect()  # tasks that ended are not in flight any more
         rows = self.hub.inflight() if self.hub else []
         now = time.time()
         return [
@@ -560,6 +574,7 @@ def _on_task_failure(
 
     if isinstance(exception, (WorkerLostError, TimeLimitExceeded)) and task_id:
         cause = "time_limit" if isinstance(exception, TimeLimitExceeded) else _lost_cause(exception)
+        _WORKER.collect()  # an end its pool process left in its outbox comes first
         _WORKER.hub.verdict(task_id, getattr(sender, "name", str(sender)), "killed", cause)
 
 
@@ -581,6 +596,7 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     task_id = getattr(request, "id", None)
     name = getattr(sender, "name", None) or getattr(request, "task", None) or "unknown"
     if task_id:
+        _WORKER.collect()  # an end its pool process left in its outbox comes first
         _WORKER.hub.verdict(task_id, name, "revoked")
 
 

@@ -14,17 +14,28 @@ its predecessor's main process had not (:func:`recover`), so a whole-worker kill
 no record of a task that ended. Without the journal it lives in a private temporary
 folder, removed at shutdown.
 
-Layout of ``<pid>.outbox`` (``SIZE`` bytes, little-endian): a 64-byte header (magic,
-the data area's size, the producer's write position, the consumer's read position;
-positions only grow), then the data area, a ring of 8-aligned entries: length (u32),
-crc32 of the payload (u32), payload (one report line, as the channel carries it). An
-entry that does not fit before the end of the ring leaves a wrap marker (length
-``0xFFFFFFFF``) and starts again at its beginning. One producer (the pool process,
-under the sender's lock) and one consumer (the main process, one reader at a time):
-the producer writes an entry, then its new write position; the consumer reads up to
-that position, checks each entry's crc (a position seen before its entry, as weakly
-ordered CPUs may show it, stops the read until the next collection), and writes its
-read position once the entries' records are written.
+Layout of ``<pid>-<n>.outbox`` (connection ``n`` of pool process ``pid``: a new file
+per connection, never one the main process may still map; ``SIZE`` bytes, allocated
+on disk when made, so a full disk cannot fault a write into it): a 64-byte header
+(magic, the data area's size; then, as 8-byte native integers written with one store
+each, the producer's write position, the consumer's read position, the position up
+to which the consumer took entries to write; then the state byte: 0 not yet attached
+by the main process, 1 attached, 2 detached), then the data area, a ring of 8-aligned
+entries: length (u32), crc32 of the payload seeded with the entry's position (u32),
+payload (one report line, as the channel carries it). An entry that does not fit
+before the end of the ring leaves a wrap marker (length ``0xFFFFFFFF``, and the seed
+of its position) and starts again at its beginning. Positions only grow.
+
+One producer (the pool process, under its sender's lock) and one consumer (the main
+process, one reader at a time). The producer writes only while the main process has
+attached the outbox (else it sends through the channel), an entry before its new
+write position. The consumer reads up to that position and checks each entry: its
+crc, seeded with its position, tells a whole entry from one a weakly ordered CPU
+shows before its bytes (zeroes, or the entry of an earlier lap of the ring at the
+same place), which stops the read until the next collection. Before it writes the
+entries' records it stores how far it took them; after, its read position. So a
+restart (:func:`leftovers`) knows which entries were surely not written and which
+may have been.
 """
 
 from __future__ import annotations
@@ -47,13 +58,21 @@ SIZE = 1 << 20  # bytes per pool process (sparse: only what entries touched is m
 _MAGIC = b"TMO1"
 _HEAD = 64
 _CAP = SIZE - _HEAD
-# magic, data area size; write position at 16, read position at 24
+# magic, data area size; then positions (native: one 8-byte store or load each, never
+# seen half written): write at 16, read at 24, taken at 32; the state byte at 40
 _H = struct.Struct("<4s4xQ")
-_POS = struct.Struct("<Q")
-_W, _R = 16, 24
-_E = struct.Struct("<II")  # entry: payload length, crc32
+_POS = struct.Struct("Q")
+_W, _R, _T, _STATE = 16, 24, 32, 40
+_ATTACHED, _DETACHED = 1, 2
+_E = struct.Struct("<II")  # entry: payload length, crc32 seeded with its position
 _WRAP = 0xFFFFFFFF
-_NAME = re.compile(r"^(\d+)\.outbox$")
+NAME = re.compile(r"^(\d+)-(\d+)\.outbox$")
+
+
+def _seed(pos: int) -> int:
+    """The crc seed of an entry at ``pos``: never 0 for an 8-aligned position, so a
+    zeroed slot never checks as an empty entry."""
+    return (pos ^ 0x5A5A5A5A) & 0xFFFFFFFF
 
 
 def _aligned(n: int) -> int:
@@ -70,7 +89,11 @@ def _map(path: Path, create: bool) -> mmap.mmap:
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if create:
-            os.ftruncate(fd, SIZE)
+            # Blocks on disk now: a write into a sparse map on a full disk is SIGBUS.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, SIZE)
+            else:  # pragma: no cover - macOS
+                os.ftruncate(fd, SIZE)
         elif st.st_size != SIZE:
             raise OSError(errno.EINVAL, f"{st.st_size} bytes, not {SIZE}", str(path))
         return mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -78,8 +101,8 @@ def _map(path: Path, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def path_of(folder: Path, pid: int) -> Path:
-    return folder / f"{pid}{SUFFIX}"
+def path_of(folder: Path, pid: int, n: int) -> Path:
+    return folder / f"{pid}-{n}{SUFFIX}"
 
 
 class Outbox:
@@ -98,11 +121,12 @@ class Outbox:
         self._r = _POS.unpack_from(mm, _R)[0]
 
     @classmethod
-    def create(cls, folder: Path, pid: int) -> Outbox:
-        """The pool process's side: a new, empty outbox. Made under a temporary name
-        and renamed into place, so a file of the same name the main process still maps
-        (an earlier connection's) is replaced, never shrunk under its map (SIGBUS)."""
-        path = path_of(folder, pid)
+    def create(cls, folder: Path, pid: int, n: int) -> Outbox:
+        """The pool process's side: a new, empty outbox for its connection ``n`` (a
+        stale file of that name, a reused pid's, is replaced: its map elsewhere, if
+        any, keeps the old file, never shrunk under it). Made under a temporary name
+        and renamed into place whole."""
+        path = path_of(folder, pid, n)
         tmp = path.with_name(path.name + ".new")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -118,21 +142,27 @@ class Outbox:
         return cls(mm, path)
 
     @classmethod
-    def attach(cls, path: Path) -> Outbox:
-        """The main process's side: map an outbox a pool process made. Raises OSError
-        (or ValueError for a file that is not an outbox)."""
+    def attach(cls, path: Path, *, recovering: bool = False) -> Outbox:
+        """The main process's side: map an outbox a pool process made, and tell it so
+        (it writes entries only from then on; not when ``recovering`` a dead one's).
+        Raises OSError (or ValueError for a file that is not an outbox)."""
         mm = _map(path, create=False)
         magic, cap = _H.unpack_from(mm, 0)
         if magic != _MAGIC or cap != _CAP:
             mm.close()
             raise ValueError(f"{path} is not a taskmeter outbox")
+        if not recovering:
+            mm[_STATE] = _ATTACHED
         return cls(mm, path)
 
     # -- the pool process -----------------------------------------------------------------
     def put(self, payload: bytes) -> bool:
-        """Leave one entry; False (nothing written) when it does not fit: the caller
-        sends it another way."""
+        """Leave one entry; False (nothing written) when it does not fit, or the main
+        process does not read this outbox (yet, or any more): the caller sends it
+        another way."""
         mm = self._mm
+        if mm[_STATE] != _ATTACHED:
+            return False
         n = len(payload)
         need = 8 + _aligned(n)
         w = self._w
@@ -144,11 +174,11 @@ class Outbox:
             if want > _CAP - (w - self._r):
                 return False
         if need > room:  # does not fit before the ring's end: a wrap marker, then 0
-            _E.pack_into(mm, _HEAD + at, _WRAP, 0)
+            _E.pack_into(mm, _HEAD + at, _WRAP, _seed(w))
             w += room
             at = 0
         start = _HEAD + at
-        _E.pack_into(mm, start, n, zlib.crc32(payload))
+        _E.pack_into(mm, start, n, zlib.crc32(payload, _seed(w)))
         mm[start + 8 : start + 8 + n] = payload
         self._w = w = w + need
         _POS.pack_into(mm, _W, w)  # last: the entry is whole before it counts
@@ -157,31 +187,35 @@ class Outbox:
     # -- the main process -----------------------------------------------------------------
     def take(self) -> list[bytes]:
         """The entries left since the last :meth:`commit` (or the last take), in order.
-        An entry whose crc does not match yet stops the read: it is
-        taken at the next call (see the module's docstring)."""
+        An entry that does not check stops the read: it is taken at the next call (see
+        the module's docstring)."""
+        r = self._pending if self._pending >= 0 else _POS.unpack_from(self._mm, _R)[0]
+        out, self._pending = self._scan(r)
+        return [payload for _, payload in out]
+
+    def _scan(self, r: int) -> tuple[list[tuple[int, bytes]], int]:
+        """The whole entries from position ``r`` on (each with its position), and the
+        position after them."""
         mm = self._mm
         w = _POS.unpack_from(mm, _W)[0]
-        r = self._pending if self._pending >= 0 else _POS.unpack_from(mm, _R)[0]
-        out: list[bytes] = []
+        out: list[tuple[int, bytes]] = []
         while r < w:
             at = r % _CAP
-            if _CAP - at < 8:  # cannot happen with 8-aligned entries; never loop on it
-                r += _CAP - at
-                continue
             n, crc = _E.unpack_from(mm, _HEAD + at)
             if n == _WRAP:
+                if crc != _seed(r):
+                    break  # not whole yet (or not a marker of this lap)
                 r += _CAP - at
                 continue
             need = 8 + _aligned(n)
-            if need > _CAP - at or r + need > w:
+            if n == 0 or need > _CAP - at or r + need > w:
                 break  # not whole (yet)
             payload = mm[_HEAD + at + 8 : _HEAD + at + 8 + n]
-            if zlib.crc32(payload) != crc:
+            if zlib.crc32(payload, _seed(r)) != crc:
                 break
-            out.append(payload)
+            out.append((r, payload))
             r += need
-        self._pending = r
-        return out
+        return out, r
 
     def stuck(self) -> bool:
         """Entries remain that :meth:`take` could not read (a torn one)."""
@@ -189,10 +223,21 @@ class Outbox:
         w: int = _POS.unpack_from(self._mm, _W)[0]
         return r < w
 
+    def mark_taken(self) -> None:
+        """Before the records of what :meth:`take` returned are written: how far they
+        go (a restart then knows which entries may have been written)."""
+        if self._pending >= 0:
+            _POS.pack_into(self._mm, _T, self._pending)
+
     def commit(self) -> None:
         """What :meth:`take` returned is handled (its records written): free its room."""
         if self._pending >= 0:
             _POS.pack_into(self._mm, _R, self._pending)
+
+    def detach(self) -> None:
+        """The main process stops reading this outbox: the producer sends through the
+        channel from now on (it may have begun one more entry: take after this)."""
+        self._mm[_STATE] = _DETACHED
 
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):
@@ -204,22 +249,29 @@ class Outbox:
             self.path.unlink()
 
 
-def leftovers(folder: Path) -> list[tuple[Path, list[bytes]]]:
-    """The entries a previous incarnation's main process had not collected, per outbox
-    file in ``folder`` (which the caller removes once the entries are handled); a file
-    that is not an outbox is reported with no entries."""
-    out: list[tuple[Path, list[bytes]]] = []
+def leftovers(folder: Path) -> list[tuple[Path, list[bytes], list[bytes]]]:
+    """What a previous incarnation's main process left in the outboxes in ``folder``
+    (which the caller removes once it handled them), per file: the entries it had
+    taken and may have written to the ledger before it died, and those it surely had
+    not. A file that is not an outbox is listed with no entries."""
+    out: list[tuple[Path, list[bytes], list[bytes]]] = []
     for path in sorted(folder.glob("*" + SUFFIX)):
-        if not _NAME.match(path.name):
+        if not NAME.match(path.name):
             continue
         try:
-            box = Outbox.attach(path)
+            box = Outbox.attach(path, recovering=True)
         except (OSError, ValueError) as exc:
             log.warning("taskmeter: ignored outbox %s: %s", path, exc)
-            out.append((path, []))
+            out.append((path, [], []))
             continue
         try:
-            out.append((path, box.take()))
+            mm = box._mm
+            r, t = _POS.unpack_from(mm, _R)[0], _POS.unpack_from(mm, _T)[0]
+            entries = box._scan(r)[0]
         finally:
             box.close()
+        # taken up to t before the death: those entries may be in the ledger already
+        maybe = [payload for pos, payload in entries if pos < t]
+        fresh = [payload for pos, payload in entries if pos >= t]
+        out.append((path, maybe, fresh))
     return out

@@ -47,8 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from taskmeter.celery.outbox import Outbox
-from taskmeter.celery.outbox import path_of as outbox_path
+from taskmeter.celery.outbox import NAME, Outbox
 from taskmeter.measure.report import json_bytes, loads
 
 log = logging.getLogger("taskmeter.transport")
@@ -133,7 +132,9 @@ class Listener:
                 self.outbox_dir = Path(tempfile.mkdtemp(prefix="taskmeter-outbox-"))
             except OSError as exc:  # e.g. a read-only root file system without /tmp
                 log.info("taskmeter: no outboxes (%s): task ends go through the channels", exc)
-        self._outboxes: dict[int, Outbox] = {}  # by pool process pid
+        # The outboxes attached, by channel (a new file per channel: a sender that
+        # reconnects makes a new one), with the pool process's pid
+        self._boxes: dict[socket.socket, tuple[int | None, Outbox]] = {}
         self._polled = False  # channels read at the loop's ticks, not woken for
         self._timer: Any = None
         self._batched_at = 0.0  # when buffered sinks were last flushed (polled mode)
@@ -192,7 +193,7 @@ class Listener:
         self._flush_due = False
         with self._reading:
             self._drain()  # what arrived while no loop listened
-        self._batch_done()
+            self._flush_taken()
 
     def _unhook(self) -> None:
         """Cancel the POLL_S timer and take ``_on_tick`` off the loop (polled mode)."""
@@ -235,10 +236,12 @@ class Listener:
         except Exception:  # never into the event loop
             log.exception("taskmeter: reading the report channels failed")
         finally:
-            self._reading.release()
-            if flush:
-                self._batched_at = time.monotonic()
-                self._batch_done()
+            try:
+                if flush:
+                    self._batched_at = time.monotonic()
+                    self._flush_taken()
+            finally:
+                self._reading.release()
 
     def _on_ready(self, conn: socket.socket | None) -> None:
         try:
@@ -269,56 +272,61 @@ class Listener:
                 self._on_batch()
             except Exception:
                 log.exception("taskmeter: handling a batch of report messages failed")
-        # The entries handled are written (the ledger's sink flushes in on_batch): free
-        # their room. A whole-worker kill before this point leaves them to recover().
-        for box in list(self._outboxes.values()):
+
+    def _flush_taken(self, only: socket.socket | None = None) -> None:
+        """With ``_reading`` held: flush (the ledger's sink writes what was handled),
+        then free the room of the outbox entries taken (all, or ``only``'s). Each
+        outbox first notes how far its entries were taken, so that a whole-worker kill
+        during the write leaves a restart knowing which may be in the ledger."""
+        boxes = [b for c, (_, b) in self._boxes.items() if only is None or c is only]
+        for box in boxes:
+            box.mark_taken()
+        self._batch_done()
+        for box in boxes:
             box.commit()
 
     def collect(self, timeout: float = 2.0) -> None:
         """Handle now what pool processes left in their outboxes (and sent before): for
-        a scrape, whose counters must hold every task ended before it. Any thread."""
+        a scrape, whose counters must hold every task ended before it, and before the
+        main process judges a task. Any thread."""
         if not self.dirty[1] or self._closing or not self._reading.acquire(timeout=timeout):
             return  # (no outboxes in use: the channels are read by the loop's thread)
         try:
+            if self._closing:  # closed while this waited
+                return
             # Channels first: a task's start, sent before its end went to the outbox.
             # Not accepting (the loop's thread owns the listening socket's reader).
             self._drain(accept=False, outboxes=True)
-            self._batch_done()
+            self._flush_taken()
         except Exception:
             log.exception("taskmeter: collecting the outboxes failed")
         finally:
             self._reading.release()
 
-    def _collect(self, pid: int | None = None) -> None:
-        """Handle the entries of every outbox (or ``pid``'s), after their channels."""
-        boxes = self._outboxes.items() if pid is None else [(pid, self._outboxes.get(pid))]
-        for owner, box in list(boxes):
-            if box is None:
-                continue
-            try:
-                lines = box.take()
-            except ValueError:  # closed meanwhile (close())
-                continue
-            for line in lines:
-                self._handle(line, owner)
+    def _collect(self, only: socket.socket | None = None) -> None:
+        """Handle the entries of every outbox (or ``only``'s channel's), with
+        ``_reading`` held, after the channels were read."""
+        for conn, (pid, box) in list(self._boxes.items()):
+            if only is None or conn is only:
+                for line in box.take():
+                    self._handle(line, pid)
 
-    def _open_outbox(self, name: object, pid: int | None) -> None:
-        """A pool process's hello named its outbox: map it (only that pid's, here)."""
-        if not isinstance(name, str) or pid is None or name != outbox_path(Path(), pid).name:
-            if name is not None:
-                log.warning("taskmeter: ignored an outbox name from pid %s: %r", pid, name)
+    def _open_outbox(self, name: object, pid: int | None, conn: socket.socket) -> None:
+        """A pool process's hello named its outbox: map it, which tells the pool
+        process to use it (a name not of that pid's, or a file that cannot be mapped:
+        its ends keep coming through the channel)."""
+        if name is None or self.outbox_dir is None:
             return
-        if self.outbox_dir is None:
+        m = NAME.match(name) if isinstance(name, str) else None
+        if m is None or (pid is not None and int(m.group(1)) != pid):
+            log.warning("taskmeter: ignored an outbox name from pid %s: %r", pid, name)
             return
         try:
-            box = Outbox.attach(self.outbox_dir / name)
+            box = Outbox.attach(self.outbox_dir / m.group(0))
         except (OSError, ValueError) as exc:
             log.warning("taskmeter: cannot read the outbox of pid %s: %s", pid, exc)
             return
-        old = self._outboxes.pop(pid, None)
-        if old is not None:
-            old.close()
-        self._outboxes[pid] = box
+        self._boxes[conn] = (pid, box)
 
     def start(self) -> None:
         self.dirty[1] = 1  # _serve collects the outboxes every POLL_S
@@ -341,17 +349,23 @@ class Listener:
         # What pool processes sent since the last round (tasks that ended during a
         # warm shutdown, while the event loop no longer ran): handled now, once no
         # other thread reads the channels (Celery's shutdown timer thread may).
-        try:
-            with self._reading:
-                self._drain()
-        finally:
-            self._batch_done()
         with self._reading:
-            for box in self._outboxes.values():
+            for _, box in self._boxes.values():
+                box.detach()  # from now on pool processes send their ends
+            try:
+                self._drain()
+            finally:
+                self._flush_taken()
+            for pid, box in self._boxes.values():
+                if pid is not None and not self._own_outbox_dir and _alive(pid):
+                    # It may have begun one more entry as it was detached: its outbox
+                    # stays for the next incarnation to collect (the journal's folder).
+                    box.close()
+                    continue
                 if box.stuck():
                     log.warning("taskmeter: outbox %s holds an entry cut short", box.path)
                 box.remove()
-            self._outboxes = {}
+            self._boxes = {}
         if self._own_outbox_dir and self.outbox_dir is not None:
             with contextlib.suppress(OSError):
                 for left in self.outbox_dir.iterdir():
@@ -376,8 +390,8 @@ class Listener:
             events = self._sel.select(timeout=POLL_S)
             now = time.monotonic()
             collect = now - collected >= POLL_S
-            try:
-                with self._reading:
+            with self._reading:
+                try:
                     for key, _ in events:
                         if key.data == "wake":
                             return
@@ -388,9 +402,9 @@ class Listener:
                     if collect:
                         collected = now
                         self._collect()
-            finally:
-                if events or collect:
-                    self._batch_done()
+                finally:
+                    if events or collect:
+                        self._flush_taken()
             # Let messages gather in the sockets' buffers (a pool process's send wakes
             # nobody meanwhile) and handle them in one wake-up: at hundreds of tasks a
             # second this thread wakes at most 1 / COALESCE_S times a second instead of
@@ -453,15 +467,16 @@ class Listener:
         del self._by_fd[conn.fileno()]
         self._pollset.unregister(conn)
         conn.close()
-        box = self._outboxes.get(pid) if pid is not None else None
-        if box is not None and pid is not None:
+        if conn in self._boxes:
             # What the process left before it exited: handled and written before its
             # exit is (a task it ended is not judged killed), then the outbox removed.
-            self._collect(pid)
-            self._batch_done()
+            box = self._boxes[conn][1]
+            box.detach()
+            self._collect(conn)
+            self._flush_taken(conn)
             if box.stuck():
                 log.warning("taskmeter: pool process %s left an outbox entry cut short", pid)
-            del self._outboxes[pid]
+            del self._boxes[conn]
             box.remove()
         if pid is not None:
             try:
@@ -502,7 +517,7 @@ class Listener:
                 return 0
             trusted = True
             assert isinstance(msg, dict)
-            self._open_outbox(msg.get("outbox"), pid)
+            self._open_outbox(msg.get("outbox"), pid, conn)
         self._buffers[conn] = (bytearray(rest), pid, trusted)
         return len(data)
 
@@ -530,6 +545,16 @@ class Listener:
 SEND_TIMEOUT_S = 5.0
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 class Sender:
     """Pool process side. Connects lazily (after the fork) and never fails a task: a
     message that cannot be delivered is logged and dropped. A message that waited
@@ -548,6 +573,7 @@ class Sender:
         self._dirty = dirty  # the listener's shared bytes: set around every message
         self._outbox_dir = None if outbox_dir is None else Path(outbox_dir)
         self._outbox: Outbox | None = None  # made when the channel connects
+        self._connections = 0  # how many this process made (each its own outbox)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         # the channel's reader stalled: the stream may end in a partial line, so the
@@ -577,7 +603,8 @@ class Sender:
             self._outbox.close()
             self._outbox = None
         try:
-            self._outbox = Outbox.create(self._outbox_dir, os.getpid())
+            self._connections += 1
+            self._outbox = Outbox.create(self._outbox_dir, os.getpid(), self._connections)
         except OSError as exc:
             log.warning("taskmeter: no outbox (%s): task ends go through the channel", exc)
             return None
