@@ -54,7 +54,7 @@ from pathlib import Path
 log = logging.getLogger("taskmeter.outbox")
 
 SUFFIX = ".outbox"
-SIZE = 1 << 20  # bytes per pool process (sparse: only what entries touched is memory)
+SIZE = 1 << 20  # bytes per pool process and channel (page cache, and its disk blocks)
 _MAGIC = b"TMO1"
 _HEAD = 64
 _CAP = SIZE - _HEAD
