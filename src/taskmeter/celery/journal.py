@@ -316,7 +316,8 @@ class _Watched:
     mm: mmap.mmap
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -586,7 +587,7 @@ class Journal:
             task = None
         if task is not None and task.task_id == _as_recorded(report.task_id):
             mm[4] = 0
-            if pid in self._gone or not _pid_alive(pid):
+            if pid in self._gone or not pid_alive(pid):
                 self._gone.discard(pid)
                 self._forget(pid)
                 _unlink(path)

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from taskmeter.celery.journal import pid_alive
 from taskmeter.celery.outbox import NAME, Outbox
 from taskmeter.measure.report import json_bytes, loads
 
@@ -357,7 +358,7 @@ class Listener:
             finally:
                 self._flush_taken()
             for pid, box in self._boxes.values():
-                if pid is not None and not self._own_outbox_dir and _alive(pid):
+                if pid is not None and not self._own_outbox_dir and pid_alive(pid):
                     # It may have begun one more entry as it was detached: its outbox
                     # stays for the next incarnation to collect (the journal's folder).
                     box.close()
@@ -543,16 +544,6 @@ class Listener:
 # nobody reads the channels during a warm shutdown until the worker's end, and a task
 # must finish meanwhile rather than block (until its pod is SIGKILLed).
 SEND_TIMEOUT_S = 5.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class Sender:
