@@ -153,7 +153,10 @@ class _Worker:
                 if lost:
                     JOURNAL_RECOVERED.inc(len(lost))
                 sinks.append(self.journal.report_done)  # last: after metrics and ledger
-                self._recover_outboxes(self.journal.folder)
+                try:
+                    self._recover_outboxes(self.journal.folder)
+                except Exception:  # the worker starts all the same
+                    log.exception("taskmeter: recovering the outboxes' records failed")
         # A report its pool process ended goes to these sinks' work without a report
         # rebuilt (_sink_figures) while they are the hub's sinks, all of them.
         self._own_sinks = list(sinks)  # a copy: the hub's list may grow

@@ -274,12 +274,13 @@ class Listener:
             except Exception:
                 log.exception("taskmeter: handling a batch of report messages failed")
 
-    def _flush_taken(self, only: socket.socket | None = None) -> None:
-        """With ``_reading`` held: flush (the ledger's sink writes what was handled),
-        then free the room of the outbox entries taken (all, or ``only``'s). Each
-        outbox first notes how far its entries were taken, so that a whole-worker kill
-        during the write leaves a restart knowing which may be in the ledger."""
-        boxes = [b for c, (_, b) in self._boxes.items() if only is None or c is only]
+    def _flush_taken(self) -> None:
+        """With ``_reading`` held: flush (the ledger's sink writes what was handled,
+        every entry taken so far included), then free the room of the outbox entries
+        taken. Each outbox first notes how far its entries were taken, so that a
+        whole-worker kill during the write leaves a restart knowing which may be in
+        the ledger."""
+        boxes = [box for _, box in self._boxes.values()]
         for box in boxes:
             box.mark_taken()
         self._batch_done()
@@ -474,7 +475,7 @@ class Listener:
             box = self._boxes[conn][1]
             box.detach()
             self._collect(conn)
-            self._flush_taken(conn)
+            self._flush_taken()
             if box.stuck():
                 log.warning("taskmeter: pool process %s left an outbox entry cut short", pid)
             del self._boxes[conn]
