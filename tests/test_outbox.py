@@ -170,6 +170,7 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path):
     path.write_bytes(b"short")
     with pytest.raises(OSError):
         Outbox.attach(path)
+    Outbox.create(tmp_path, 6, 1).close()
     (tmp_path / "7-1.outbox").symlink_to(outbox.path_of(tmp_path, 6, 1))
     with pytest.raises(OSError):
         Outbox.attach(tmp_path / "7-1.outbox")

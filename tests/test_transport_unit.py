@@ -4,6 +4,7 @@ out of the listener, and a sender whose reader stalls gives up instead of blocki
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import Any
@@ -318,8 +319,15 @@ def test_a_sender_that_reconnects_loses_no_end_left_in_either_outbox():
         sender._sock.close()  # the channel breaks: the next message reconnects
         sender._sock = None
         sender.send({"type": "tool", "run": "x"})  # hello (outbox 2), then the message
+        second = folder / f"{os.getpid()}-2.outbox"  # type: ignore[operator]
+
+        def attached() -> bool:  # the main process mapped outbox 2 (its state byte)
+            return second.exists() and second.read_bytes()[40] == 1
+
+        wait_for(lambda: (next(loop), attached())[1], 5, "outbox 2 attached", 0)
         for n in (4, 5, 6):
-            sender.send_end(end % n)  # into outbox 2
+            sender.send_end(end % n)
+        assert struct.unpack_from("<Q", second.read_bytes(), 16)[0] > 0, "not in outbox 2"
         listener.collect()
         wait_for(lambda: (next(loop), sorted(handled))[1] == [f"{n}:1" for n in range(7)], 5,
                  "every end", 0)  # fmt: skip
@@ -341,12 +349,59 @@ def test_ends_go_through_the_channel_when_the_main_process_cannot_map_the_outbox
     monkeypatch.setattr(Outbox, "attach", classmethod(lambda cls, *a, **k: refuse()))
     listener, handled, hub = _outbox_listener()
     loop = hub.create_loop()
+    end = b'E["%d:1",true,null,null,2]\t{}'
     try:
         sender = Sender(listener.address, listener.token, listener.dirty, listener.outbox_dir)
-        for n in range(4):
-            sender.send_end(b'E["%d:1",true,null,null,2]\t{}' % n)
-        wait_for(lambda: (next(loop), handled)[1] == [f"{n}:1" for n in range(4)], 5,
-                 "every end, through the channel", 0)  # fmt: skip
+        sender.send_end(end % 0)  # connects: its hello names the outbox
+        wait_for(lambda: (next(loop), handled)[1] == ["0:1"], 5, "the hello and first end", 0)
+        assert not listener._boxes  # not mapped
+        for n in (1, 2, 3):
+            sender.send_end(end % n)
+        # The loop's ticks read the channels (never the outboxes): all there.
+        wait_for(lambda: (listener._on_tick(), handled)[1] == [f"{n}:1" for n in range(4)],
+                 5, "every end, through the channel", 0)  # fmt: skip
+        sender.close()
+    finally:
+        listener.close()
+        hub.close()
+
+
+def test_an_outbox_notes_its_entries_taken_before_their_records_are_written_and_frees_them_after():
+    """The order a restart relies on (outbox.leftovers): taken position (T) noted
+    before the flush that writes the records, read position (R) moved after it."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    seen: list[tuple[int, int, int]] = []  # (W, R, T) of the outbox at each flush
+    handled: list[str] = []
+    folder: list[Any] = []
+
+    def positions() -> tuple[int, int, int]:
+        (path,) = folder[0].glob("*.outbox")
+        w, r, t = struct.unpack_from("<QQQ", path.read_bytes(), 16)
+        return w, r, t
+
+    def on_batch() -> None:
+        if handled and list(folder[0].glob("*.outbox")):
+            seen.append(positions())
+
+    listener = Listener(lambda msg, pid: handled.append(msg["head"][0]), lambda pid: None, on_batch)
+    folder.append(listener.outbox_dir)
+    listener.attach(hub)
+    loop = hub.create_loop()
+    end = b'E["%d:1",true,null,null,2]\t{}'
+    try:
+        sender = Sender(listener.address, listener.token, listener.dirty, listener.outbox_dir)
+        sender.send_end(end % 0)
+        wait_for(lambda: (next(loop), handled)[1] == ["0:1"], 5, "the hello", 0)
+        for n in (1, 2, 3):
+            sender.send_end(end % n)
+        seen.clear()
+        listener.collect()
+        assert handled[1:] == ["1:1", "2:1", "3:1"]
+        (w, r, t), *_ = seen
+        assert t == w > r, "the flush came before the entries were noted as taken"
+        assert positions() == (w, w, w), "their room was not freed after the flush"
         sender.close()
     finally:
         listener.close()

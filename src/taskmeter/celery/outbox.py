@@ -58,11 +58,13 @@ SIZE = 1 << 20  # bytes per pool process and channel (page cache, and its disk b
 _MAGIC = b"TMO1"
 _HEAD = 64
 _CAP = SIZE - _HEAD
-# magic, data area size; then positions (native: one 8-byte store or load each, never
-# seen half written): write at 16, read at 24, taken at 32; the state byte at 40
+# magic, data area size; then positions, 8-byte native integers read and written
+# through a memoryview of the map (one load or store each, never seen half written:
+# struct.pack_into zeroes its bytes before it copies the value in): write at 16 (index
+# 2 of the view), read at 24 (3), taken at 32 (4); the state byte at 40
 _H = struct.Struct("<4s4xQ")
-_POS = struct.Struct("Q")
-_W, _R, _T, _STATE = 16, 24, 32, 40
+_W, _R, _T = 2, 3, 4
+_STATE = 40
 _ATTACHED, _DETACHED = 1, 2
 _E = struct.Struct("<II")  # entry: payload length, crc32 seeded with its position
 _WRAP = 0xFFFFFFFF
@@ -109,16 +111,17 @@ class Outbox:
     """One pool process's outbox, mapped shared: :meth:`put` in the pool process,
     :meth:`take` and :meth:`commit` in the main process."""
 
-    __slots__ = ("_mm", "_pending", "_r", "_w", "path")
+    __slots__ = ("_mm", "_pending", "_q", "_r", "_w", "path")
 
     def __init__(self, mm: mmap.mmap, path: Path) -> None:
         self._mm, self.path = mm, path
+        self._q = memoryview(mm).cast("Q")  # the positions (released at close)
         self._pending = -1  # the consumer's position after what take() returned
         # The producer's own copies: its write position (it alone writes it), and the
         # read position as it last read it (re-read only when the ring looks full).
         # Fewer reads of the shared map per entry: with cold caches each costs µs.
-        self._w = _POS.unpack_from(mm, _W)[0]
-        self._r = _POS.unpack_from(mm, _R)[0]
+        self._w: int = self._q[_W]
+        self._r: int = self._q[_R]
 
     @classmethod
     def create(cls, folder: Path, pid: int, n: int) -> Outbox:
@@ -170,7 +173,7 @@ class Outbox:
         room = _CAP - at
         want = need + room if need > room else need  # (a wrap wastes the ring's end)
         if want > _CAP - (w - self._r):  # full, as last seen: what was freed since?
-            self._r = _POS.unpack_from(mm, _R)[0]
+            self._r = self._q[_R]
             if want > _CAP - (w - self._r):
                 return False
         if need > room:  # does not fit before the ring's end: a wrap marker, then 0
@@ -181,7 +184,7 @@ class Outbox:
         _E.pack_into(mm, start, n, zlib.crc32(payload, _seed(w)))
         mm[start + 8 : start + 8 + n] = payload
         self._w = w = w + need
-        _POS.pack_into(mm, _W, w)  # last: the entry is whole before it counts
+        self._q[_W] = w  # last: the entry is whole before it counts
         return True
 
     # -- the main process -----------------------------------------------------------------
@@ -189,7 +192,7 @@ class Outbox:
         """The entries left since the last :meth:`commit` (or the last take), in order.
         An entry that does not check stops the read: it is taken at the next call (see
         the module's docstring)."""
-        r = self._pending if self._pending >= 0 else _POS.unpack_from(self._mm, _R)[0]
+        r = self._pending if self._pending >= 0 else self._q[_R]
         out, self._pending = self._scan(r)
         return [payload for _, payload in out]
 
@@ -197,7 +200,7 @@ class Outbox:
         """The whole entries from position ``r`` on (each with its position), and the
         position after them."""
         mm = self._mm
-        w = _POS.unpack_from(mm, _W)[0]
+        w = self._q[_W]
         out: list[tuple[int, bytes]] = []
         while r < w:
             at = r % _CAP
@@ -219,20 +222,20 @@ class Outbox:
 
     def stuck(self) -> bool:
         """Entries remain that :meth:`take` could not read (a torn one)."""
-        r = self._pending if self._pending >= 0 else _POS.unpack_from(self._mm, _R)[0]
-        w: int = _POS.unpack_from(self._mm, _W)[0]
+        r = self._pending if self._pending >= 0 else self._q[_R]
+        w: int = self._q[_W]
         return r < w
 
     def mark_taken(self) -> None:
         """Before the records of what :meth:`take` returned are written: how far they
         go (a restart then knows which entries may have been written)."""
         if self._pending >= 0:
-            _POS.pack_into(self._mm, _T, self._pending)
+            self._q[_T] = self._pending
 
     def commit(self) -> None:
         """What :meth:`take` returned is handled (its records written): free its room."""
         if self._pending >= 0:
-            _POS.pack_into(self._mm, _R, self._pending)
+            self._q[_R] = self._pending
 
     def detach(self) -> None:
         """The main process stops reading this outbox: the producer sends through the
@@ -240,6 +243,7 @@ class Outbox:
         self._mm[_STATE] = _DETACHED
 
     def close(self) -> None:
+        self._q.release()
         with contextlib.suppress(BufferError, ValueError):
             self._mm.close()
 
@@ -265,9 +269,11 @@ def leftovers(folder: Path) -> list[tuple[Path, list[bytes], list[bytes]]]:
             out.append((path, [], []))
             continue
         try:
-            mm = box._mm
-            r, t = _POS.unpack_from(mm, _R)[0], _POS.unpack_from(mm, _T)[0]
-            entries = box._scan(r)[0]
+            r, t = box._q[_R], box._q[_T]
+            entries, end = box._scan(r)
+            # Noted as taken before the caller writes them: a restart after this one
+            # dies midway looks them up rather than writes them again.
+            box._q[_T] = max(t, end)
         finally:
             box.close()
         # taken up to t before the death: those entries may be in the ledger already

@@ -193,8 +193,10 @@ class Listener:
                 loop.add_reader(conn, self._on_ready, conn)
         self._flush_due = False
         with self._reading:
-            self._drain()  # what arrived while no loop listened
-            self._flush_taken()
+            try:
+                self._drain()  # what arrived while no loop listened
+            finally:
+                self._flush_taken()
 
     def _unhook(self) -> None:
         """Cancel the POLL_S timer and take ``_on_tick`` off the loop (polled mode)."""
@@ -277,14 +279,9 @@ class Listener:
     def _flush_taken(self) -> None:
         """With ``_reading`` held: flush (the ledger's sink writes what was handled,
         every entry taken so far included), then free the room of the outbox entries
-        taken. Each outbox first notes how far its entries were taken, so that a
-        whole-worker kill during the write leaves a restart knowing which may be in
-        the ledger."""
-        boxes = [box for _, box in self._boxes.values()]
-        for box in boxes:
-            box.mark_taken()
+        taken (see _collect for how far each was taken, noted before)."""
         self._batch_done()
-        for box in boxes:
+        for _, box in self._boxes.values():
             box.commit()
 
     def collect(self, timeout: float = 2.0) -> None:
@@ -298,8 +295,10 @@ class Listener:
                 return
             # Channels first: a task's start, sent before its end went to the outbox.
             # Not accepting (the loop's thread owns the listening socket's reader).
-            self._drain(accept=False, outboxes=True)
-            self._flush_taken()
+            try:
+                self._drain(accept=False, outboxes=True)
+            finally:
+                self._flush_taken()
         except Exception:
             log.exception("taskmeter: collecting the outboxes failed")
         finally:
@@ -307,10 +306,16 @@ class Listener:
 
     def _collect(self, only: socket.socket | None = None) -> None:
         """Handle the entries of every outbox (or ``only``'s channel's), with
-        ``_reading`` held, after the channels were read."""
+        ``_reading`` held, after the channels were read. Each outbox notes how far
+        its entries were taken before any is handled: their records may be written by
+        any flush from then on (one of another thread's too), and a whole-worker kill
+        after that leaves a restart knowing which may be in the ledger."""
         for conn, (pid, box) in list(self._boxes.items()):
             if only is None or conn is only:
-                for line in box.take():
+                lines = box.take()
+                if lines:
+                    box.mark_taken()
+                for line in lines:
                     self._handle(line, pid)
 
     def _open_outbox(self, name: object, pid: int | None, conn: socket.socket) -> None:
@@ -399,11 +404,13 @@ class Listener:
                             return
                         if key.fileobj is self._sock:
                             self._accept()
-                        else:
-                            self._read(key.fileobj)  # type: ignore[arg-type]
+                        elif key.fileobj in self._buffers:  # (a scrape may have dropped it)
+                            self._read(key.fileobj)
                     if collect:
                         collected = now
                         self._collect()
+                except Exception:  # never end this thread: nothing else would read
+                    log.exception("taskmeter: reading the report channels failed")
                 finally:
                     if events or collect:
                         self._flush_taken()
