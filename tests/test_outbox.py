@@ -168,7 +168,7 @@ def test_a_file_that_is_not_an_outbox_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a taskmeter outbox"):
         Outbox.attach(path)
     path.write_bytes(b"short")
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="5 bytes, not 1048576"):
         Outbox.attach(path)
     Outbox.create(tmp_path, 6, 1).close()
     (tmp_path / "7-1.outbox").symlink_to(outbox.path_of(tmp_path, 6, 1))

@@ -265,22 +265,33 @@ def node_folder_name(node: str) -> str:
     return name or "worker"
 
 
-def _map(path: Path, create: bool) -> mmap.mmap:
+def map_shared(path: Path, size: int, *, create: bool = False, new: bool = False) -> mmap.mmap:
+    """``path`` mapped shared, read-write: a regular file of ``size`` bytes, never
+    reached through a symlink. ``create``: made, or given that size, when it is not
+    so. ``new``: made, failing if it exists, its blocks allocated on disk (a write
+    into a sparse map on a full disk is SIGBUS). Raises OSError, or SlotError for an
+    existing file of another size."""
     flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    if create:
-        flags |= os.O_CREAT
+    if create or new:
+        flags |= os.O_CREAT | (os.O_EXCL if new else 0)
     fd = os.open(path, flags, 0o600)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if st.st_size != SLOT_SIZE:
-            if not create:
-                raise SlotError(f"{st.st_size} bytes, not {SLOT_SIZE}")
-            os.ftruncate(fd, SLOT_SIZE)
-        return mmap.mmap(fd, SLOT_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if new and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        elif st.st_size != size:
+            if not (create or new):
+                raise SlotError(f"{st.st_size} bytes, not {size}")
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+
+
+def _map(path: Path, create: bool) -> mmap.mmap:
+    return map_shared(path, SLOT_SIZE, create=create)
 
 
 class Slot:

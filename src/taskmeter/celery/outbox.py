@@ -41,15 +41,15 @@ may have been.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
 import re
-import stat
 import struct
 import zlib
 from pathlib import Path
+
+from taskmeter.celery.journal import map_shared
 
 log = logging.getLogger("taskmeter.outbox")
 
@@ -79,28 +79,6 @@ def _seed(pos: int) -> int:
 
 def _aligned(n: int) -> int:
     return (n + 7) & ~7
-
-
-def _map(path: Path, create: bool) -> mmap.mmap:
-    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    if create:
-        flags |= os.O_CREAT | os.O_EXCL
-    fd = os.open(path, flags, 0o600)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if create:
-            # Blocks on disk now: a write into a sparse map on a full disk is SIGBUS.
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, SIZE)
-            else:  # pragma: no cover - macOS
-                os.ftruncate(fd, SIZE)
-        elif st.st_size != SIZE:
-            raise OSError(errno.EINVAL, f"{st.st_size} bytes, not {SIZE}", str(path))
-        return mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
 
 
 def path_of(folder: Path, pid: int, n: int) -> Path:
@@ -133,7 +111,7 @@ class Outbox:
         tmp = path.with_name(path.name + ".new")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        mm = _map(tmp, create=True)
+        mm = map_shared(tmp, SIZE, new=True)
         try:
             _H.pack_into(mm, 0, _MAGIC, _CAP)
             os.replace(tmp, path)
@@ -149,7 +127,7 @@ class Outbox:
         """The main process's side: map an outbox a pool process made, and tell it so
         (it writes entries only from then on; not when ``recovering`` a dead one's).
         Raises OSError (or ValueError for a file that is not an outbox)."""
-        mm = _map(path, create=False)
+        mm = map_shared(path, SIZE)
         magic, cap = _H.unpack_from(mm, 0)
         if magic != _MAGIC or cap != _CAP:
             mm.close()
