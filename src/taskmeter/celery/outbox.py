@@ -4,13 +4,14 @@ mapping for the main process to collect in batches, instead of one message per t
 A message per task costs the main process a read, a parse and a ledger write per task,
 with caches gone cold between tasks (docs/benchmarks.md, issue 10). An outbox entry is
 two memory copies in the pool process and nothing in the main process until it
-collects: at its ``POLL_S`` timer, before a scrape, when a pool process exits, and at
-shutdown, all entries of all outboxes at once, in one ledger write.
+collects (transport.py): at its ``POLL_S`` timer, before a scrape or a verdict of its
+own, when a pool process exits, and at shutdown, all entries of all outboxes at once,
+in one ledger write.
 
 Where it lives decides what survives. In the in-flight journal's folder (the usual
 case) the file is shared memory backed by the page cache, which outlives the death of
 every process of the worker (a container OOM kill): the next incarnation collects what
-its predecessor's main process had not (:func:`recover`), so a whole-worker kill loses
+its predecessor's main process had not (:func:`leftovers`), so a whole-worker kill loses
 no record of a task that ended. Without the journal it lives in a private temporary
 folder, removed at shutdown.
 
