@@ -296,7 +296,7 @@ class Listener:
             # Channels first: a task's start, sent before its end went to the outbox.
             # Not accepting (the loop's thread owns the listening socket's reader).
             try:
-                self._drain(accept=False, outboxes=True)
+                self._drain(accept=False)
             finally:
                 self._flush_taken()
         except Exception:
@@ -421,17 +421,15 @@ class Listener:
             if events and COALESCE_S > 0 and self._stop.wait(COALESCE_S):
                 return
 
-    def _drain(
-        self, accept: bool = True, until_empty: bool = True, outboxes: bool | None = None
-    ) -> None:
+    def _drain(self, accept: bool = True, until_empty: bool = True) -> None:
         """Accept the channels waiting (unless ``accept`` is False: the listening
         socket is in the loop's poll set), then read every channel that holds
         something (one ``poll``: the others are not tried) until it is empty
         (``until_empty``) or, from the loop's ticks, until a read comes back short: a
         stream socket had no more then, and what a sender adds later sets the shared
         byte again (one recv per sending channel and tick, not two; a closed channel
-        is readable, seen at the next tick that reads or the POLL_S timer's). Then the
-        outboxes (``outboxes``; by default when reading until empty: not at ticks)."""
+        is readable, seen at the next tick that reads or the POLL_S timer's). Then,
+        when reading until empty (not at the loop's ticks), the outboxes."""
         while accept and self._accept():
             pass
         for fd, _ in self._pollset.poll(0):
@@ -440,7 +438,7 @@ class Listener:
                 n = self._read(conn)
                 if not n or (not until_empty and n < _RECV):
                     break
-        if until_empty if outboxes is None else outboxes:
+        if until_empty:
             self._collect()
 
     def _accept(self) -> bool:
