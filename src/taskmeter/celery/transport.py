@@ -21,7 +21,8 @@ channel is accepted, its messages still queued.)
 Task ends after a pool process's first go into its outbox (outbox.py) rather than its
 channel, while the main process collects outboxes (with Celery's event loop, or its
 own thread): the main process then handles them in batches, at its POLL_S timer, and
-at once before a scrape (``collect``) or after a pool process exits. The channel stays
+at once before a scrape or a verdict of its own (``collect``) or after a pool process
+exits. The channel stays
 for the first message (its hello names the outbox), for starts and tools, for ends the
 main process judges (killed, revoked), and for an entry that does not fit.
 """
