@@ -441,3 +441,90 @@ def test_a_task_its_pool_process_ended_reaches_metrics_and_ledger_without_a_rebu
     mine.register(main.metrics)
     assert generate_latest(mine) == generate_latest(registry)
     assert b'celery_task_runs_total{state="success",task="t.a"} 1.0' in generate_latest(mine)
+
+
+def test_a_short_task_ends_packed_in_the_outbox_and_the_main_process_writes_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A task with no tool and no phase that its pool process ended: its figures go
+    packed into the outbox (no record built, encoded or read as JSON in the pool
+    process), and the main process writes the record the pool process would have
+    written, and counts it, as for a record sent whole."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from taskmeter.celery import integration, outbox
+    from taskmeter.celery.hub import Hub
+    from taskmeter.celery.transport import Listener, Sender
+    from taskmeter.config import load_settings
+    from taskmeter.export.ledger import open_ledger
+    from taskmeter.export.metrics import TaskMetrics
+    from taskmeter.measure.report import TaskReport
+
+    settings = load_settings({}, {})
+    main = integration._Worker(settings, "prefork", ["t.a"])
+    main.ledger = open_ledger(str(tmp_path / "ledger.jsonl"))
+    main.hub = Hub(
+        [main.metrics.observe, main._write_ledger], hostname="h", pool="prefork", interval_s=0.1
+    )
+    main._own_sinks = list(main.hub.sinks)
+    listener = Listener(main._on_message, lambda pid: None, main._flush_ledger)
+    listener.start()
+    pool = integration._Worker(settings, "prefork", ["t.a"])
+    pool.sender = Sender(listener.address, listener.token, listener.dirty, listener.outbox_dir)
+    entries: list[bytes] = []
+    put = outbox.Outbox.put
+
+    def spy(self: outbox.Outbox, entry: bytes) -> bool:
+        ok = put(self, entry)
+        if ok:  # (the first end, before the main process attached the outbox: refused)
+            entries.append(bytes(entry))
+        return ok
+
+    monkeypatch.setattr(outbox.Outbox, "put", spy)
+
+    me = threading.current_thread()  # the pool process's; the main's is the listener's
+    build, to_json = taskmeter.Measurement._build, TaskReport.to_json_bytes
+
+    def never(original: Any) -> Any:
+        def call(*args: Any) -> Any:
+            if threading.current_thread() is me:
+                raise AssertionError("the pool process built or encoded a record")
+            return original(*args)
+
+        return call
+
+    measurements = []
+    try:
+        pool.task_started("t.a", "id-0")  # connects: its outbox attached from now on
+        pool.task_ended("id-0", "SUCCESS")
+        wait_for(lambda: _lines(tmp_path / "ledger.jsonl") == 1, 5, "the first record", 0.01)
+        for i in range(1, 4):
+            pool.task_started("t.a", f"id-{i}")
+            measurements.append(pool.runs[(f"id-{i}", threading.get_ident())].m)
+            with monkeypatch.context() as m:
+                m.setattr(taskmeter.Measurement, "_build", never(build))
+                m.setattr(TaskReport, "to_json_bytes", never(to_json))
+                pool.task_ended(f"id-{i}", "FAILURE" if i == 2 else "SUCCESS")
+        listener.collect()
+    finally:
+        pool.sender.close()
+        listener.close()
+        main.ledger.close()
+    assert [e[:1] for e in entries] == [b"R", b"R", b"R"]
+    assert all(len(e) < 200 for e in entries)  # against ~900 bytes for the record
+    lines = (tmp_path / "ledger.jsonl").read_bytes().splitlines()
+    assert lines[1:] == [m.report.to_json_bytes() for m in measurements]
+    reports = [TaskReport.from_json(line) for line in lines]
+    assert [(r.task_id, r.state) for r in reports] == [
+        ("id-0", "success"), ("id-1", "success"), ("id-2", "failure"), ("id-3", "success"),
+    ]  # fmt: skip
+    assert all(r.worker.pid == os.getpid() and r.worker.pool == "prefork" for r in reports)
+    assert all(r.wall_s > 0 and r.overhead.rss_peak_bytes > 0 for r in reports)
+    direct = TaskMetrics()
+    direct.declare(["t.a"])
+    for r in reports:
+        direct.observe(r)
+    registry, mine = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+    registry.register(direct)
+    mine.register(main.metrics)
+    assert generate_latest(mine) == generate_latest(registry)

@@ -248,6 +248,11 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
             taskmeter.run(["true"])
         reports.append(m.report)
     bodies = [r.to_json_bytes() for r in reports]
+    short = taskmeter.Measurement("t.a", "id-3")  # no tool: its end is packed figures
+    short.start()
+    packed = short.finish_packed("success")
+    assert packed is not None
+    bodies.append(short.report.to_json_bytes())
 
     first = integration._Worker(settings, "prefork", ["t.a"])
     first.open()
@@ -255,6 +260,7 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     folder = Path(settings.journal) / node_folder_name(first.node)
     box, main = _pair(folder, 999_999)
     lines = [b'E["999999:%d",true,null,null,%d]\t' % (i, len(b)) + b for i, b in enumerate(bodies)]
+    lines[3] = b"R" + struct.pack("=q", 3) + packed
     # The main process took the first two to write, and the kill came once it had
     # written the first (one round's write can end up split, as by a full disk); the
     # third came after, never taken.
@@ -262,7 +268,7 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     assert main.take() == lines[:2]
     main.mark_taken()
     first.ledger.write_many(bodies[:1])
-    assert box.put(lines[2])
+    assert box.put(lines[2]) and box.put(lines[3])
     box.close()
     first.close()  # the outbox is no pool process's of this incarnation: left as is
     assert outbox.path_of(folder, 999_999, 1).exists()
@@ -273,11 +279,12 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     try:
         if ledger == "file":
             assert (tmp_path / "ledger.jsonl").read_bytes().splitlines() == bodies
-            written = 2  # the second and the third
+            written = 3  # the second, the third and the packed fourth
         else:
             out = capfd.readouterr().out.encode().splitlines()
-            assert [TaskReport.from_json(line).task_id for line in out] == ["id-2"]
-            written = 1  # the third (the second may have been written: skipped)
+            expected = [TaskReport.from_json(b) for b in bodies[2:]]
+            assert [TaskReport.from_json(line) for line in out] == expected
+            written = 2  # the third and fourth (the second may have been written: skipped)
         assert not outbox.path_of(folder, 999_999, 1).exists()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(second.metrics)

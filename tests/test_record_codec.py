@@ -11,9 +11,12 @@ import dataclasses
 import json
 import math
 import sys
+import threading
+from typing import Any
 
 import taskmeter
-from taskmeter.measure.report import TaskReport, compact_json
+from taskmeter.measure.core import _PACKED, Measurement, unpack_report
+from taskmeter.measure.report import State, TaskReport, compact_json
 
 
 def _reports() -> list[TaskReport]:
@@ -83,3 +86,79 @@ def test_from_trusted_equals_from_dict_and_writes_the_same_line() -> None:
             pass
         else:
             raise AssertionError("from_trusted made a mutable record")
+
+
+def _packed_and_built(m: Measurement, state: State) -> tuple[bytes | None, TaskReport]:
+    """finish_packed()'s result, and the report finish() would have built from the same
+    figures (Measurement._build on what finish_packed ended with)."""
+    figures: list[tuple[Any, ...]] = []
+    end = Measurement._end
+
+    def spy(self: Measurement, *args: Any) -> Any:
+        figures.append(end(self, *args))
+        return figures[-1]
+
+    Measurement._end = spy  # type: ignore[method-assign]
+    try:
+        packed = m.finish_packed(state)
+    finally:
+        Measurement._end = end  # type: ignore[method-assign]
+    return packed, m._build(*figures[0])
+
+
+def test_a_packed_end_unpacks_to_the_report_finish_would_build() -> None:
+    """What a Celery pool process sends for a short task (figures packed) is rebuilt by
+    the main process as the equal report, its record byte for byte, for every kind of
+    value a short task's record holds: no task id or pool, a non-ASCII name, a lone
+    surrogate, a queue wait, a failure, thread CPU (spans overlapping in threads)."""
+    results: list[tuple[Measurement, bytes | None, TaskReport]] = []
+    plain = Measurement("plain")
+    plain.start()
+    exotic = Measurement("vcf.säule → 検査", 'ïd-"q"\n\udcff', pool="prefork")
+    exotic.start()
+    exotic.queue_wait_s = 0.125
+
+    def in_a_thread() -> None:  # spans of two threads at once: "thread" CPU
+        m = Measurement("threaded", "id-2", pool="threads")
+        m.start()
+        x = bytearray(4 << 20)
+        x[::4096] = b"x" * len(x[::4096])  # a peak above the start
+        results.append((m, *_packed_and_built(m, "retry")))
+
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    results.append((exotic, *_packed_and_built(exotic, "failure")))
+    results.append((plain, *_packed_and_built(plain, "success")))
+    assert len(results) == 3
+    for m, packed, built in results:
+        assert packed is not None
+        got = unpack_report(packed)
+        assert got == built and got.to_json_bytes() == built.to_json_bytes()
+        assert list(vars(got)) == list(vars(built))
+        assert m.report == built  # read on the pool side: built from the same figures
+    threaded, failed, _ = (m.report for m, _, _ in results)
+    assert threaded.overhead.cpu_method == "thread" and threaded.task_id == "id-2"
+    assert threaded.overhead.rss_peak_bytes >= threaded.overhead.rss_avg_bytes + (2 << 20)
+    assert failed.queue_wait_s == 0.125 and failed.state == "failure"
+    assert failed.worker.pool == "prefork" and results[2][0].report.task_id is None
+
+
+def test_a_report_with_tools_or_phases_is_built_where_it_ends_not_packed() -> None:
+    with_tool = Measurement("tool")
+    with_tool.start()
+    taskmeter.run(["true"])
+    assert with_tool.finish_packed("success") is None
+    assert [t.exe for t in with_tool.report.tools] == ["true"]
+    with_phase = Measurement("phase")
+    with_phase.start()
+    with with_phase.phase("load"):
+        pass
+    assert with_phase.finish_packed("success") is None
+    assert [p.name for p in with_phase.report.phases] == ["load"]
+    for bad in (b"", b"\x00" * 10, _PACKED.pack(0, 1, 0, 0, *[0.0] * 8, 0, 0, 0, 1, 5, 0, 0)):
+        try:
+            unpack_report(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} unpacked")

@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from taskmeter.export.ledger import AnyLedger, Ledger, open_ledger
 from taskmeter.export.metrics import JOURNAL_RECOVERED, Observation, TaskMetrics, observation
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure import cgroup
-from taskmeter.measure.core import Measurement
+from taskmeter.measure.core import Measurement, unpack_report
 from taskmeter.measure.report import (
     Cause,
     State,
@@ -235,8 +236,11 @@ class _Worker:
             bodies: list[bytes] = []
             for line, unsure in [(m, True) for m in maybe] + [(f, False) for f in fresh]:
                 try:
-                    body = line[line.index(b"\t") + 1 :]
-                    report = TaskReport.from_dict(loads(body))
+                    if line[:1] == _PACKED_END:
+                        report, body = _unpack_end(line)[1:]
+                    else:
+                        body = line[line.index(b"\t") + 1 :]
+                        report = TaskReport.from_dict(loads(body))
                 except (ValueError, TypeError, KeyError) as exc:
                     log.warning("taskmeter: ignored an outbox entry of %s: %s", path, exc)
                     continue
@@ -336,7 +340,17 @@ class _Worker:
 
     def _on_message(self, msg: Message, pid: int | None) -> None:
         assert self.hub is not None
-        if msg.get("type") == "end-line":
+        kind = msg.get("type")
+        if kind == "end-packed":  # R<run's seq><figures>: a final end, built here
+            try:
+                run_id, report, record = _unpack_end(msg["entry"])
+            except ValueError as exc:
+                log.warning("taskmeter: dropped a malformed task end from pid %s: %s", pid, exc)
+                return
+            obs = observation(report) if report.state in _OWN_END else None
+            msg = {"type": "end-line", "head": [run_id, True, None, obs, len(record)]}
+            msg["body"], msg["report"], kind = record, report, "end-line"
+        if kind == "end-line":
             # E[run id, final, start fields or null, figures or null, record's length]
             # \t<record>: one message per task
             run_id, final, start, obs, size = msg["head"]
@@ -351,7 +365,7 @@ class _Worker:
                 if self.hub.ended_final(run_id, obs[1], obs[2]):
                     self._sink_figures(obs, body)
                 return
-            report = TaskReport.from_trusted(loads(body))
+            report = msg.get("report") or TaskReport.from_trusted(loads(body))
             if start is not None and not final:  # the main process's verdict decides
                 task, task_id, pid_, epoch, cpu0, oom0 = start
                 self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
@@ -360,14 +374,14 @@ class _Worker:
                 self.hub.ended(run_id, report, bool(final))
             finally:
                 self._pending = None
-        elif msg.get("type") == "start":
+        elif kind == "start":
             self.hub.started(
                 msg["run"], msg["task"], msg.get("task_id"), int(msg["pid"]),
                 float(msg["epoch"]), msg.get("cpu0_s"), oom0=msg.get("oom0"),
             )  # fmt: skip
-        elif msg.get("type") == "end":
+        elif kind == "end":
             self.hub.ended(msg["run"], TaskReport.from_dict(msg["report"]), bool(msg["final"]))
-        elif msg.get("type") == "tool":
+        elif kind == "tool":
             ticks = msg.get("ticks")
             self.hub.tool_started(
                 msg["run"], int(msg["pid"]), None if ticks is None else int(ticks),
@@ -482,14 +496,28 @@ class _Worker:
         if not announced:
             run.m.on_first_sample = None
         state = _STATES.get(celery_state or "")
+        final = state is not None
+        packed: bytes | None = None
         try:
-            report = run.m.finish(state=state or "killed")
+            if final and self.sender is not None and self.hub is None and not otel.recording():
+                # Most short tasks: the figures packed, the record built by the main
+                # process in its next batch (R entries, _Worker._on_message). With a
+                # span to annotate, the report is needed here.
+                packed = run.m.finish_packed(state)  # type: ignore[arg-type]
+            report = None if packed is not None else run.m.finish(state=state or "killed")
         finally:
             if self.journal is not None:
                 # Cleared before the report is sent: if the whole worker dies in
                 # between, the task is missing rather than recorded twice. Cleared even
                 # when finish() raised: the task ended, it must not be recovered as lost.
                 self.journal.end()
+        if packed is not None:
+            assert self.sender is not None
+            line = _PACKED_END + _SEQ.pack(int(run.run_id.rpartition(":")[2])) + packed
+            if self.sender.put_end(line):
+                return
+            report = run.m.report  # no room in the outbox: built here, sent as a line
+        assert report is not None
         if otel.AVAILABLE:
             try:
                 otel.annotate(report)  # the task's span, when one is current (otel.py)
@@ -497,7 +525,6 @@ class _Worker:
                 if not _ANNOTATE_FAILED:
                     _ANNOTATE_FAILED.append(True)
                     log.exception("taskmeter: annotating the task's span failed (logged once)")
-        final = state is not None
         if self.hub is not None:  # solo and threads pools: no channel needed
             self.hub.ended(run.run_id, report, final)
         elif self.sender is not None:
@@ -513,7 +540,7 @@ class _Worker:
             obs = observation(report) if state in _OWN_END else None
             body = report.to_json_bytes()
             head = json_bytes([run.run_id, final, start, obs, len(body)])
-            line = b"E" + head + b"\t" + body
+            line = _END + head + b"\t" + body
             if final:  # collected in a batch (outbox.py); a verdict is needed sooner
                 self.sender.send_end(line)
             else:
@@ -524,6 +551,22 @@ class _Worker:
             self._on_message(msg, None)  # solo and threads pools: no channel needed
         elif self.sender is not None:
             self.sender.send(msg)
+
+
+# A task's end in an outbox or channel: E<head JSON>\t<record>, or (outboxes only)
+# R<the run's sequence number><Measurement.finish_packed's figures>
+_END, _PACKED_END = b"E", b"R"
+_SEQ = struct.Struct("=q")
+
+
+def _unpack_end(entry: bytes) -> tuple[str, TaskReport, bytes]:
+    """(run id, report, record as the ledger writes it) of an R entry; ValueError if it
+    is not one."""
+    if entry[:1] != _PACKED_END or len(entry) < 1 + _SEQ.size:
+        raise ValueError("not a packed task end")
+    (seq,) = _SEQ.unpack_from(entry, 1)
+    report = unpack_report(memoryview(entry)[1 + _SEQ.size :])
+    return f"{report.worker.pid}:{seq}", report, report.to_json_bytes()
 
 
 _ANNOTATE_FAILED: list[bool] = []  # otel.annotate raised once (logged once)

@@ -47,6 +47,11 @@ def attributes(report: TaskReport) -> dict[str, Any]:
     return attrs
 
 
+def recording() -> bool:
+    """Whether a recording span is current (one :func:`annotate` would annotate)."""
+    return _trace is not None and bool(_trace.get_current_span().is_recording())
+
+
 def annotate(report: TaskReport) -> bool:
     """Set ``report``'s figures on the current span; True when there was one."""
     if _trace is None:

@@ -3,7 +3,10 @@
 A task's end is one line ``E<head JSON>\t<record JSON>``: the record exactly as the
 ledger writes it, encoded once in the pool process (which runs in parallel), handed to
 ``on_message`` as ``{"type": "end-line", "head": ..., "body": bytes}`` unparsed (the
-head: see ``_Worker._on_message`` in integration.py).
+head: see ``_Worker._on_message`` in integration.py). Most ends of short tasks are an
+outbox entry ``R<figures packed>`` instead (``Measurement.finish_packed``), handed on as
+``{"type": "end-packed", "entry": bytes}``: the main process builds their records in
+its batches, with warm caches, where a pool process would build each with cold ones.
 
 Why not prometheus_client's multiprocess mode: it needs PROMETHEUS_MULTIPROC_DIR, leaves
 one file per process that ever lived (recycled children pile up), and cannot tell a
@@ -532,10 +535,13 @@ class Listener:
     def _handle(self, line: bytes | bytearray, pid: int | None) -> None:
         """One message of a trusted channel or outbox."""
         try:
-            if line[:1] == b"E":
+            kind = line[:1]
+            if kind == b"E":
                 tab = line.index(b"\t")
                 head, body = loads(line[1:tab]), bytes(line[tab + 1 :])
                 msg = {"type": "end-line", "head": head, "body": body}
+            elif kind == b"R":  # outboxes only: binary
+                msg = {"type": "end-packed", "entry": bytes(line)}
             else:
                 msg = loads(line)
         except ValueError:
@@ -585,12 +591,18 @@ class Sender:
     def send_end(self, line: bytes) -> None:
         """A task's end (one line, no newline): into the outbox while the main process
         collects it and it has room, else through the channel."""
+        if not self.put_end(line):
+            self.send_line(line + b"\n")
+
+    def put_end(self, entry: bytes) -> bool:
+        """A task's end into the outbox, if the main process collects it and it has
+        room; False otherwise (nothing sent: binary entries, such as packed figures,
+        cannot go through the line-delimited channel)."""
         if self._outbox is not None and self._dirty is not None and self._dirty[1]:
             with self._lock:
                 box = self._outbox  # (a reconnection replaces it)
-                if box is not None and box.put(line):
-                    return
-        self.send_line(line + b"\n")
+                return box is not None and box.put(entry)
+        return False
 
     def _new_outbox(self) -> str | None:
         """A fresh outbox for this connection (its name goes in the hello; see
