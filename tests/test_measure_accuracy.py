@@ -160,6 +160,44 @@ def test_worker_peak_is_exact_and_reset_between_measurements():
 
 
 @linux_only
+def test_the_peak_counter_is_reset_only_when_it_holds_a_mark_from_before_the_task(monkeypatch):
+    """Back-to-back short tasks at a flat RSS skip the peak counter's reset (the
+    counter holds nothing above the task's start: no write to clear_refs), and their
+    peaks stay exact; after memory was freed between tasks the reset happens, so a
+    task never inherits an earlier peak."""
+    from taskmeter.measure.proc import READER
+
+    writes: list[int] = []
+    reset = READER.reset_self_hwm
+
+    def counted() -> bool:
+        writes.append(1)
+        return reset()
+
+    monkeypatch.setattr(READER, "reset_self_hwm", counted)
+    for _ in range(3):  # settle the allocator
+        with taskmeter.measure("warm"):
+            pass
+    writes.clear()
+    for _ in range(50):
+        with taskmeter.measure("flat"):
+            pass
+    assert len(writes) < 25, f"{len(writes)} resets for 50 tasks at a flat RSS"
+    with taskmeter.measure("alloc") as m1:
+        big = touched(60 * MiB)
+        truth = rss_now()
+        del big
+    before = len(writes)
+    with taskmeter.measure("after") as m2:
+        pass
+    assert len(writes) == before + 1, "the counter held the freed peak: it must be reset"
+    p1, p2 = m1.report.overhead, m2.report.overhead
+    assert p1.peak_method == p2.peak_method == "hwm"
+    assert p1.rss_peak_bytes == pytest.approx(truth, rel=0.02)
+    assert p2.rss_peak_bytes < p1.rss_peak_bytes - 40 * MiB, "an earlier peak was kept"
+
+
+@linux_only
 def test_footprint_holds_worker_and_concurrent_tool_memory(interval):
     interval(0.02)
     ballast = touched(100 * MiB)

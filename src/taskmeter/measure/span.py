@@ -76,6 +76,9 @@ class Span:
         self.rss = RssSeries()
         self.hwm_peak = 0
         self.hwm_ok = False
+        # Book.open left the peak counter's reset to begin(): needed only if the
+        # counter stands above the span's first RSS (Book.settle)
+        self.reset_pending = False
         self.next_due = 0.0
         self.t0 = 0.0
         self._cpu0 = self._tcpu0 = (0.0, 0.0)
@@ -89,11 +92,20 @@ class Span:
         # Clocks last, so taskmeter's own bookkeeping is not billed to the task.
         self._tcpu0 = thread_cpu()
         user, sys_, maxrss = process_usage()
+        if self.reset_pending:
+            if 0 < maxrss <= rss:
+                self.reset_pending = False  # nothing from before this span: no reset
+            else:
+                # The peak counter holds a mark from before this span: reset it (see
+                # Book.open), and read the clocks again after that.
+                BOOK.settle(self)
+                user, sys_, maxrss = process_usage()
         self._cpu0 = (user, sys_)
-        # Right after the reset, ru_maxrss no higher than the RSS read since: the mark
-        # inherited through exec is no higher than the span's own values, and ru_maxrss
-        # is VmHWM until the next reset. Then the peak at the end comes with the CPU
-        # (one getrusage), not from /proc/self/status.
+        # ru_maxrss no higher than the RSS read before it: the mark inherited through
+        # exec is no higher than the span's own values, and ru_maxrss is VmHWM, which
+        # holds nothing from before the span (no higher than its first RSS, or reset
+        # since). Then the peak at the end comes with the CPU (one getrusage), not
+        # from /proc/self/status.
         self._maxrss_exact = exact = 0 < maxrss <= rss
         BOOK.maxrss_exact = exact  # until the next reset (Book.spawn)
         self.t0 = t0 = time.monotonic()
@@ -167,8 +179,12 @@ class Book:
         with self._lock:
             opened = self._open
             if not opened:  # the usual case: one task at a time in the process
-                if self._reset_works:  # nothing open to fold the counter into: reset only
-                    self._reset_works = READER.reset_self_hwm()
+                if self._reset_works:
+                    # Nothing open to fold the counter into: reset it, unless it holds
+                    # nothing from before this span. begin() tells (ru_maxrss no higher
+                    # than the span's first RSS: in a worker between short tasks, most
+                    # often) and calls settle() otherwise: a write saved per task.
+                    span.reset_pending = True
                 elif self._reset_works is None:  # the first span: does the counter work?
                     self._reset_works = READER.self_hwm() is not None and READER.reset_self_hwm()
                 span.hwm_ok = bool(self._reset_works)
@@ -181,14 +197,34 @@ class Book:
             # The counter is per process. Before resetting it for the new span, fold
             # its value into every open span, so each still gets the exact peak of its
             # own time: max(values read at resets during it, value read at its end).
+            # A span whose own reset is pending has had no time of its own yet (it is
+            # in begin()): this reset serves as its own.
             if self._reset_works is not False:
                 hwm = READER.self_hwm()
-                if hwm is not None:
-                    for s in opened:
+                for s in opened:
+                    if s.reset_pending:
+                        s.reset_pending = False
+                    elif hwm is not None:
                         s.hwm_peak = max(s.hwm_peak, hwm)
                 self._reset_works = hwm is not None and READER.reset_self_hwm()
             span.hwm_ok = bool(self._reset_works)
             opened.append(span)
+
+    def settle(self, span: Span) -> None:
+        """The reset :meth:`open` left to ``span``'s begin(), now that the counter is
+        known to hold a mark from before the span (unless another span's open reset
+        it meanwhile), folded into the other open spans first, as open() does."""
+        with self._lock:
+            if not span.reset_pending:
+                return
+            span.reset_pending = False
+            others = [s for s in self._open if s is not span]
+            hwm = READER.self_hwm() if others else None
+            if hwm is not None:
+                for s in others:
+                    s.hwm_peak = max(s.hwm_peak, hwm)
+            self._reset_works = READER.reset_self_hwm()
+            span.hwm_ok = bool(self._reset_works)
 
     def close(self, span: Span, hwm: int | None = None) -> None:
         """``hwm``: the counter as the span read it at its end (else read here)."""
