@@ -154,9 +154,15 @@ _lock = threading.Lock()
 _cached: tuple[int, MemoryCgroup | None, int | None] | None = None
 
 
+# This process's pid, kept current across fork (os.getpid() is a system call, and the
+# counter is read at every tool's start). A fork that runs no hooks keeps the parent's
+# pid here, and so the parent's fd: inherited, and open on the same cgroup's file.
+_PID = [os.getpid()]
+
+
 def _load() -> tuple[MemoryCgroup | None, int | None]:
     global _cached
-    pid = os.getpid()
+    pid = _PID[0]
     cached = _cached
     if cached is not None and cached[0] == pid:
         return cached[1], cached[2]
@@ -183,6 +189,7 @@ def _after_fork_in_child() -> None:
     may have been reused since."""
     global _lock, _cached
     _lock = threading.Lock()
+    _PID[0] = os.getpid()
     cached, _cached = _cached, None
     if cached is not None and cached[2] is not None and cached[0] == os.getppid():
         with contextlib.suppress(OSError):
@@ -202,7 +209,7 @@ def reset() -> None:
     """Forget the cgroup found: call after moving this process to another cgroup."""
     global _cached
     with _lock:
-        if _cached is not None and _cached[0] == os.getpid() and _cached[2] is not None:
+        if _cached is not None and _cached[0] == _PID[0] and _cached[2] is not None:
             with contextlib.suppress(OSError):
                 os.close(_cached[2])
         _cached = None
