@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+import sys
 import time
 
 import pytest
@@ -159,42 +160,118 @@ def test_worker_peak_is_exact_and_reset_between_measurements():
     assert p2.rss_peak_bytes < p1.rss_peak_bytes - 100 * MiB, "HWM must be reset per task"
 
 
+_RESETS_CHILD = """
+import json, sys
+import taskmeter
+from taskmeter.measure.proc import READER
+writes = []
+reset = READER.reset_self_hwm
+def counted():
+    writes.append(1)
+    return reset()
+READER.reset_self_hwm = counted
+for _ in range(3):  # settle the allocator
+    with taskmeter.measure("warm"):
+        pass
+writes.clear()
+flat = []
+for _ in range(50):
+    with taskmeter.measure("flat") as m:
+        pass
+    flat.append((m.report.overhead.peak_method, m.report.overhead.rss_peak_bytes,
+                 READER.self_rss()))
+n_flat = len(writes)
+with taskmeter.measure("alloc") as m1:
+    big = bytearray(60 << 20)
+    big[::4096] = b"x" * len(big[::4096])
+    truth = READER.self_rss()
+    del big
+before = len(writes)
+with taskmeter.measure("after") as m2:
+    pass
+print(json.dumps({
+    "n_flat": n_flat, "flat": flat, "after_resets": len(writes) - before, "truth": truth,
+    "p1": [m1.report.overhead.peak_method, m1.report.overhead.rss_peak_bytes],
+    "p2": [m2.report.overhead.peak_method, m2.report.overhead.rss_peak_bytes],
+}))
+"""
+
+
 @linux_only
-def test_the_peak_counter_is_reset_only_when_it_holds_a_mark_from_before_the_task(monkeypatch):
+def test_the_peak_counter_is_reset_only_when_it_holds_a_mark_from_before_the_task():
     """Back-to-back short tasks at a flat RSS skip the peak counter's reset (the
     counter holds nothing above the task's start: no write to clear_refs), and their
     peaks stay exact; after memory was freed between tasks the reset happens, so a
-    task never inherits an earlier peak."""
+    task never inherits an earlier peak. In a process of its own, forked by a shell:
+    one exec'd by this test process would start with this process's high-water mark
+    in its ru_maxrss, above its own RSS, and so reset at every task (correct, and what
+    a worker started by a bigger process does)."""
+    import json
+
+    code = f"{sys.executable} -c '{_RESETS_CHILD}'; exit $?"
+    out = subprocess.run(["sh", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["n_flat"] < 25, f"{got['n_flat']} resets for 50 tasks at a flat RSS"
+    for method, peak, rss_after in got["flat"]:  # exact: no mark from before the task
+        assert method == "hwm" and peak <= rss_after + 2 * MiB, (peak, rss_after)
+    assert got["after_resets"] == 1, "the counter held the freed peak: it must be reset"
+    (m1, p1), (m2, p2) = got["p1"], got["p2"]
+    assert m1 == m2 == "hwm"
+    assert p1 == pytest.approx(got["truth"], rel=0.02)
+    assert p2 < p1 - 40 * MiB, "an earlier peak was kept"
+
+
+@linux_only
+def test_a_task_whose_reset_another_threads_task_failed_to_make_is_not_called_exact(
+    monkeypatch,
+):
+    """Task A opens alone, its reset left to its start; task B opens in another thread
+    before A's start looks at the counter, and B's reset fails (clear_refs not
+    writable any more): A must not report the counter's mark from before it as its
+    exact peak (it falls back to sampling)."""
+    import mmap
+    import threading
+
     from taskmeter.measure.proc import READER
+    from taskmeter.measure.span import BOOK, Span
 
-    writes: list[int] = []
-    reset = READER.reset_self_hwm
+    warm = Span()
+    warm.begin()
+    warm.end()
+    # B's failed reset tells the process the counter does not work: restored after.
+    monkeypatch.setattr(BOOK, "_reset_works", BOOK._reset_works)
+    big = mmap.mmap(-1, 100 * MiB)  # an earlier task's peak, freed since
+    big.write(b"x" * (100 * MiB))
+    big.close()
+    mark = READER.self_hwm()
+    assert mark is not None and mark > READER.self_rss() + 80 * MiB
+    rss, reset = READER.self_rss, READER.reset_self_hwm
+    others: list[Span] = []
 
-    def counted() -> bool:
-        writes.append(1)
-        return reset()
+    def other_task_opens() -> None:
+        monkeypatch.setattr(READER, "reset_self_hwm", lambda: False)
+        b = Span()
+        b.begin()
+        monkeypatch.setattr(READER, "reset_self_hwm", reset)
+        others.append(b)
 
-    monkeypatch.setattr(READER, "reset_self_hwm", counted)
-    for _ in range(3):  # settle the allocator
-        with taskmeter.measure("warm"):
-            pass
-    writes.clear()
-    for _ in range(50):
-        with taskmeter.measure("flat"):
-            pass
-    assert len(writes) < 25, f"{len(writes)} resets for 50 tasks at a flat RSS"
-    with taskmeter.measure("alloc") as m1:
-        big = touched(60 * MiB)
-        truth = rss_now()
-        del big
-    before = len(writes)
-    with taskmeter.measure("after") as m2:
-        pass
-    assert len(writes) == before + 1, "the counter held the freed peak: it must be reset"
-    p1, p2 = m1.report.overhead, m2.report.overhead
-    assert p1.peak_method == p2.peak_method == "hwm"
-    assert p1.rss_peak_bytes == pytest.approx(truth, rel=0.02)
-    assert p2.rss_peak_bytes < p1.rss_peak_bytes - 40 * MiB, "an earlier peak was kept"
+    def first_rss_read() -> int:
+        monkeypatch.setattr(READER, "self_rss", rss)
+        t = threading.Thread(target=other_task_opens)
+        t.start()
+        t.join()
+        return rss()
+
+    monkeypatch.setattr(READER, "self_rss", first_rss_read)
+    a = Span()
+    a.begin()
+    stats = a.end()
+    others[0].end()
+    assert not (stats.peak_method == "hwm" and stats.rss_peak_bytes > rss() + 50 * MiB), (
+        stats.peak_method,
+        stats.rss_peak_bytes,
+    )
 
 
 @linux_only

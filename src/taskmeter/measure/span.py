@@ -99,6 +99,7 @@ class Span:
                 # The peak counter holds a mark from before this span: reset it (see
                 # Book.open), and read the clocks again after that.
                 BOOK.settle(self)
+                self._tcpu0 = thread_cpu()
                 user, sys_, maxrss = process_usage()
         self._cpu0 = (user, sys_)
         # ru_maxrss no higher than the RSS read before it: the mark inherited through
@@ -201,12 +202,15 @@ class Book:
             # in begin()): this reset serves as its own.
             if self._reset_works is not False:
                 hwm = READER.self_hwm()
-                for s in opened:
-                    if s.reset_pending:
-                        s.reset_pending = False
-                    elif hwm is not None:
-                        s.hwm_peak = max(s.hwm_peak, hwm)
+                if hwm is not None:
+                    for s in opened:
+                        if not s.reset_pending:
+                            s.hwm_peak = max(s.hwm_peak, hwm)
                 self._reset_works = hwm is not None and READER.reset_self_hwm()
+                for s in opened:
+                    if s.reset_pending:  # done for it too; or, failed, its peak sampled
+                        s.reset_pending = False
+                        s.hwm_ok = s.hwm_ok and bool(self._reset_works)
             span.hwm_ok = bool(self._reset_works)
             opened.append(span)
 
