@@ -1,6 +1,6 @@
 """Readers stream: `recommend --ledger` and `report --ledger` hold memory bounded by the
 number of task types, not of records. 200 000 records: each command a real subprocess
-with its peak RSS from the kernel (wait4's ru_maxrss) under 200 MB, the page under 10 MB
+with its peak RSS from the kernel (its own VmHWM at exit) under 200 MB, the page under 10 MB
 and opened in a real headless Chromium without errors; the figures equal the truth the
 generator kept while writing. The bounded structures (streaming quantiles, the
 concurrency window) against exact computations."""
@@ -34,7 +34,23 @@ from test_report import CHROMIUM, CHROMIUM_ARGS, Opened
 
 from helpers import require_module, require_path
 
-CLI = [sys.executable, "-c", "from taskmeter.cli import main; main()"]
+# The command's own peak: its VmHWM, written at exit to the file $TM_TEST_HWM. Not
+# wait4's ru_maxrss, which also holds the high-water mark of this test process at the
+# exec (the floor every child inherits: docs/measurement.md), whatever the suite ran
+# in it before.
+CLI = [
+    sys.executable,
+    "-c",
+    "import atexit, os\n"
+    "def _own_hwm():\n"
+    "    with open('/proc/self/status') as f:\n"
+    "        kib = next(line for line in f if line.startswith('VmHWM:')).split()[1]\n"
+    "    with open(os.environ['TM_TEST_HWM'], 'w') as out:\n"
+    "        out.write(kib)\n"
+    "atexit.register(_own_hwm)\n"
+    "from taskmeter.cli import main\n"
+    "main()\n",
+]
 RECORDS = 200_000
 MB = 10**6
 RSS_BOUND = 200 * MB
@@ -44,18 +60,22 @@ PAGE_BOUND = 10 * MB
 def measured(
     args: list[str], tmp: Path, name: str, timeout: float = 180
 ) -> tuple[int, str, str, int]:
-    """Run ``args``; (exit code, stdout, stderr, peak RSS in bytes of that process)."""
+    """Run ``args`` (a CLI command); (exit code, stdout, stderr, peak RSS in bytes of
+    that process: its own VmHWM at exit)."""
     out_path, err_path = tmp / f"{name}.out", tmp / f"{name}.err"
+    hwm_path = tmp / f"{name}.hwm"
+    env = {**os.environ, "TM_TEST_HWM": str(hwm_path)}
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out_path.read_text(), err_path.read_text(), usage.ru_maxrss * 1024
+    hwm = int(hwm_path.read_text()) * 1024 if hwm_path.exists() else 0
+    assert hwm > 0, f"{name}: no peak written (exit {proc.returncode})"
+    return proc.returncode, out_path.read_text(), err_path.read_text(), hwm
 
 
 @pytest.fixture(scope="module")
