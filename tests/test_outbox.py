@@ -242,28 +242,31 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
         "TASKMETER_PORT": "0",
     }
     settings = load_settings({}, env)
-    reports = []
-    for i in range(3):
-        with taskmeter.measure("t.a", f"id-{i}") as m:
+    # Ends of tasks with a tool (E lines, their records) and without (R entries, their
+    # figures packed), in turns.
+    lines, bodies = [], []
+    for i in range(4):
+        m = taskmeter.Measurement("t.a", f"id-{i}")
+        m.start()
+        if i % 2 == 0:
             taskmeter.run(["true"])
-        reports.append(m.report)
-    bodies = [r.to_json_bytes() for r in reports]
-    short = taskmeter.Measurement("t.a", "id-3")  # no tool: its end is packed figures
-    short.start()
-    packed = short.finish_packed("success")
-    assert packed is not None
-    bodies.append(short.report.to_json_bytes())
+            m.finish()
+            body = m.report.to_json_bytes()
+            lines.append(b'E["999999:%d",true,null,null,%d]\t' % (i, len(body)) + body)
+        else:
+            packed = m.finish_packed("success")
+            assert packed is not None
+            lines.append(b"R" + struct.pack("=q", i) + packed)
+        bodies.append(m.report.to_json_bytes())
 
     first = integration._Worker(settings, "prefork", ["t.a"])
     first.open()
     assert first.ledger is not None and settings.journal is not None
     folder = Path(settings.journal) / node_folder_name(first.node)
     box, main = _pair(folder, 999_999)
-    lines = [b'E["999999:%d",true,null,null,%d]\t' % (i, len(b)) + b for i, b in enumerate(bodies)]
-    lines[3] = b"R" + struct.pack("=q", 3) + packed
-    # The main process took the first two to write, and the kill came once it had
-    # written the first (one round's write can end up split, as by a full disk); the
-    # third came after, never taken.
+    # The main process took the first two (a record, packed figures) to write, and the
+    # kill came once it had written the first (one round's write can end up split, as
+    # by a full disk); the third and fourth came after, never taken.
     assert box.put(lines[0]) and box.put(lines[1])
     assert main.take() == lines[:2]
     main.mark_taken()
@@ -279,7 +282,7 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     try:
         if ledger == "file":
             assert (tmp_path / "ledger.jsonl").read_bytes().splitlines() == bodies
-            written = 3  # the second, the third and the packed fourth
+            written = 3  # the second, the third and the fourth
         else:
             out = capfd.readouterr().out.encode().splitlines()
             expected = [TaskReport.from_json(b) for b in bodies[2:]]
@@ -290,6 +293,54 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
         registry.register(second.metrics)
         page = generate_latest(registry)
         assert b'celery_task_runs_total{state="success",task="t.a"} %d.0' % written in page
+    finally:
+        second.close()
+
+
+def test_a_restart_finds_a_whole_round_of_packed_ends_in_the_ledger_and_writes_none_twice(
+    tmp_path,
+):
+    """The main process took a large round of packed ends (a fifth of their records'
+    size), wrote their records and died before it freed them: the restart looks for
+    them in as much of the ledger's end as their records take, finds every one, and
+    writes none twice."""
+    import taskmeter
+    from taskmeter.celery import integration
+    from taskmeter.celery.journal import node_folder_name
+    from taskmeter.config import load_settings
+
+    env = {
+        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl"),
+        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
+        "TASKMETER_PORT": "0",
+    }
+    settings = load_settings({}, env)
+    lines, bodies = [], []
+    for i in range(3000):
+        m = taskmeter.Measurement("t.a", f"id-{i}")
+        m.start()
+        packed = m.finish_packed("success")
+        assert packed is not None
+        lines.append(b"R" + struct.pack("=q", i) + packed)
+        bodies.append(m.report.to_json_bytes())
+    # A window the size of the entries (plus its MiB) would miss the oldest records.
+    assert sum(len(b) + 1 for b in bodies) > sum(map(len, lines)) + (1 << 20)
+    first = integration._Worker(settings, "prefork", ["t.a"])
+    first.open()
+    assert first.ledger is not None and settings.journal is not None
+    folder = Path(settings.journal) / node_folder_name(first.node)
+    box, main = _pair(folder, 999_999)
+    assert all(box.put(line) for line in lines)
+    assert main.take() == lines
+    main.mark_taken()
+    first.ledger.write_many(bodies)
+    box.close()
+    first.close()
+    second = integration._Worker(settings, "prefork", ["t.a"])
+    second.open()
+    try:
+        assert (tmp_path / "ledger.jsonl").read_bytes().splitlines() == bodies
+        assert not outbox.path_of(folder, 999_999, 1).exists()
     finally:
         second.close()
 

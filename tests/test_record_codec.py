@@ -156,9 +156,40 @@ def test_a_report_with_tools_or_phases_is_built_where_it_ends_not_packed() -> No
         pass
     assert with_phase.finish_packed("success") is None
     assert [p.name for p in with_phase.report.phases] == ["load"]
-    for bad in (b"", b"\x00" * 10, _PACKED.pack(0, 1, 0, 0, *[0.0] * 8, 0, 0, 0, 1, 5, 0, 0)):
+    version = _PACKED.pack(2, 0, 1, 0, 0, *[0.0] * 8, 0, 0, 0, 1, 0, 0, 0, 0)
+    short = _PACKED.pack(1, 0, 1, 0, 0, *[0.0] * 8, 0, 0, 0, 1, 2, 5, 0, 0) + b"h"
+    for bad in (b"", b"\x00" * 10, version, short):
         try:
             unpack_report(bad)
         except ValueError:
             continue
         raise AssertionError(f"{bad!r} unpacked")
+
+
+def test_what_the_packed_figures_cannot_hold_as_it_is_is_built_where_it_ends(
+    monkeypatch: Any,
+) -> None:
+    """An int interval or queue wait (the record writes it as an int), a task id that
+    is not a str (kombu gives a UUID back as one), a name longer than the packed
+    length holds: the report is built as finish() builds it, never lost."""
+    import uuid
+
+    from taskmeter.measure.sampler import SAMPLER
+
+    monkeypatch.setattr(SAMPLER, "_interval_s", 1)
+    m = Measurement("int-interval")
+    m.start()
+    assert m.finish_packed("success") is None
+    assert b'"interval_s":1}' in m.report.to_json_bytes()
+    monkeypatch.undo()
+    cases = [
+        Measurement("uuid", uuid.UUID(int=7)),  # type: ignore[arg-type]
+        Measurement("n" * 70_000),
+        Measurement("wait"),
+    ]
+    cases[2].queue_wait_s = 0  # type: ignore[assignment]
+    for m in cases:
+        m.start()
+        assert m.finish_packed("failure") is None
+        assert m.report.state == "failure" and m.report.task == m.name
+    assert b'"queue_wait_s":0}' in cases[2].report.to_json_bytes()

@@ -227,13 +227,9 @@ class _Worker:
         the ledger already: each is written unless the ledger's end holds it (with
         no ledger file to look in, skipped: missing rather than twice)."""
         written = skipped = 0
+        entries: list[tuple[Path, list[tuple[TaskReport, bytes, bool]]]] = []
         for path, maybe, fresh in outbox.leftovers(folder):
-            tail: set[bytes] = set()
-            if maybe and isinstance(self.ledger, Ledger):
-                # They went out in one write, at most a little before the file's end.
-                size = sum(len(m) for m in maybe) + (1 << 20)
-                tail = set(self.ledger.tail(size).splitlines())
-            bodies: list[bytes] = []
+            got: list[tuple[TaskReport, bytes, bool]] = []
             for line, unsure in [(m, True) for m in maybe] + [(f, False) for f in fresh]:
                 try:
                     if line[:1] == _PACKED_END:
@@ -241,9 +237,20 @@ class _Worker:
                     else:
                         body = line[line.index(b"\t") + 1 :]
                         report = TaskReport.from_dict(loads(body))
-                except (ValueError, TypeError, KeyError) as exc:
+                except Exception as exc:  # one bad entry never stops the recovery
                     log.warning("taskmeter: ignored an outbox entry of %s: %s", path, exc)
                     continue
+                got.append((report, body, unsure))
+            entries.append((path, got))
+        tail: set[bytes] = set()
+        unsure_size = sum(len(b) + 1 for _, got in entries for _, b, unsure in got if unsure)
+        if unsure_size and isinstance(self.ledger, Ledger):
+            # Taken to be written by the main process when it died: one round's write
+            # (of every outbox), at most a little before the file's end.
+            tail = set(self.ledger.tail(unsure_size + (1 << 20)).splitlines())
+        for path, got in entries:
+            bodies: list[bytes] = []
+            for report, body, unsure in got:
                 if unsure and (body in tail or not isinstance(self.ledger, Ledger)):
                     skipped += 1
                     continue
@@ -499,7 +506,13 @@ class _Worker:
         final = state is not None
         packed: bytes | None = None
         try:
-            if final and self.sender is not None and self.hub is None and not otel.recording():
+            if (
+                final
+                and self.sender is not None
+                and self.hub is None
+                and self.sender.outbox_ready()
+                and not _otel_recording()
+            ):
                 # Most short tasks: the figures packed, the record built by the main
                 # process in its next batch (R entries, _Worker._on_message). With a
                 # span to annotate, the report is needed here.
@@ -566,7 +579,20 @@ def _unpack_end(entry: bytes) -> tuple[str, TaskReport, bytes]:
         raise ValueError("not a packed task end")
     (seq,) = _SEQ.unpack_from(entry, 1)
     report = unpack_report(memoryview(entry)[1 + _SEQ.size :])
-    return f"{report.worker.pid}:{seq}", report, report.to_json_bytes()
+    try:
+        body = report.to_json_bytes()
+    except Exception as exc:  # never stop a collection or a recovery for one entry
+        raise ValueError(f"its record cannot be written: {exc!r}") from None
+    return f"{report.worker.pid}:{seq}", report, body
+
+
+def _otel_recording() -> bool:
+    """Whether an OpenTelemetry span records (its annotation needs the report built
+    here); True when asking fails (the safe side: the report is built)."""
+    try:
+        return otel.recording()
+    except Exception:
+        return True
 
 
 _ANNOTATE_FAILED: list[bool] = []  # otel.annotate raised once (logged once)

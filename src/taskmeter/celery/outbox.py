@@ -138,6 +138,15 @@ class Outbox:
         return cls(mm, path)
 
     # -- the pool process -----------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        """Whether the main process reads this outbox now (put() may succeed); False
+        once closed (another thread's reconnection may close it at any time)."""
+        try:
+            return self._mm[_STATE] == _ATTACHED
+        except ValueError:  # closed
+            return False
+
     def put(self, payload: bytes) -> bool:
         """Leave one entry; False (nothing written) when it does not fit, or the main
         process does not read this outbox (yet, or any more): the caller sends it

@@ -594,6 +594,12 @@ class Sender:
         if not self.put_end(line):
             self.send_line(line + b"\n")
 
+    def outbox_ready(self) -> bool:
+        """Whether an end would go into the outbox now (the main process collects
+        outboxes and has this one attached): what put_end() needs, short of room."""
+        box = self._outbox
+        return box is not None and self._dirty is not None and bool(self._dirty[1]) and box.attached
+
     def put_end(self, entry: bytes) -> bool:
         """A task's end into the outbox, if the main process collects it and it has
         room; False otherwise (nothing sent: binary entries, such as packed figures,

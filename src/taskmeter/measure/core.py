@@ -126,38 +126,11 @@ class Measurement(Span):
             if self.on_report is not None:
                 self.on_report(self._report)
             return None
-        stats, state, epoch1, unattributed = figures
-        task_id, pool = self.task_id, self.pool
-        name_b = self.name.encode("utf-8", "surrogatepass")
-        id_b = b"" if task_id is None else task_id.encode("utf-8", "surrogatepass")
-        pool_b = b"" if pool is None else pool.encode("utf-8", "surrogatepass")
-        wait = self.queue_wait_s
-        self._packed = packed = (
-            _PACKED.pack(
-                _STATE_CODE[state],
-                stats.peak_method == "hwm",
-                stats.cpu_method == "thread",
-                (task_id is not None) | (wait is not None) << 1 | (pool is not None) << 2,
-                self._epoch0,
-                epoch1,
-                stats.wall_s,
-                stats.user_s,
-                stats.sys_s,
-                max(unattributed, 0.0),
-                0.0 if wait is None else wait,
-                SAMPLER.interval_s,
-                stats.rss_avg_bytes,
-                stats.rss_peak_bytes,
-                max(self._footprint, stats.rss_peak_bytes),
-                _PID[0],
-                len(name_b),
-                len(id_b),
-                len(pool_b),
-            )
-            + name_b
-            + id_b
-            + pool_b
-        )
+        packed = _pack(self, *figures)
+        if packed is None:  # a figure the packed form cannot hold as it is
+            self._report = self._build(*figures)
+            return None
+        self._packed = packed
         return packed
 
     def _end(
@@ -376,31 +349,90 @@ def _assemble(
     )
 
 
-# Measurement.finish_packed's figures: state, peak method is "hwm", CPU method is
-# "thread", which of task id / queue wait / pool are set (bits 0-2); start and end
-# epochs, wall, user, sys, unattributed child CPU, queue wait, sampling interval (s);
-# RSS average, RSS peak, footprint peak (bytes), pid; lengths of the UTF-8 name, task
-# id and pool that follow. Native byte order: read back by the same machine.
-_PACKED = struct.Struct("=4B8d4q3H")
+# Measurement.finish_packed's figures: format version, state, peak method is "hwm",
+# CPU method is "thread", which of task id / queue wait / pool are set (bits 0-2);
+# start and end epochs, wall, user, sys, unattributed child CPU, queue wait, sampling
+# interval (s); RSS average, RSS peak, footprint peak (bytes), pid; lengths of the
+# UTF-8 host name, task name, task id and pool that follow. Native byte order: read
+# back by the same machine (an outbox outlives a restart, an upgrade too: hence the
+# version, which also fixes the states' order).
+_PACKED = struct.Struct("=5B8d4q4H")
+_PACKED_VERSION = 1
 _STATE_CODE = {s: i for i, s in enumerate(STATES)}
+_HOSTNAME_B = _HOSTNAME.encode("utf-8", "surrogatepass")
+_MAX_PACKED_TEXT = 0xFFFF
+
+
+def _pack(
+    m: Measurement, stats: SpanStats, state: State, epoch1: float, unattributed: float
+) -> bytes | None:
+    """The figures :func:`unpack_report` makes into the report ``m._build`` would
+    build from them; None for what the packed form cannot hold as it is: a name, id
+    or pool that is not a str or is too long, an interval or queue wait that is not a
+    float (the record writes an int as an int)."""
+    task_id, pool, wait, interval = m.task_id, m.pool, m.queue_wait_s, SAMPLER.interval_s
+    if type(interval) is not float or (wait is not None and type(wait) is not float):
+        return None
+    try:
+        name_b = m.name.encode("utf-8", "surrogatepass")
+        id_b = b"" if task_id is None else task_id.encode("utf-8", "surrogatepass")
+        pool_b = b"" if pool is None else pool.encode("utf-8", "surrogatepass")
+        if max(len(name_b), len(id_b), len(pool_b)) > _MAX_PACKED_TEXT:
+            return None
+        return (
+            _PACKED.pack(
+                _PACKED_VERSION,
+                _STATE_CODE[state],
+                stats.peak_method == "hwm",
+                stats.cpu_method == "thread",
+                (task_id is not None) | (wait is not None) << 1 | (pool is not None) << 2,
+                m._epoch0,
+                epoch1,
+                stats.wall_s,
+                stats.user_s,
+                stats.sys_s,
+                max(unattributed, 0.0),
+                0.0 if wait is None else wait,
+                interval,
+                stats.rss_avg_bytes,
+                stats.rss_peak_bytes,
+                max(m._footprint, stats.rss_peak_bytes),
+                _PID[0],
+                len(_HOSTNAME_B),
+                len(name_b),
+                len(id_b),
+                len(pool_b),
+            )
+            + _HOSTNAME_B
+            + name_b
+            + id_b
+            + pool_b
+        )
+    except (AttributeError, TypeError, ValueError, OverflowError, struct.error):
+        return None  # e.g. a task id that is not a str (a UUID object)
 
 
 def unpack_report(data: bytes | bytearray | memoryview) -> TaskReport:
     """The report :meth:`Measurement.finish_packed` packed, equal to the one
     :meth:`Measurement.finish` would have built (its record byte for byte). Raises
-    ValueError on data that is not such figures."""
+    ValueError on data that is not such figures (or another version's)."""
     try:
         (
-            state, hwm, thread, flags, epoch0, epoch1, wall, user, sys_, unattributed,
-            wait, interval, rss_avg, rss_peak, footprint, pid, n_name, n_id, n_pool,
+            version, state, hwm, thread, flags, epoch0, epoch1, wall, user, sys_,
+            unattributed, wait, interval, rss_avg, rss_peak, footprint, pid,
+            n_host, n_name, n_id, n_pool,
         ) = _PACKED.unpack_from(data)  # fmt: skip
-        i = _PACKED.size
-        strings = bytes(data[i:])
-        if len(strings) != n_name + n_id + n_pool:
-            raise ValueError(f"{len(strings)} bytes of names, expected {n_name + n_id + n_pool}")
-        name = strings[:n_name].decode("utf-8", "surrogatepass")
-        task_id = strings[n_name : n_name + n_id].decode("utf-8", "surrogatepass")
-        pool = strings[n_name + n_id :].decode("utf-8", "surrogatepass")
+        if version != _PACKED_VERSION:
+            raise ValueError(f"packed by format {version}, this version reads {_PACKED_VERSION}")
+        strings = bytes(data[_PACKED.size :])
+        if len(strings) != n_host + n_name + n_id + n_pool:
+            raise ValueError(f"{len(strings)} bytes of text, expected the lengths' sum")
+        texts = []
+        i = 0
+        for n in (n_host, n_name, n_id, n_pool):
+            texts.append(strings[i : i + n].decode("utf-8", "surrogatepass"))
+            i += n
+        host, name, task_id, pool = texts
         stats = object.__new__(SpanStats)
         stats.__dict__.update(
             wall_s=wall,
@@ -422,11 +454,11 @@ def unpack_report(data: bytes | bytearray | memoryview) -> TaskReport:
             (),
             unattributed,
             (),
-            _worker_info_of(pid, pool if flags & 4 else None),
+            _worker_info_at(host, pid, pool if flags & 4 else None),
             interval,
             wait if flags & 2 else None,
         )
-    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, IndexError, UnicodeDecodeError, OverflowError, OSError) as exc:
         raise ValueError(f"not a packed report: {exc}") from None
 
 
@@ -436,6 +468,11 @@ _NO_TOOLS = ToolTotals.of(())
 @functools.lru_cache(maxsize=64)
 def _worker_info_of(pid: int, pool: str | None) -> WorkerInfo:
     return WorkerInfo(hostname=_HOSTNAME, pid=pid, pool=pool)
+
+
+@functools.lru_cache(maxsize=64)
+def _worker_info_at(hostname: str, pid: int, pool: str | None) -> WorkerInfo:
+    return WorkerInfo(hostname=hostname, pid=pid, pool=pool)
 
 
 def _worker_info(pool: str | None) -> WorkerInfo:
