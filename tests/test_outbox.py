@@ -9,6 +9,7 @@ import struct
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,8 +216,15 @@ def test_leftovers_tell_entries_taken_to_write_from_those_never_taken(tmp_path):
         box.put(_line(i))  # never taken
     (tmp_path / "junk.outbox").write_bytes(b"")  # not an outbox name: left alone
     left = outbox.leftovers(tmp_path)
-    assert [(p.name, maybe, fresh) for p, maybe, fresh in left] == [
+    assert [(p.name, maybe, fresh) for p, maybe, fresh, _ in left] == [
         ("11-1.outbox", [_line(i) for i in range(5, 8)], [_line(8), _line(9)])
+    ]
+    # Nothing noted until the caller is about to write; then all of them are taken.
+    assert outbox.leftovers(tmp_path) == left
+    outbox.note_taken(left[0])
+    again = outbox.leftovers(tmp_path)
+    assert [(maybe, fresh) for _, maybe, fresh, _ in again] == [
+        ([_line(i) for i in range(5, 10)], [])
     ]
 
 
@@ -343,6 +351,88 @@ def test_a_restart_finds_a_whole_round_of_packed_ends_in_the_ledger_and_writes_n
         assert not outbox.path_of(folder, 999_999, 1).exists()
     finally:
         second.close()
+
+
+class _Death(BaseException):
+    """The restarted worker killed in the middle of its recovery."""
+
+
+@pytest.mark.parametrize("when", ["before its write", "after its write"])
+def test_a_restart_killed_during_its_recovery_leaves_the_next_one_each_record_once(
+    tmp_path, monkeypatch, when
+):
+    """Two pool processes' outboxes, each with ends taken (and written) by the first
+    incarnation and ends never taken; the second incarnation is killed during its
+    recovery, before or after its ledger write; the third writes every record once."""
+    import collections
+
+    import taskmeter
+    from taskmeter.celery import integration
+    from taskmeter.celery.journal import node_folder_name
+    from taskmeter.config import load_settings
+
+    env = {
+        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl"),
+        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
+        "TASKMETER_PORT": "0",
+    }
+    settings = load_settings({}, env)
+
+    def ends(n: int, start: int) -> tuple[list[bytes], list[bytes]]:
+        lines, bodies = [], []
+        for i in range(start, start + n):
+            m = taskmeter.Measurement("t.a", f"id-{i}")
+            m.start()
+            packed = m.finish_packed("success")
+            assert packed is not None
+            lines.append(b"R" + struct.pack("=q", i) + packed)
+            bodies.append(m.report.to_json_bytes())
+        return lines, bodies
+
+    first = integration._Worker(settings, "prefork", ["t.a"])
+    first.open()
+    assert first.ledger is not None and settings.journal is not None
+    folder = Path(settings.journal) / node_folder_name(first.node)
+    a_box, a_main = _pair(folder, 111_111)
+    b_box, b_main = _pair(folder, 222_222)
+    a_taken, a_taken_b = ends(500, 0)
+    b_taken, b_taken_b = ends(1000, 10_000)
+    a_fresh, a_fresh_b = ends(2500, 20_000)  # more records than a MiB after b_taken's
+    b_fresh, b_fresh_b = ends(200, 30_000)
+    assert all(map(a_box.put, a_taken)) and all(map(b_box.put, b_taken))
+    assert a_main.take() == a_taken and b_main.take() == b_taken
+    a_main.mark_taken()
+    b_main.mark_taken()
+    first.ledger.write_many(a_taken_b + b_taken_b)  # the round's write; killed after it
+    assert all(map(a_box.put, a_fresh)) and all(map(b_box.put, b_fresh))
+    for box in (a_box, b_box, a_main, b_main):
+        box.close()
+    first.close()
+
+    write_many = integration.Ledger.write_many
+
+    def killed(self: Any, records: list[bytes]) -> None:
+        if when == "after its write":
+            write_many(self, records)
+        raise _Death
+
+    second = integration._Worker(settings, "prefork", ["t.a"])
+    monkeypatch.setattr(integration.Ledger, "write_many", killed)
+    with pytest.raises(_Death):
+        second.open()
+    monkeypatch.undo()
+    if second.journal is not None:  # (its death would free the journal's lock)
+        second.journal.close()
+    if second.ledger is not None:
+        second.ledger.close()
+    third = integration._Worker(settings, "prefork", ["t.a"])
+    third.open()
+    third.close()
+    lines = (tmp_path / "ledger.jsonl").read_bytes().splitlines()
+    counts = collections.Counter(lines)
+    expected = set(a_taken_b + b_taken_b + a_fresh_b + b_fresh_b)
+    assert set(counts) == expected, f"{len(expected - set(counts))} records missing"
+    assert max(counts.values()) == 1, f"{sum(counts.values()) - len(counts)} written twice"
 
 
 def test_a_worker_killed_whole_right_after_a_task_ended_records_that_task_once(start_worker):

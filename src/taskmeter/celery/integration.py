@@ -226,11 +226,10 @@ class _Worker:
         they would have gone. Entries it had taken to write when it died may be in
         the ledger already: each is written unless the ledger's end holds it (with
         no ledger file to look in, skipped: missing rather than twice)."""
-        written = skipped = 0
-        entries: list[tuple[Path, list[tuple[TaskReport, bytes, bool]]]] = []
-        for path, maybe, fresh in outbox.leftovers(folder):
-            got: list[tuple[TaskReport, bytes, bool]] = []
-            for line, unsure in [(m, True) for m in maybe] + [(f, False) for f in fresh]:
+        left = outbox.leftovers(folder)
+        got: list[tuple[TaskReport, bytes, bool]] = []
+        for box in left:
+            for line, unsure in [(m, True) for m in box.maybe] + [(f, False) for f in box.fresh]:
                 try:
                     if line[:1] == _PACKED_END:
                         report, body = _unpack_end(line)[1:]
@@ -238,29 +237,34 @@ class _Worker:
                         body = line[line.index(b"\t") + 1 :]
                         report = TaskReport.from_dict(loads(body))
                 except Exception as exc:  # one bad entry never stops the recovery
-                    log.warning("taskmeter: ignored an outbox entry of %s: %s", path, exc)
+                    log.warning("taskmeter: ignored an outbox entry of %s: %s", box.path, exc)
                     continue
                 got.append((report, body, unsure))
-            entries.append((path, got))
         tail: set[bytes] = set()
-        unsure_size = sum(len(b) + 1 for _, got in entries for _, b, unsure in got if unsure)
+        unsure_size = sum(len(body) + 1 for _, body, unsure in got if unsure)
         if unsure_size and isinstance(self.ledger, Ledger):
             # Taken to be written by the main process when it died: one round's write
             # (of every outbox), at most a little before the file's end.
             tail = set(self.ledger.tail(unsure_size + (1 << 20)).splitlines())
-        for path, got in entries:
-            bodies: list[bytes] = []
-            for report, body, unsure in got:
-                if unsure and (body in tail or not isinstance(self.ledger, Ledger)):
-                    skipped += 1
-                    continue
-                self.metrics.observe(report)
-                bodies.append(body)
-            if bodies and self.ledger is not None:
-                self.ledger.write_many(bodies)
-            written += len(bodies)
+        bodies: list[bytes] = []
+        skipped = 0
+        for report, body, unsure in got:
+            if unsure and (body in tail or not isinstance(self.ledger, Ledger)):
+                skipped += 1
+                continue
+            self.metrics.observe(report)
+            bodies.append(body)
+        # Every outbox's records in one write, noted as taken right before it and the
+        # files removed after: a death midway leaves each of them either untouched or
+        # noted (then looked up), never written and forgotten.
+        for box in left:
+            outbox.note_taken(box)
+        if bodies and self.ledger is not None:
+            self.ledger.write_many(bodies)
+        written = len(bodies)
+        for box in left:
             with contextlib.suppress(OSError):
-                path.unlink()
+                box.path.unlink()
         for stale in folder.glob("*" + outbox.SUFFIX + ".new"):  # died while making one
             with contextlib.suppress(OSError):
                 stale.unlink()

@@ -49,6 +49,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 from taskmeter.celery.journal import map_shared
 
@@ -241,12 +242,22 @@ class Outbox:
             self.path.unlink()
 
 
-def leftovers(folder: Path) -> list[tuple[Path, list[bytes], list[bytes]]]:
+class Leftover(NamedTuple):
+    """What a previous incarnation left in one outbox (see :func:`leftovers`)."""
+
+    path: Path
+    maybe: list[bytes]  # taken to be written when it died: perhaps in the ledger
+    fresh: list[bytes]  # never taken: surely not in the ledger
+    end: int  # the position after the last entry (for note_taken)
+
+
+def leftovers(folder: Path) -> list[Leftover]:
     """What a previous incarnation's main process left in the outboxes in ``folder``
     (which the caller removes once it handled them), per file: the entries it had
     taken and may have written to the ledger before it died, and those it surely had
-    not. A file that is not an outbox is listed with no entries."""
-    out: list[tuple[Path, list[bytes], list[bytes]]] = []
+    not. A file that is not an outbox is listed with no entries. Nothing is noted in
+    the files: the caller calls :func:`note_taken` right before it writes."""
+    out: list[Leftover] = []
     for path in sorted(folder.glob("*" + SUFFIX)):
         if not NAME.match(path.name):
             continue
@@ -254,18 +265,32 @@ def leftovers(folder: Path) -> list[tuple[Path, list[bytes], list[bytes]]]:
             box = Outbox.attach(path, recovering=True)
         except (OSError, ValueError) as exc:
             log.warning("taskmeter: ignored outbox %s: %s", path, exc)
-            out.append((path, [], []))
+            out.append(Leftover(path, [], [], 0))
             continue
         try:
-            r, t = box._q[_R], box._q[_T]
-            entries, end = box._scan(r)
-            # Noted as taken before the caller writes them: a restart after this one
-            # dies midway looks them up rather than writes them again.
-            box._q[_T] = max(t, end)
+            t = box._q[_T]
+            entries, end = box._scan(box._q[_R])
         finally:
             box.close()
         # taken up to t before the death: those entries may be in the ledger already
         maybe = [payload for pos, payload in entries if pos < t]
         fresh = [payload for pos, payload in entries if pos >= t]
-        out.append((path, maybe, fresh))
+        out.append(Leftover(path, maybe, fresh, end))
     return out
+
+
+def note_taken(left: Leftover) -> None:
+    """Note in its file that ``left``'s entries are taken to be written (right before
+    the write): a restart after a death midway looks them up rather than write them
+    again."""
+    if not left.maybe and not left.fresh:
+        return
+    try:
+        box = Outbox.attach(left.path, recovering=True)
+    except (OSError, ValueError) as exc:
+        log.warning("taskmeter: could not note outbox %s as taken: %s", left.path, exc)
+        return
+    try:
+        box._q[_T] = max(box._q[_T], left.end)
+    finally:
+        box.close()
