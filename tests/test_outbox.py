@@ -228,6 +228,33 @@ def test_leftovers_tell_entries_taken_to_write_from_those_never_taken(tmp_path):
     ]
 
 
+def _restart_settings(tmp_path: Path, ledger: str = "file") -> Any:
+    """A worker's settings with its ledger (a file, or "stdout") and journal in tmp_path."""
+    from taskmeter.config import load_settings
+
+    env = {
+        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl") if ledger == "file" else "stdout",
+        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
+        "TASKMETER_PORT": "0",
+    }
+    return load_settings({}, env)
+
+
+def _packed_ends(n: int, start: int) -> tuple[list[bytes], list[bytes]]:
+    """Outbox entries of n short tasks (their figures packed), and their records."""
+    import taskmeter
+
+    lines, bodies = [], []
+    for i in range(start, start + n):
+        m = taskmeter.Measurement("t.a", f"id-{i}")
+        m.start()
+        packed = m.finish_packed("success")
+        assert packed is not None
+        lines.append(b"R" + struct.pack("=q", i) + packed)
+        bodies.append(m.report.to_json_bytes())
+    return lines, bodies
+
+
 @pytest.mark.parametrize("ledger", ["file", "stdout"])
 def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     tmp_path, capfd, ledger
@@ -241,15 +268,9 @@ def test_a_restarted_worker_records_what_its_predecessor_left_in_an_outbox_once(
     import taskmeter
     from taskmeter.celery import integration
     from taskmeter.celery.journal import node_folder_name
-    from taskmeter.config import load_settings
     from taskmeter.measure.report import TaskReport
 
-    env = {
-        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl") if ledger == "file" else "stdout",
-        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
-        "TASKMETER_PORT": "0",
-    }
-    settings = load_settings({}, env)
+    settings = _restart_settings(tmp_path, ledger)
     # Ends of tasks with a tool (E lines, their records) and without (R entries, their
     # figures packed), in turns.
     lines, bodies = [], []
@@ -312,25 +333,11 @@ def test_a_restart_finds_a_whole_round_of_packed_ends_in_the_ledger_and_writes_n
     size), wrote their records and died before it freed them: the restart looks for
     them in as much of the ledger's end as their records take, finds every one, and
     writes none twice."""
-    import taskmeter
     from taskmeter.celery import integration
     from taskmeter.celery.journal import node_folder_name
-    from taskmeter.config import load_settings
 
-    env = {
-        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl"),
-        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
-        "TASKMETER_PORT": "0",
-    }
-    settings = load_settings({}, env)
-    lines, bodies = [], []
-    for i in range(3000):
-        m = taskmeter.Measurement("t.a", f"id-{i}")
-        m.start()
-        packed = m.finish_packed("success")
-        assert packed is not None
-        lines.append(b"R" + struct.pack("=q", i) + packed)
-        bodies.append(m.report.to_json_bytes())
+    settings = _restart_settings(tmp_path)
+    lines, bodies = _packed_ends(3000, 0)
     # A window the size of the entries (plus its MiB) would miss the oldest records.
     assert sum(len(b) + 1 for b in bodies) > sum(map(len, lines)) + (1 << 20)
     first = integration._Worker(settings, "prefork", ["t.a"])
@@ -366,29 +373,11 @@ def test_a_restart_killed_during_its_recovery_leaves_the_next_one_each_record_on
     recovery, before or after its ledger write; the third writes every record once."""
     import collections
 
-    import taskmeter
     from taskmeter.celery import integration
     from taskmeter.celery.journal import node_folder_name
-    from taskmeter.config import load_settings
 
-    env = {
-        "TASKMETER_LEDGER": str(tmp_path / "ledger.jsonl"),
-        "TASKMETER_JOURNAL": str(tmp_path / "journal"),
-        "TASKMETER_PORT": "0",
-    }
-    settings = load_settings({}, env)
-
-    def ends(n: int, start: int) -> tuple[list[bytes], list[bytes]]:
-        lines, bodies = [], []
-        for i in range(start, start + n):
-            m = taskmeter.Measurement("t.a", f"id-{i}")
-            m.start()
-            packed = m.finish_packed("success")
-            assert packed is not None
-            lines.append(b"R" + struct.pack("=q", i) + packed)
-            bodies.append(m.report.to_json_bytes())
-        return lines, bodies
-
+    settings = _restart_settings(tmp_path)
+    ends = _packed_ends
     first = integration._Worker(settings, "prefork", ["t.a"])
     first.open()
     assert first.ledger is not None and settings.journal is not None
