@@ -354,37 +354,20 @@ class _Worker:
         kind = msg.get("type")
         if kind == "end-packed":  # R<run's seq><figures>: a final end, built here
             try:
-                run_id, report, record = _unpack_end(msg["entry"])
+                run_id, report, body = _unpack_end(msg["entry"])
             except ValueError as exc:
                 log.warning("taskmeter: dropped a malformed task end from pid %s: %s", pid, exc)
                 return
             obs = observation(report) if report.state in _OWN_END else None
-            msg = {"type": "end-line", "head": [run_id, True, None, obs, len(record)]}
-            msg["body"], msg["report"], kind = record, report, "end-line"
-        if kind == "end-line":
+            self._ended(run_id, True, None, obs, body, report)
+        elif kind == "end-line":
             # E[run id, final, start fields or null, figures or null, record's length]
             # \t<record>: one message per task
             run_id, final, start, obs, size = msg["head"]
-            body: bytes = msg["body"]
-            if len(body) != size:  # cut short (the sender stalled): not a whole record
+            if len(msg["body"]) != size:  # cut short (the sender stalled): not whole
                 log.warning("taskmeter: dropped a report message cut short (pid %s)", pid)
                 return
-            if obs is not None and self.hub.sinks == self._own_sinks:
-                # Ended by its pool process, which also computed what the metrics take
-                # (observation()): no report rebuilt here, the record goes to the ledger
-                # as it came.
-                if self.hub.ended_final(run_id, obs[1], obs[2]):
-                    self._sink_figures(obs, body)
-                return
-            report = msg.get("report") or TaskReport.from_trusted(loads(body))
-            if start is not None and not final:  # the main process's verdict decides
-                task, task_id, pid_, epoch, cpu0, oom0 = start
-                self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
-            self._pending = (report, body)
-            try:
-                self.hub.ended(run_id, report, bool(final))
-            finally:
-                self._pending = None
+            self._ended(run_id, bool(final), start, obs, msg["body"], None)
         elif kind == "start":
             self.hub.started(
                 msg["run"], msg["task"], msg.get("task_id"), int(msg["pid"]),
@@ -400,6 +383,36 @@ class _Worker:
             )  # fmt: skip
 
     # -- pool process (after fork) ---------------------------------------------------
+    def _ended(
+        self,
+        run_id: str,
+        final: bool,
+        start: list[Any] | None,
+        obs: Observation | None,
+        body: bytes,
+        report: TaskReport | None,
+    ) -> None:
+        """A task's end from a pool process: its record as the ledger writes it, the
+        metrics' figures when its pool process ended it itself, and its report when
+        already built (a packed end's)."""
+        assert self.hub is not None
+        if obs is not None and self.hub.sinks == self._own_sinks:
+            # Ended by its pool process: what the metrics take is known (observation())
+            # and the record goes to the ledger as it is; no report rebuilt here.
+            if self.hub.ended_final(run_id, obs[1], obs[2]):
+                self._sink_figures(obs, body)
+            return
+        if report is None:
+            report = TaskReport.from_trusted(loads(body))
+        if start is not None and not final:  # the main process's verdict decides
+            task, task_id, pid_, epoch, cpu0, oom0 = start
+            self.hub.started(run_id, task, task_id, pid_, epoch, cpu0, oom0=oom0)
+        self._pending = (report, body)
+        try:
+            self.hub.ended(run_id, report, final)
+        finally:
+            self._pending = None
+
     def after_fork_in_child(self) -> None:
         """A prefork child: drop the main process's sockets, talk through a channel."""
         if self.server is not None:
