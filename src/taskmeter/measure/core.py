@@ -121,14 +121,13 @@ class Measurement(Span):
         if self._report is not None or self._packed is not None:
             return self._packed
         figures = self._end(state, None)
-        if self._watches or self._phases or self._untracked is not None or self.on_report:
+        packed = None
+        if not (self._watches or self._phases or self._untracked is not None or self.on_report):
+            packed = _pack(self, *figures)  # None: a figure it cannot hold as it is
+        if packed is None:
             self._report = self._build(*figures)
             if self.on_report is not None:
                 self.on_report(self._report)
-            return None
-        packed = _pack(self, *figures)
-        if packed is None:  # a figure the packed form cannot hold as it is
-            self._report = self._build(*figures)
             return None
         self._packed = packed
         return packed
