@@ -201,12 +201,7 @@ class Book:
             # A span whose own reset is pending has had no time of its own yet (it is
             # in begin()): this reset serves as its own.
             if self._reset_works is not False:
-                hwm = READER.self_hwm()
-                if hwm is not None:
-                    for s in opened:
-                        if not s.reset_pending:
-                            s.hwm_peak = max(s.hwm_peak, hwm)
-                self._reset_works = hwm is not None and READER.reset_self_hwm()
+                self._reset_works = self._fold_and_reset([s for s in opened if not s.reset_pending])
                 for s in opened:
                     if s.reset_pending:  # done for it too; or, failed, its peak sampled
                         s.reset_pending = False
@@ -222,13 +217,20 @@ class Book:
             if not span.reset_pending:
                 return
             span.reset_pending = False
-            others = [s for s in self._open if s is not span]
-            hwm = READER.self_hwm() if others else None
-            if hwm is not None:
-                for s in others:
-                    s.hwm_peak = max(s.hwm_peak, hwm)
-            self._reset_works = READER.reset_self_hwm()
+            self._reset_works = self._fold_and_reset([s for s in self._open if s is not span])
             span.hwm_ok = bool(self._reset_works)
+
+    def _fold_and_reset(self, spans: list[Span]) -> bool:
+        """Reset the counter (under the lock), its value first folded into ``spans``
+        (open, each with time of its own); whether it was reset. Not when there are
+        such spans and the value cannot be read: their peaks would be lost."""
+        if spans:
+            hwm = READER.self_hwm()
+            if hwm is None:
+                return False
+            for s in spans:
+                s.hwm_peak = max(s.hwm_peak, hwm)
+        return READER.reset_self_hwm()
 
     def close(self, span: Span, hwm: int | None = None) -> None:
         """``hwm``: the counter as the span read it at its end (else read here)."""
