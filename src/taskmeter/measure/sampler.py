@@ -1,14 +1,20 @@
 """One sampler thread per process, serving every live measurement and tool.
 
-The thread starts with the first client and then lives as long as the process: with
-nothing to sample it is parked on a condition variable (no timer, no wake-up, no CPU),
-so a task costs a list append and a list removal, not a thread start. It is woken only
-when a new client is due before the time it already waits for. After clients came and
-went (a stream of short tasks) it waits one more interval before parking, so that in
-a busy worker it wakes once an interval, never once a task. A forked child (a
-prefork pool process) never inherits it: threads do not survive ``fork``, and the
-child's sampler is reset (``os.register_at_fork``), its first client starting a
-thread of its own. Peaks do not depend on it where the kernel keeps a high-water mark;
+The thread starts with the first client and then lives as long as the process. It
+sleeps until the earliest time a client is due, on a deadline the kernel holds (a
+Linux timerfd): a client due earlier re-arms it, one system call in the client's
+thread that wakes nobody, and with nothing due the thread is parked (no timer, no
+wake-up, no CPU). A task that starts long after the last one ended arms the timer and
+disarms it at its end, so a task shorter than the interval never wakes the thread. In
+a stream of short tasks (each coming within a quarter of an interval of the last) the
+timer is left armed at their ends, and the thread wakes once an interval, never once
+a task, the later tasks arming nothing. Where there is no timerfd, it waits on a
+condition variable with a timeout, woken only when a new client is due before the
+time it already waits for; after clients came and went it waits one more interval
+before parking. A forked child (a prefork pool process) never inherits it: threads do
+not survive ``fork``, and the child's sampler is reset (``os.register_at_fork``; it
+closes its copy of the parent's timer), its first client starting a thread and a
+timer of its own. Peaks do not depend on it where the kernel keeps a high-water mark;
 it feeds the time-weighted RSS averages, the footprint, and the peaks of processes
 whose high-water mark can only be read while they live. A tool that a thread waits
 for is taken off the list for the wait: that thread samples it (tools.Popen._wait).
@@ -16,8 +22,11 @@ for is taken off the list for the wait: that thread samples it (tools.Popen._wai
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import struct
+import sys
 import threading
 import time
 from typing import Protocol
@@ -104,6 +113,67 @@ class RssSeries:
         return round(self.integral / span) if span > 0 else self.rss_last
 
 
+# struct itimerspec: it_interval (0: one-shot), then it_value (tv_sec, tv_nsec); time_t
+# and long are 64 bits on the platforms that have timerfd and a 64-bit Python
+_ITIMERSPEC = struct.Struct("=4q")
+_CLOCK_MONOTONIC = 1  # time.monotonic()'s clock on Linux
+_TFD_CLOEXEC = 0o2000000  # = O_CLOEXEC: a tool never inherits it
+_TFD_TIMER_ABSTIME = 1
+
+
+class KernelTimer:
+    """A one-shot deadline on ``time.monotonic()``'s clock that the kernel holds: a
+    Linux timerfd, through ctypes (``os.timerfd_create`` came in Python 3.13). The
+    sampler thread blocks reading it; arming and disarming it from another thread is
+    one system call each and wakes nobody. Raises OSError where there is none."""
+
+    def __init__(self) -> None:
+        if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_long) != 8:
+            raise OSError("a timerfd here needs 64-bit Linux")
+        # PyDLL: called with the GIL held (it never blocks), cheaper than releasing it
+        libc = ctypes.PyDLL(None, use_errno=True)
+        try:
+            create, settime = libc.timerfd_create, libc.timerfd_settime
+        except AttributeError as exc:
+            raise OSError(f"no timerfd in the C library: {exc}") from None
+        fd = create(_CLOCK_MONOTONIC, _TFD_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+        self.fd: int | None = fd
+        # No argtypes: ctypes passes ints as C ints and the buffer's byref as a pointer
+        # with its default conversions, cheaper than argtypes' per-call from_param.
+        self._settime = settime
+        self._buf = ctypes.create_string_buffer(_ITIMERSPEC.size)
+        self._ref = ctypes.byref(self._buf)
+
+    def arm(self, at: float) -> None:
+        """Expire at monotonic time ``at`` (at once if that has passed)."""
+        sec = int(at)
+        nsec = int((at - sec) * 1e9)
+        _ITIMERSPEC.pack_into(self._buf, 0, 0, 0, sec, nsec or (0 if sec else 1))  # 0 0: off
+        self._set(_TFD_TIMER_ABSTIME)
+
+    def disarm(self) -> None:
+        _ITIMERSPEC.pack_into(self._buf, 0, 0, 0, 0, 0)
+        self._set(0)
+
+    def _set(self, flags: int) -> None:
+        if self._settime(self.fd, flags, self._ref, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+    def wait(self) -> None:
+        """Block until the deadline (forever while disarmed)."""
+        assert self.fd is not None
+        os.read(self.fd, 8)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class Client(Protocol):
     next_due: float
 
@@ -111,8 +181,12 @@ class Client(Protocol):
 
 
 class Sampler:
-    def __init__(self) -> None:
+    def __init__(self, *, kernel_timer: bool = True) -> None:
+        """``kernel_timer=False``: wait on a condition variable even where a timerfd
+        exists (the fallback, for tests)."""
         self._interval_s: float | None = None
+        self._kernel_timer = kernel_timer
+        self._timer: KernelTimer | None = None
         self._reset()
 
     @property
@@ -128,6 +202,9 @@ class Sampler:
         self._interval_s = value
 
     def _reset(self) -> None:
+        if self._timer is not None:  # a forked child's copy: the parent's timer
+            self._timer.close()
+            self._timer = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._clients: list[Client] = []
@@ -135,9 +212,16 @@ class Sampler:
         # When the thread looks next (monotonic): inf while parked, -inf while ticking
         # (it looks again right after). A new client wakes it only if due earlier.
         self._wake_at = _INF
-        # How often the thread returned from a wait, and how many ticks it ran (for
-        # tests and benchmarks: a tool its owner waits for must not wake it).
-        self.wakeups = self.ticks = 0
+        # With a kernel timer: the deadline it is armed for, inf while disarmed, -inf
+        # while the thread ticks or is about to look (it arms the timer after); when
+        # the last client left, and whether the clients come in a stream (see add).
+        self._armed_at = _INF
+        self._emptied_at = -_INF
+        self._stream = False
+        # How often the thread returned from a wait, how many ticks it ran, how often
+        # the kernel timer was armed (for tests and benchmarks: a tool its owner waits
+        # for must not wake it; a stream of tasks arms nothing).
+        self.wakeups = self.ticks = self.arms = 0
         # Clients added so far, and as many as the thread had seen when it last found
         # none: it parks only after a whole interval in which none came (see _loop).
         self._adds = self._adds_seen = 0
@@ -146,25 +230,57 @@ class Sampler:
     # Condition's Python __enter__/__exit__): notify() needs only that lock held.
     def add(self, client: Client) -> None:
         with self._lock:
+            if not self._clients and self._timer is not None:
+                # Tasks in a stream (this one came soon after the last left) leave the
+                # timer armed at their ends: the next one, due after that deadline,
+                # costs no system call, and the thread wakes once an interval (see
+                # _loop_timer). Far apart, each task arms and disarms it: two system
+                # calls, against the thread's one or two wake-ups after every task.
+                self._stream = time.monotonic() - self._emptied_at < self.interval_s / 4
             self._clients.append(client)
             self._adds += 1
             if self._thread is None:
-                self._wake_at = -_INF
-                self._thread = threading.Thread(
-                    target=self._run, name="taskmeter-sampler", daemon=True
-                )
-                self._thread.start()
+                self._start_thread()
+            elif self._timer is not None:
+                if client.next_due < self._armed_at:
+                    self._arm(client.next_due)
             elif client.next_due < self._wake_at:
                 self._wake_at = -_INF  # one notify is enough until it looks again
                 self._cond.notify()
 
     def remove(self, client: Client) -> None:
-        # No wake-up: the thread finds nothing due when it next looks, and parks.
+        # No wake-up: the last client of a task far from the others disarms the timer
+        # (the thread parks); otherwise the thread finds nothing due when it next
+        # looks, and parks unless clients came and went meanwhile.
         with self._lock:
             try:
                 self._clients.remove(client)
             except ValueError:
                 return
+            if not self._clients and self._timer is not None:
+                self._emptied_at = time.monotonic()
+                if not self._stream and -_INF < self._armed_at < _INF:
+                    self._armed_at = _INF
+                    self._timer.disarm()
+
+    def _start_thread(self) -> None:
+        """(Under the lock.) The thread looks at its clients as soon as it runs."""
+        if self._kernel_timer and self._timer is None:
+            try:
+                self._timer = KernelTimer()
+            except OSError as exc:  # waits on the condition variable instead
+                log.debug("taskmeter sampler: no kernel timer (%s)", exc)
+                self._kernel_timer = False
+        self._wake_at = self._armed_at = -_INF
+        self._thread = threading.Thread(target=self._run, name="taskmeter-sampler", daemon=True)
+        self._thread.start()
+
+    def _arm(self, at: float) -> None:
+        """(Under the lock.) Wake the thread at ``at``, capped (a client due "never")."""
+        assert self._timer is not None
+        self._armed_at = at
+        self.arms += 1
+        self._timer.arm(min(at, time.monotonic() + _MAX_WAIT_S))
 
     @property
     def idle(self) -> bool:
@@ -179,12 +295,15 @@ class Sampler:
     def _run(self) -> None:
         me = threading.current_thread()
         try:
-            self._loop()
+            if self._timer is not None:
+                self._loop_timer(self._timer)
+            else:
+                self._loop()
         finally:  # should it ever end, the next client starts a new thread
             with self._cond:
                 if self._thread is me:
                     self._thread = None
-                    self._wake_at = _INF
+                    self._wake_at = self._armed_at = _INF
 
     def _loop(self) -> None:
         while True:
@@ -219,6 +338,38 @@ class Sampler:
                     clients = list(self._clients)
                     self.ticks += 1
                 self._tick(clients)
+            except Exception:  # never let a sampling bug kill measurement silently
+                log.exception("taskmeter sampler tick failed")
+                time.sleep(self.interval_s)
+
+    def _loop_timer(self, timer: KernelTimer) -> None:
+        while True:
+            try:
+                with self._lock:
+                    clients = self._clients
+                    now = time.monotonic()
+                    due = min(c.next_due for c in clients) if clients else _INF
+                    if not clients and self._stream and self._adds != self._adds_seen:
+                        # Clients came and went since it last looked, in a stream: it
+                        # looks again an interval on (as _loop does), so the next task
+                        # finds the timer armed and arms nothing.
+                        self._adds_seen = self._adds
+                        due = now + self.interval_s
+                    if due > now:
+                        if due < _INF:
+                            self._arm(due)
+                        else:  # parked: nothing to sample (the timer expired or is off)
+                            self._armed_at = _INF
+                        clients = []
+                    else:
+                        self._armed_at = -_INF  # it looks again right after the tick
+                        clients = list(clients)
+                        self.ticks += 1
+                if clients:
+                    self._tick(clients)
+                    continue
+                timer.wait()  # until the deadline; add() or remove() may move it
+                self.wakeups += 1
             except Exception:  # never let a sampling bug kill measurement silently
                 log.exception("taskmeter sampler tick failed")
                 time.sleep(self.interval_s)

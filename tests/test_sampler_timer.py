@@ -1,0 +1,173 @@
+"""The sampler thread's deadline: a kernel timer (timerfd) where Linux has one, a
+condition variable's timed wait elsewhere. Real threads, real clocks, no mocks."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import taskmeter
+from taskmeter.measure import wait_idle
+from taskmeter.measure.sampler import SAMPLER, Sampler
+
+from helpers import burn_cpu
+
+
+class Ticker:
+    """A sampler client due every ``period_s``; remembers when it was sampled."""
+
+    is_tool = True  # sampled on its own due time, not with the process's RSS
+
+    def __init__(self, period_s: float, first_in_s: float | None = None) -> None:
+        self.period_s = period_s
+        self.next_due = time.monotonic() + (period_s if first_in_s is None else first_in_s)
+        self.times: list[float] = []
+
+    def sample(self, now: float, self_rss: int) -> None:
+        self.times.append(now)
+        self.next_due = now + self.period_s
+
+
+def _is_timerfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
+    except OSError:  # not open
+        return False
+
+
+def _timerfds() -> int:
+    """This process's open timerfds."""
+    return sum(_is_timerfd(int(fd)) for fd in os.listdir("/proc/self/fd"))
+
+
+def test_the_process_sampler_waits_on_a_kernel_timer():
+    with taskmeter.measure("warm"):
+        pass
+    assert SAMPLER._timer is not None, "no timerfd: the sampler fell back to its condition"
+    assert _timerfds() >= 1
+
+
+@pytest.mark.parametrize("kernel_timer", [True, False], ids=["timerfd", "condition"])
+def test_a_client_is_sampled_at_its_due_times_then_the_thread_parks(kernel_timer):
+    sampler = Sampler(kernel_timer=kernel_timer)
+    sampler.interval_s = 0.05
+    ticker = Ticker(0.05)
+    t0 = time.monotonic()
+    sampler.add(ticker)
+    assert (sampler._timer is not None) is kernel_timer
+    time.sleep(0.52)
+    sampler.remove(ticker)
+    gaps = [b - a for a, b in zip([t0, *ticker.times], ticker.times, strict=False)]
+    # due every 50 ms: never early, and about ten in the half second
+    assert 7 <= len(ticker.times) <= 11, ticker.times
+    assert min(gaps) >= 0.049, gaps
+    assert sorted(gaps)[len(gaps) // 2] < 0.07, gaps
+    # A client due sooner than the deadline the thread sleeps to moves it earlier.
+    later = Ticker(3600.0)
+    sampler.add(later)
+    time.sleep(0.05)
+    soon = Ticker(10.0, first_in_s=0.03)
+    t1 = time.monotonic()
+    sampler.add(soon)
+    time.sleep(0.2)
+    sampler.remove(soon)
+    sampler.remove(later)
+    assert later.times == []
+    assert soon.times and 0.029 <= soon.times[0] - t1 < 0.15, soon.times
+    # Nothing left: the thread parks (one more look at most, then no wake-up).
+    time.sleep(0.15)
+    parked = sampler.wakeups
+    time.sleep(0.4)
+    assert sampler.wakeups == parked
+    assert sampler.thread is not None and sampler.thread.is_alive()
+
+
+def test_tasks_far_apart_never_wake_the_sampler_thread():
+    # Short tasks, each starting long after the last ended (a quiet pool process): with
+    # the kernel timer each arms and disarms it, and the thread never wakes. (Waiting
+    # on the condition variable, it woke twice a task: once at the task's due time,
+    # once an interval later before parking.)
+    assert SAMPLER.interval_s == 0.1
+    with taskmeter.measure("warm"):
+        pass
+    assert wait_idle(2.0)
+    time.sleep(0.3)  # parked
+    woken, arms = SAMPLER.wakeups, SAMPLER.arms
+    reports = []
+    for _ in range(8):
+        with taskmeter.measure("sparse") as m:
+            burn_cpu(0.001)
+        reports.append(m.report)
+        time.sleep(0.15)
+    wakeups = SAMPLER.wakeups - woken
+    assert SAMPLER.arms - arms == 8  # each task armed it once (and disarmed it)
+    assert wakeups <= 1, wakeups  # a task that a busy machine stalled for 100 ms: one
+    for report in reports:
+        assert report.state == "success"
+        assert report.overhead.cpu_s >= 0.0009
+        assert report.overhead.rss_peak_bytes > 0
+
+
+def test_a_stream_of_short_tasks_arms_the_timer_about_once_an_interval():
+    # The other side: tasks back to back leave the timer armed at their ends, so
+    # the later ones arm nothing, and the thread re-arms it when it wakes (about once
+    # an interval): no system call per task.
+    with taskmeter.measure("warm"):
+        pass
+    assert wait_idle(2.0)
+    time.sleep(0.3)  # parked
+    arms, tasks = SAMPLER.arms, 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.0:
+        with taskmeter.measure("short"):
+            burn_cpu(0.0005)
+        time.sleep(0.002)
+        tasks += 1
+    span = time.monotonic() - t0
+    assert tasks > 150, tasks
+    assert SAMPLER.arms - arms <= 2 * span / 0.1 + 3, (SAMPLER.arms - arms, tasks)
+
+
+def test_a_long_task_is_still_sampled_every_interval():
+    with taskmeter.measure("long") as m:
+        time.sleep(0.55)
+    # its first reading, about five samples, its last
+    assert 5 <= m.rss.n <= 9, m.rss.n
+
+
+def test_a_forked_child_arms_its_own_timer_not_its_parents():
+    with taskmeter.measure("parent") as outer:
+        time.sleep(0.15)
+        assert SAMPLER._timer is not None and SAMPLER._timer.fd is not None
+        parents = SAMPLER._timer.fd
+        # (other tests' Sampler instances hold timers of their own, inherited too)
+        others = _timerfds() - 1
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report by the pipe, never return into pytest
+            code = 1
+            try:
+                os.close(r)
+                # the parent's timer closed at the fork
+                checks = [SAMPLER._timer is None, _timerfds() == others]
+                with taskmeter.measure("child") as m:
+                    time.sleep(0.25)
+                mine = SAMPLER._timer.fd if SAMPLER._timer is not None else -1
+                checks += [m.rss.n >= 3, _timerfds() == others + 1 and _is_timerfd(mine)]
+                os.write(wfd, "".join("1" if c else "0" for c in checks).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        n0 = outer.rss.n
+        _, status = os.waitpid(pid, 0)
+        time.sleep(0.25)  # the parent's timer still wakes its thread
+        n1 = outer.rss.n
+        with os.fdopen(r, "rb") as f:
+            checks = f.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert checks == "1111", f"child checks: {checks}"
+    assert n1 - n0 >= 4, (n0, n1)
+    assert SAMPLER._timer is not None and SAMPLER._timer.fd == parents
