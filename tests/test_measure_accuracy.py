@@ -275,6 +275,51 @@ def test_a_task_whose_reset_another_threads_task_failed_to_make_is_not_called_ex
 
 
 @linux_only
+def test_a_peak_reached_while_another_span_opens_is_not_lost_to_its_reset():
+    """Span A is open; span B opens (it reads the peak counter to fold it into A, then
+    resets it). A Python thread waiting for the GIL at that moment allocates 64 MiB and
+    frees it. Had the read released the GIL (os.pread), that thread would run between
+    the read and the reset, and A would lose that peak; read and reset are made with
+    the GIL held (a long switch interval keeps the thread from taking it any other
+    way), so it runs after the reset and A's end reads its peak."""
+    import threading
+
+    from taskmeter.measure.proc import READER
+    from taskmeter.measure.span import Span
+
+    go = threading.Event()
+    truth: list[int] = []
+
+    def allocate() -> None:
+        while not go.is_set():  # spins holding the GIL until forced to hand it over
+            pass
+        block = bytearray(64 * MiB)
+        for i in range(0, len(block), 4096):  # Python code: it needs the GIL throughout
+            block[i] = 1
+        truth.append(READER.self_rss())
+        del block
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    try:
+        a = Span()
+        a.begin()
+        t = threading.Thread(target=allocate)
+        t.start()  # it waits for the GIL from here on (after its 0.2 s, it takes it)
+        time.sleep(0.3)  # it spins; this thread waits its turn for the GIL back
+        go.set()
+        b = Span()
+        b.begin()  # reads the peak, then resets it: the spinning thread is waiting
+        t.join()
+        b.end()
+        stats = a.end()
+    finally:
+        sys.setswitchinterval(before)
+    assert stats.peak_method == "hwm"
+    assert stats.rss_peak_bytes >= truth[0] - 1 * MiB, (stats.rss_peak_bytes, truth)
+
+
+@linux_only
 def test_footprint_holds_worker_and_concurrent_tool_memory(interval):
     interval(0.02)
     ballast = touched(100 * MiB)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+from collections.abc import Callable
 
 from taskmeter.measure.proc import ProcMem, tree_totals
 
@@ -26,6 +29,22 @@ def _parse_status(data: bytes) -> tuple[int, int | None] | None:
     j = data.find(b"\nVmHWM:")
     hwm = int(data[j + 7 : data.index(b"kB", j)]) * 1024 if j >= 0 else None
     return rss, hwm
+
+
+@functools.cache
+def _gil_held_io() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """libc's pread and write called with the GIL held (ctypes.PyDLL), where os.pread
+    and os.write release it; None where they cannot be loaded."""
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        pread, write = libc.pread, libc.write
+    except (OSError, AttributeError):
+        return None
+    pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+    pread.restype = ctypes.c_ssize_t
+    write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    write.restype = ctypes.c_ssize_t
+    return pread, write
 
 
 def _status_mem(pid: int | str) -> tuple[int, int | None] | None:
@@ -213,6 +232,30 @@ class LinuxReader:
         except OSError:
             return False
         return True
+
+    def self_hwm_and_reset(self) -> tuple[int | None, bool]:
+        """(VmHWM, whether it was then reset): :meth:`self_hwm` then
+        :meth:`reset_self_hwm`, the two system calls made one right after the other
+        with the GIL held (libc's, see _gil_held_io), so that no other Python thread
+        can raise the peak between them, where it would be lost to the spans the value
+        is folded into. (A thread in native code without the GIL still can; the GIL
+        may still pass between the two calls if another thread asked for it, but only
+        after waiting out its switch interval, where os.pread would hand it over at
+        once.) Not reset when the peak cannot be read."""
+        io = _gil_held_io()
+        try:
+            status, clear = self._fd("status"), self._fd("clear_refs", os.O_WRONLY)
+        except OSError:
+            io = None
+        if io is None:
+            hwm = self.self_hwm()
+            return hwm, hwm is not None and self.reset_self_hwm()
+        pread, write = io
+        buf = ctypes.create_string_buffer(8192)
+        n = pread(status, buf, 8192, 0)
+        reset = n > 0 and write(clear, b"5", 1) == 1
+        mem = _parse_status(buf.raw[:n]) if n > 0 else None
+        return (None if mem is None else mem[1]), reset
 
     def open_tree(self, pid: int) -> ProcTree:
         return ProcTree(self, pid)

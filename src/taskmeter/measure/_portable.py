@@ -40,6 +40,9 @@ class PsutilReader:
     def reset_self_hwm(self) -> bool:
         return False
 
+    def self_hwm_and_reset(self) -> tuple[int | None, bool]:
+        return None, False
+
     def self_mem(self) -> tuple[int, int | None]:
         return self.self_rss(), None
 

@@ -225,11 +225,13 @@ class Book:
         (open, each with time of its own); whether it was reset. Not when there are
         such spans and the value cannot be read: their peaks would be lost."""
         if spans:
-            hwm = READER.self_hwm()
+            # read and reset back to back (another thread's peak in between is lost)
+            hwm, reset = READER.self_hwm_and_reset()
             if hwm is None:
                 return False
             for s in spans:
                 s.hwm_peak = max(s.hwm_peak, hwm)
+            return reset
         return READER.reset_self_hwm()
 
     def close(self, span: Span, hwm: int | None = None) -> None:
