@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -172,6 +173,7 @@ def child(
     pool_s = float(status[2:].strip())
     w.close()
     hub.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {"pool_us": pool_s / n * 1e6, "main_us": main_s / n * 1e6}
 
 
