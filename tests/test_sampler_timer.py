@@ -14,6 +14,10 @@ from taskmeter.measure.sampler import SAMPLER, Sampler
 
 from helpers import burn_cpu
 
+# Samplers made here keep their (parked) threads: named apart from the process's, which
+# other tests count by name.
+TEST_THREAD = "test-sampler"
+
 
 class Ticker:
     """A sampler client due every ``period_s``; remembers when it was sampled."""
@@ -51,7 +55,7 @@ def test_the_process_sampler_waits_on_a_kernel_timer():
 
 @pytest.mark.parametrize("kernel_timer", [True, False], ids=["timerfd", "condition"])
 def test_a_client_is_sampled_at_its_due_times_then_the_thread_parks(kernel_timer):
-    sampler = Sampler(kernel_timer=kernel_timer)
+    sampler = Sampler(kernel_timer=kernel_timer, name=TEST_THREAD)
     sampler.interval_s = 0.05
     ticker = Ticker(0.05)
     t0 = time.monotonic()
@@ -171,3 +175,33 @@ def test_a_forked_child_arms_its_own_timer_not_its_parents():
     assert checks == "1111", f"child checks: {checks}"
     assert n1 - n0 >= 4, (n0, n1)
     assert SAMPLER._timer is not None and SAMPLER._timer.fd == parents
+
+
+def test_a_timer_that_fails_is_given_up_for_the_condition_variable(caplog):
+    # It should not fail; should it (its descriptor closed behind its back), arming it
+    # raises nothing into the task, and sampling goes on from a new thread that waits
+    # on the condition variable.
+    caplog.set_level("WARNING", logger="taskmeter.sampler")
+    sampler = Sampler(name=TEST_THREAD)
+    sampler.interval_s = 0.05
+    first = Ticker(0.05)
+    sampler.add(first)
+    time.sleep(0.2)
+    timer, thread = sampler._timer, sampler.thread
+    assert timer is not None and timer.fd is not None and first.times
+    os.close(timer.fd)  # the next system call on it fails (EBADF)
+    timer.fd = -1
+    # Due already: arms the timer (unless the thread is between a tick and its own
+    # arming, which fails the same way).
+    second = Ticker(0.05, first_in_s=-1.0)
+    sampler.add(second)
+    deadline = time.monotonic() + 2
+    while sampler._timer is not None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sampler._timer is None and sampler.thread is not thread
+    assert "kernel timer failed" in caplog.text
+    n1, n2 = len(first.times), len(second.times)
+    time.sleep(0.3)
+    sampler.remove(second)
+    sampler.remove(first)  # no timer to disarm: nothing raised either
+    assert len(first.times) - n1 >= 4 and len(second.times) - n2 >= 4

@@ -4,11 +4,12 @@ The thread starts with the first client and then lives as long as the process. I
 sleeps until the earliest time a client is due, on a deadline the kernel holds (a
 Linux timerfd): a client due earlier re-arms it, one system call in the client's
 thread that wakes nobody, and with nothing due the thread is parked (no timer, no
-wake-up, no CPU). A task that starts long after the last one ended arms the timer and
-disarms it at its end, so a task shorter than the interval never wakes the thread. In
-a stream of short tasks (each coming within a quarter of an interval of the last) the
-timer is left armed at their ends, and the thread wakes once an interval, never once
-a task, the later tasks arming nothing. Where there is no timerfd, it waits on a
+wake-up, no CPU). A task that starts more than a quarter of an interval after the
+last one ended arms the timer and disarms it at its end, so a task shorter than the
+interval never wakes the thread. In a stream of short tasks (each coming within a
+quarter of an interval of the last) the timer is left armed at their ends, and the
+thread wakes once an interval, never once a task, the later tasks arming nothing.
+Where there is no timerfd, or should it fail, it waits on a
 condition variable with a timeout, woken only when a new client is due before the
 time it already waits for; after clients came and went it waits one more interval
 before parking. A forked child (a prefork pool process) never inherits it: threads do
@@ -22,6 +23,7 @@ for is taken off the list for the wait: that thread samples it (tools.Popen._wai
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -117,7 +119,7 @@ class RssSeries:
 # and long are 64 bits on the platforms that have timerfd and a 64-bit Python
 _ITIMERSPEC = struct.Struct("=4q")
 _CLOCK_MONOTONIC = 1  # time.monotonic()'s clock on Linux
-_TFD_CLOEXEC = 0o2000000  # = O_CLOEXEC: a tool never inherits it
+_TFD_CLOEXEC = os.O_CLOEXEC  # TFD_CLOEXEC is O_CLOEXEC: a tool never inherits it
 _TFD_TIMER_ABSTIME = 1
 
 
@@ -148,10 +150,12 @@ class KernelTimer:
         self._ref = ctypes.byref(self._buf)
 
     def arm(self, at: float) -> None:
-        """Expire at monotonic time ``at`` (at once if that has passed)."""
+        """Expire at monotonic time ``at`` (at once if that has passed; a finite
+        number of seconds)."""
+        at = max(at, 1e-9)  # (0 0 would disarm it; a negative time is refused)
         sec = int(at)
         nsec = int((at - sec) * 1e9)
-        _ITIMERSPEC.pack_into(self._buf, 0, 0, 0, sec, nsec or (0 if sec else 1))  # 0 0: off
+        _ITIMERSPEC.pack_into(self._buf, 0, 0, 0, sec, nsec)
         self._set(_TFD_TIMER_ABSTIME)
 
     def disarm(self) -> None:
@@ -181,11 +185,12 @@ class Client(Protocol):
 
 
 class Sampler:
-    def __init__(self, *, kernel_timer: bool = True) -> None:
+    def __init__(self, *, kernel_timer: bool = True, name: str = "taskmeter-sampler") -> None:
         """``kernel_timer=False``: wait on a condition variable even where a timerfd
-        exists (the fallback, for tests)."""
+        exists (the fallback); ``name``: the thread's. Both for tests."""
         self._interval_s: float | None = None
         self._kernel_timer = kernel_timer
+        self._name = name
         self._timer: KernelTimer | None = None
         self._reset()
 
@@ -202,9 +207,15 @@ class Sampler:
         self._interval_s = value
 
     def _reset(self) -> None:
-        if self._timer is not None:  # a forked child's copy: the parent's timer
-            self._timer.close()
-            self._timer = None
+        # In a forked child, the timer is its copy of the parent's: closed after the
+        # rest is reset (should the close fail, the child still starts afresh).
+        inherited, self._timer = self._timer, None
+        self._reset_state()
+        if inherited is not None:
+            with contextlib.suppress(OSError):
+                inherited.close()
+
+    def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._clients: list[Client] = []
@@ -223,7 +234,8 @@ class Sampler:
         # for must not wake it; a stream of tasks arms nothing).
         self.wakeups = self.ticks = self.arms = 0
         # Clients added so far, and as many as the thread had seen when it last found
-        # none: it parks only after a whole interval in which none came (see _loop).
+        # none: it parks only after a whole interval in which none came (see _loop;
+        # with the timer, only in a stream: _loop_timer).
         self._adds = self._adds_seen = 0
 
     # add() and remove() hold the condition's lock itself (a C-level ``with``, not the
@@ -257,11 +269,16 @@ class Sampler:
                 self._clients.remove(client)
             except ValueError:
                 return
-            if not self._clients and self._timer is not None:
+            timer = self._timer
+            if not self._clients and timer is not None:
                 self._emptied_at = time.monotonic()
                 if not self._stream and -_INF < self._armed_at < _INF:
-                    self._armed_at = _INF
-                    self._timer.disarm()
+                    try:
+                        timer.disarm()
+                    except OSError as exc:
+                        self._timer_failed(exc)
+                    else:
+                        self._armed_at = _INF
 
     def _start_thread(self) -> None:
         """(Under the lock.) The thread looks at its clients as soon as it runs."""
@@ -271,16 +288,36 @@ class Sampler:
             except OSError as exc:  # waits on the condition variable instead
                 log.debug("taskmeter sampler: no kernel timer (%s)", exc)
                 self._kernel_timer = False
-        self._wake_at = self._armed_at = -_INF
-        self._thread = threading.Thread(target=self._run, name="taskmeter-sampler", daemon=True)
+        self._wake_at = -_INF
+        self._armed_at = -_INF if self._timer is not None else _INF
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def _arm(self, at: float) -> None:
-        """(Under the lock.) Wake the thread at ``at``, capped (a client due "never")."""
+        """(Under the lock.) Wake the thread at ``at``, capped (a client due "never").
+        Never raises: a timer that fails is given up for the condition variable."""
         assert self._timer is not None
-        self._armed_at = at
+        try:
+            self._timer.arm(min(at, time.monotonic() + _MAX_WAIT_S))
+        except (OSError, ValueError, OverflowError, struct.error) as exc:
+            self._timer_failed(exc)
+            return
+        self._armed_at = at  # only once the kernel holds it
         self.arms += 1
-        self._timer.arm(min(at, time.monotonic() + _MAX_WAIT_S))
+
+    def _timer_failed(self, exc: BaseException) -> None:
+        """(Under the lock.) The kernel timer failed (it should not): from now on a
+        new thread waits on the condition variable. The old one, asleep on the timer,
+        ends should it ever wake (its timer is left open under it: one descriptor)."""
+        log.warning(
+            "taskmeter sampler: its kernel timer failed (%s); waiting on a condition "
+            "variable from now on",
+            exc,
+        )
+        self._kernel_timer = False
+        self._timer = None
+        self._armed_at = _INF
+        self._start_thread()
 
     @property
     def idle(self) -> bool:
@@ -346,6 +383,8 @@ class Sampler:
         while True:
             try:
                 with self._lock:
+                    if self._timer is not timer:
+                        return  # given up (_timer_failed): another thread serves
                     clients = self._clients
                     now = time.monotonic()
                     due = min(c.next_due for c in clients) if clients else _INF
@@ -365,6 +404,8 @@ class Sampler:
                         self._armed_at = -_INF  # it looks again right after the tick
                         clients = list(clients)
                         self.ticks += 1
+                if self._timer is not timer:
+                    return  # given up meanwhile, by its own _arm
                 if clients:
                     self._tick(clients)
                     continue
