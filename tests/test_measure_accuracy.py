@@ -279,9 +279,10 @@ def test_a_peak_reached_while_another_span_opens_is_not_lost_to_its_reset():
     """Span A is open; span B opens (it reads the peak counter to fold it into A, then
     resets it). A Python thread waiting for the GIL at that moment allocates 64 MiB and
     frees it. Had the read released the GIL (os.pread), that thread would run between
-    the read and the reset, and A would lose that peak; read and reset are made with
-    the GIL held (a long switch interval keeps the thread from taking it any other
-    way), so it runs after the reset and A's end reads its peak."""
+    the read and the reset, and A would lose that peak. The read holds the GIL (a long
+    switch interval keeps the thread from taking it any other way), so the thread runs
+    at the reset's write or after: its block is still held at the reset, or comes
+    after it, and A's end reads its peak."""
     import threading
 
     from taskmeter.measure.proc import READER
@@ -300,21 +301,22 @@ def test_a_peak_reached_while_another_span_opens_is_not_lost_to_its_reset():
         del block
 
     before = sys.getswitchinterval()
+    t = threading.Thread(target=allocate, daemon=True)
+    a, b = Span(), Span()
     sys.setswitchinterval(0.2)
     try:
-        a = Span()
         a.begin()
-        t = threading.Thread(target=allocate)
         t.start()  # it waits for the GIL from here on (after its 0.2 s, it takes it)
         time.sleep(0.3)  # it spins; this thread waits its turn for the GIL back
         go.set()
-        b = Span()
         b.begin()  # reads the peak, then resets it: the spinning thread is waiting
-        t.join()
-        b.end()
-        stats = a.end()
     finally:
+        go.set()
+        t.join()
         sys.setswitchinterval(before)
+        b_stats = b.end() if b.t0 else None
+        stats = a.end() if a.t0 else None
+    assert b_stats is not None and stats is not None
     assert stats.peak_method == "hwm"
     assert stats.rss_peak_bytes >= truth[0] - 1 * MiB, (stats.rss_peak_bytes, truth)
 

@@ -32,19 +32,16 @@ def _parse_status(data: bytes) -> tuple[int, int | None] | None:
 
 
 @functools.cache
-def _gil_held_io() -> tuple[Callable[..., int], Callable[..., int]] | None:
-    """libc's pread and write called with the GIL held (ctypes.PyDLL), where os.pread
-    and os.write release it; None where they cannot be loaded."""
+def _gil_held_pread() -> Callable[..., int] | None:
+    """libc's pread called with the GIL held (ctypes.PyDLL), where os.pread releases
+    it; None where it cannot be loaded."""
     try:
-        libc = ctypes.PyDLL(None, use_errno=True)
-        pread, write = libc.pread, libc.write
+        pread = ctypes.PyDLL(None, use_errno=True).pread
     except (OSError, AttributeError):
         return None
     pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
     pread.restype = ctypes.c_ssize_t
-    write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-    write.restype = ctypes.c_ssize_t
-    return pread, write
+    return pread
 
 
 def _status_mem(pid: int | str) -> tuple[int, int | None] | None:
@@ -233,29 +230,26 @@ class LinuxReader:
             return False
         return True
 
-    def self_hwm_and_reset(self) -> tuple[int | None, bool]:
-        """(VmHWM, whether it was then reset): :meth:`self_hwm` then
-        :meth:`reset_self_hwm`, the two system calls made one right after the other
-        with the GIL held (libc's, see _gil_held_io), so that no other Python thread
-        can raise the peak between them, where it would be lost to the spans the value
-        is folded into. (A thread in native code without the GIL still can; the GIL
-        may still pass between the two calls if another thread asked for it, but only
-        after waiting out its switch interval, where os.pread would hand it over at
-        once.) Not reset when the peak cannot be read."""
-        io = _gil_held_io()
+    def self_hwm_before_reset(self) -> int | None:
+        """:meth:`self_hwm`, read with the GIL held (libc's pread, see
+        _gil_held_pread; a read of the status file takes no lock that could make it
+        wait): os.pread would hand the GIL to a waiting Python thread, which could
+        raise the peak and free it again before the reset that follows, and that
+        peak would be lost to the spans the value is folded into. The reset's write
+        releases the GIL as before (it waits for the address space's lock, held by
+        any thread mapping or unmapping memory), so only what is allocated and freed
+        again within that one system call can still be lost."""
+        pread = _gil_held_pread()
         try:
-            status, clear = self._fd("status"), self._fd("clear_refs", os.O_WRONLY)
+            fd = self._fd("status")
         except OSError:
-            io = None
-        if io is None:
-            hwm = self.self_hwm()
-            return hwm, hwm is not None and self.reset_self_hwm()
-        pread, write = io
+            return None
+        if pread is None:
+            return self.self_hwm()
         buf = ctypes.create_string_buffer(8192)
-        n = pread(status, buf, 8192, 0)
-        reset = n > 0 and write(clear, b"5", 1) == 1
+        n = pread(fd, buf, 8192, 0)
         mem = _parse_status(buf.raw[:n]) if n > 0 else None
-        return (None if mem is None else mem[1]), reset
+        return None if mem is None else mem[1]
 
     def open_tree(self, pid: int) -> ProcTree:
         return ProcTree(self, pid)

@@ -40,8 +40,8 @@ class PsutilReader:
     def reset_self_hwm(self) -> bool:
         return False
 
-    def self_hwm_and_reset(self) -> tuple[int | None, bool]:
-        return None, False
+    def self_hwm_before_reset(self) -> int | None:
+        return None
 
     def self_mem(self) -> tuple[int, int | None]:
         return self.self_rss(), None

@@ -108,9 +108,9 @@ class ProcReader(Protocol):
     def reset_self_hwm(self) -> bool:
         """Reset the calling process's peak to its current RSS; False if not permitted."""
 
-    def self_hwm_and_reset(self) -> tuple[int | None, bool]:
-        """(:meth:`self_hwm`, then whether :meth:`reset_self_hwm` succeeded), with as
-        little as possible between the two; not reset when the peak is unknown."""
+    def self_hwm_before_reset(self) -> int | None:
+        """:meth:`self_hwm` read right before :meth:`reset_self_hwm`, leaving other
+        threads as little time as possible to raise the peak in between."""
 
     def self_mem(self) -> tuple[int, int | None]:
         """(RSS, peak RSS or None) of the calling process, in one read where possible."""

@@ -225,13 +225,12 @@ class Book:
         (open, each with time of its own); whether it was reset. Not when there are
         such spans and the value cannot be read: their peaks would be lost."""
         if spans:
-            # read and reset back to back (another thread's peak in between is lost)
-            hwm, reset = READER.self_hwm_and_reset()
+            # (another thread's peak between the read and the reset would be lost)
+            hwm = READER.self_hwm_before_reset()
             if hwm is None:
                 return False
             for s in spans:
                 s.hwm_peak = max(s.hwm_peak, hwm)
-            return reset
         return READER.reset_self_hwm()
 
     def close(self, span: Span, hwm: int | None = None) -> None:
