@@ -34,6 +34,14 @@ print(_own_hwm(), flush=True)
 """
 
 
+def is_timerfd(fd: int) -> bool:
+    """Whether this process's descriptor ``fd`` is open on a timerfd."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
+    except OSError:  # not open
+        return False
+
+
 def burn_cpu(seconds: float) -> None:
     """Burn ``seconds`` of this thread's CPU in pure Python."""
     import time

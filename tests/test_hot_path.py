@@ -21,6 +21,7 @@ from taskmeter.measure import wait_idle
 from taskmeter.measure.core import _PACKED
 from taskmeter.measure.sampler import SAMPLER
 
+from helpers import is_timerfd
 from workerkit import Worker, broker_url, launch, wait_for, worker_env
 
 N_TASKS = 10_000
@@ -168,6 +169,8 @@ def test_a_forked_child_does_not_inherit_a_running_sampler():
     with taskmeter.measure("parent") as outer:
         time.sleep(0.25)  # the sampler thread runs and has sampled
         assert SAMPLER.thread is not None and SAMPLER.thread.is_alive()
+        assert SAMPLER._timer is not None and SAMPLER._timer.fd is not None
+        parents = SAMPLER._timer.fd
         r, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report by exit status, never return into pytest
@@ -179,6 +182,8 @@ def test_a_forked_child_does_not_inherit_a_running_sampler():
                     _sampler_threads() == [],
                     len(os.listdir("/proc/self/task")) == 1,  # only the forking thread
                     SAMPLER.idle,  # and no client inherited from the parent
+                    SAMPLER._timer is None,  # nor its timer: the copy is closed
+                    not is_timerfd(parents),
                 ]
                 # Measuring in the child starts the child's own sampler.
                 with taskmeter.measure("child") as m:
@@ -187,17 +192,22 @@ def test_a_forked_child_does_not_inherit_a_running_sampler():
                     m.report.overhead.rss_peak_bytes > 0,
                     len(_sampler_threads()) == 1,
                     m.report.worker.pid == os.getpid(),
+                    SAMPLER._timer is not None,  # a timer of its own
                 ]
                 os.write(wfd, "".join("1" if c else "0" for c in checks).encode())
             except BaseException:
                 code = 1
             os._exit(code)
         os.close(wfd)
+        n0 = outer.rss.n
         _, status = os.waitpid(pid, 0)
+        time.sleep(0.25)  # the parent's own timer still wakes its thread
+        n1 = outer.rss.n
         with os.fdopen(r, "rb") as f:
             checks = f.read().decode()
         assert os.waitstatus_to_exitcode(status) == 0
-        assert checks == "1" * 7, f"child checks: {checks}"
+        assert checks == "1" * 10, f"child checks: {checks}"
+        assert n1 - n0 >= 4 and SAMPLER._timer.fd == parents, (n0, n1)
         time.sleep(0.15)
     # The parent's measurement went on being sampled across the fork.
     assert outer.report.overhead.rss_avg_bytes > 0
