@@ -465,17 +465,13 @@ _NO_TOOLS = ToolTotals.of(())
 
 
 @functools.lru_cache(maxsize=64)
-def _worker_info_of(pid: int, pool: str | None) -> WorkerInfo:
-    return WorkerInfo(hostname=_HOSTNAME, pid=pid, pool=pool)
-
-
-@functools.lru_cache(maxsize=64)
 def _worker_info_at(hostname: str, pid: int, pool: str | None) -> WorkerInfo:
     return WorkerInfo(hostname=hostname, pid=pid, pool=pool)
 
 
 def _worker_info(pool: str | None) -> WorkerInfo:
-    return _worker_info_of(_PID[0], pool)  # immutable: one object per pid and pool
+    # immutable: one object per host, pid and pool
+    return _worker_info_at(_HOSTNAME, _PID[0], pool)
 
 
 @functools.lru_cache(maxsize=16)
