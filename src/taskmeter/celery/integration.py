@@ -40,6 +40,7 @@ from taskmeter.export.metrics import JOURNAL_RECOVERED, Observation, TaskMetrics
 from taskmeter.export.server import MetricsServer, ServerConfig, start_server
 from taskmeter.measure import cgroup
 from taskmeter.measure.core import Measurement, unpack_report
+from taskmeter.measure.proc import PID as _PID
 from taskmeter.measure.report import (
     Cause,
     State,
@@ -613,11 +614,6 @@ def _otel_recording() -> bool:
 
 
 _ANNOTATE_FAILED: list[bool] = []  # otel.annotate raised once (logged once)
-
-# This process's pid, kept across fork (os.getpid() is a system call).
-_PID = [os.getpid()]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def _is_revoked(task_id: str) -> bool:

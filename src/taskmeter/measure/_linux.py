@@ -8,14 +8,10 @@ import functools
 import os
 from collections.abc import Callable
 
+from taskmeter.measure.proc import PID as _PID
 from taskmeter.measure.proc import ProcMem, tree_totals
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-# This process's pid, kept current across fork: os.getpid() is a system call, and the
-# hot path would otherwise make several per task.
-_PID = [os.getpid()]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def _parse_status(data: bytes) -> tuple[int, int | None] | None:

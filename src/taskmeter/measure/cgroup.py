@@ -30,6 +30,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from taskmeter.measure.proc import PID as _PID
+
 _V1_FILE = "memory.oom_control"
 _V2_FILE = "memory.events"
 
@@ -154,14 +156,10 @@ _lock = threading.Lock()
 _cached: tuple[int, MemoryCgroup | None, int | None] | None = None
 
 
-# This process's pid, kept current across fork (os.getpid() is a system call, and the
-# counter is read at every tool's start). A fork that runs no hooks keeps the parent's
-# pid here, and so the parent's fd: inherited, and open on the same cgroup's file.
-_PID = [os.getpid()]
-
-
 def _load() -> tuple[MemoryCgroup | None, int | None]:
     global _cached
+    # (after a fork that runs no hooks, the parent's pid: then its fd, inherited, open
+    # on the same cgroup's file)
     pid = _PID[0]
     cached = _cached
     if cached is not None and cached[0] == pid:
@@ -189,7 +187,6 @@ def _after_fork_in_child() -> None:
     may have been reused since."""
     global _lock, _cached
     _lock = threading.Lock()
-    _PID[0] = os.getpid()
     cached, _cached = _cached, None
     if cached is not None and cached[2] is not None and cached[0] == os.getppid():
         with contextlib.suppress(OSError):

@@ -7,7 +7,6 @@ import contextvars
 import functools
 import logging
 import math
-import os
 import socket
 import struct
 import threading
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
+from taskmeter.measure.proc import PID as _PID
 from taskmeter.measure.report import (
     SCHEMA,
     STATES,
@@ -479,10 +479,6 @@ def _sampler_info(interval_s: float) -> SamplerInfo:
     return SamplerInfo(interval_s=interval_s)
 
 
-# This process's pid, kept across fork (os.getpid() is a system call per task).
-_PID = [os.getpid()]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 # The last whole second formatted, and its text (one tuple: replaced atomically).
 _iso_second: tuple[float, str] = (-1.0, "")
 

@@ -15,6 +15,14 @@ from typing import Protocol
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
+# This process's pid as PID[0], kept current across fork by the hook below (which runs
+# before those of the modules that import it): os.getpid() is a system call, and the
+# hot path would otherwise make several per task. A fork that runs no hooks keeps the
+# parent's pid here.
+PID = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: PID.__setitem__(0, os.getpid()))
+
 
 @dataclass(frozen=True)
 class ProcStat:
